@@ -1,0 +1,1 @@
+"""The Whetstone operator and CLI. Never imports torch."""

@@ -1,0 +1,1 @@
+"""Whetstone trainer: data, models, training methods, checkpoints and the training service."""
