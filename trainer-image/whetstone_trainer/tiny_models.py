@@ -83,7 +83,9 @@ class TinySize:
 
 
 TINY_SIZES: dict[str, TinySize] = {
-    "tiny-1m": TinySize(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=320, approx_params=1_000_000),
+    "tiny-1m": TinySize(
+        hidden_size=128, num_layers=4, num_heads=4, intermediate_size=320, approx_params=1_000_000
+    ),
     "tiny-10m": TinySize(
         hidden_size=256, num_layers=11, num_heads=8, intermediate_size=768, approx_params=10_000_000
     ),
@@ -135,7 +137,7 @@ def tokenizer_training_text() -> list[str]:
         'if __name__ == "__main__":\n    main()',
         '{"role": "system", "content": "You are a helpful assistant."}',
         '{"role": "tool", "content": "{\\"temperature\\": 21}"}',
-        "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>",
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
     ]
     return lines
 

