@@ -151,15 +151,15 @@ build_etcd() {
 
 build_kwok() {
   local out; out="$(kwok_dir)"
-  if version_ok "$out/kwok" "$KWOK_VERSION"; then log "kwok $KWOK_VERSION: cached in $out"; return 0; fi
+  if version_ok "$out/kwok" "${KWOK_VERSION#v}"; then log "kwok $KWOK_VERSION: cached in $out"; return 0; fi
   local w; w="$(workdir_for kwok)"
   log "kwok $KWOK_VERSION: building"
   mkdir -p "$out.tmp"
   ( cd "$w" && timeout "$BUILD_TIMEOUT" nice -n 10 go build -p "$GO_P" -trimpath \
-      -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION" \
+      -ldflags "-s -w" \
       -o "$out.tmp/kwok" sigs.k8s.io/kwok/cmd/kwok )
   rm -rf "$out" && mv "$out.tmp" "$out"
-  version_ok "$out/kwok" "$KWOK_VERSION"
+  version_ok "$out/kwok" "${KWOK_VERSION#v}"
 }
 
 build_helm() {
