@@ -207,6 +207,22 @@ def test_fake_gguf_is_rejected(tmp_path: Path) -> None:
         check_model_source(parse_model_uri("w.gguf", base_dir=tmp_path))
 
 
+def test_undecodable_gguf_is_a_clear_error(tmp_path: Path) -> None:
+    gguf = _make_gguf(tmp_path / "broken.gguf")
+    with pytest.raises(ModelSourceError, match=r"'broken.gguf'.*could not be dequantised") as info:
+        materialise(parse_model_uri("broken.gguf", base_dir=tmp_path), cache_dir=tmp_path / "cache")
+    assert str(gguf) in str(info.value)
+    assert list((tmp_path / "cache").iterdir()) == [], "a failed build left a folder behind"
+
+
+def test_unloadable_folder_is_a_clear_error(tmp_path: Path) -> None:
+    from whetstone_trainer.model_sources import load_model_and_tokenizer
+
+    _make_hf_folder(tmp_path / "m")
+    with pytest.raises(ModelSourceError, match=r"'m'.*could not be loaded as a causal language model"):
+        load_model_and_tokenizer("m", base_dir=tmp_path)
+
+
 def test_pvc_outside_a_cluster(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("WHETSTONE_PVC_ROOT", str(tmp_path))
     with pytest.raises(ModelSourceError) as info:
@@ -389,22 +405,29 @@ def test_whetstone_tiny_is_built_once_into_the_cache(tmp_path: Path) -> None:
 
 
 def test_concurrent_builds_do_not_clash(tmp_path: Path) -> None:
-    code = textwrap.dedent(
-        f"""
-        from pathlib import Path
-        from whetstone_trainer.model_sources import materialise, parse_model_uri
-        print(materialise(parse_model_uri("whetstone://tiny"), cache_dir=Path({str(tmp_path)!r})))
-        """
-    )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer-image")])}
-    procs = [
-        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
-        for _ in range(2)
+    """Two builders that both find the cache empty both build; one rename wins, the other uses its result."""
+    import threading
+
+    from whetstone_trainer.model_sources import _build_once
+
+    both_building = threading.Barrier(2, timeout=30)
+    results: list[Path] = []
+
+    def build(out: Path) -> None:
+        (out / "config.json").write_text(threading.current_thread().name)
+        both_building.wait()
+
+    threads = [
+        threading.Thread(target=lambda: results.append(_build_once(tmp_path / "model", build)), name=f"b{i}")
+        for i in range(2)
     ]
-    outputs = {proc.communicate(timeout=120)[0].strip() for proc in procs}
-    assert all(proc.returncode == 0 for proc in procs)
-    assert len(outputs) == 1
-    assert [p.name for p in tmp_path.iterdir()] == [Path(outputs.pop()).name]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results == [tmp_path / "model"] * 2
+    assert [p.name for p in tmp_path.iterdir()] == ["model"], "a temporary build folder was left behind"
+    assert (tmp_path / "model" / "config.json").read_text() in ("b0", "b1")
 
 
 def test_load_model_and_tokenizer_from_a_manifest_folder(tiny_folder: Path, tmp_path: Path) -> None:

@@ -348,7 +348,17 @@ def materialise(source: ModelSource, cache_dir: Path | None = None) -> Path:
     path = source.local_path
     assert path is not None
     if source.is_gguf:
-        return _build_once(cache / cache_key_for_gguf(path), lambda out: dequantise_gguf(path, out))
+        try:
+            return _build_once(cache / cache_key_for_gguf(path), lambda out: dequantise_gguf(path, out))
+        except Exception as exc:
+            # transformers reads only some GGUF architectures and quantisation types, and a damaged file
+            # fails anywhere in its parser (struct.error, KeyError...): say which file failed and why
+            # rather than ending in a traceback from deep inside the loader.
+            raise _error(
+                source.uri,
+                f"the GGUF file {path} could not be dequantised through transformers: {str(exc).rstrip('.')}",
+                "Convert it to a Hugging Face folder another way and point the URI at that folder",
+            ) from exc
     return path
 
 
@@ -406,8 +416,18 @@ def load_model_and_tokenizer(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = materialise(parse_model_uri(uri, base_dir), cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype if dtype is not None else torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype if dtype is not None else torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:
+        raise _error(
+            uri,
+            f"the folder {folder} could not be loaded as a causal language model with its tokenizer: "
+            f"{str(exc).rstrip('.')}",
+            "It must hold what save_pretrained writes for the model and for its tokenizer",
+        ) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
