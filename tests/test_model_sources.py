@@ -372,12 +372,28 @@ CONVERSATION = [
 ]
 
 
-def test_chat_template_is_prefix_stable() -> None:
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "description": "Add two integers",
+            "parameters": {
+                "type": "object",
+                "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            },
+        },
+    }
+]
+
+
+@pytest.mark.parametrize("tools", [None, TOOLS])
+def test_chat_template_is_prefix_stable(tools: list[dict[str, object]] | None) -> None:
     tokenizer = load_tiny_tokenizer()
 
     def render(messages: list[dict[str, object]], generation_prompt: bool = False) -> list[int]:
         text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt
+            messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt
         )
         return tokenizer.encode(text, add_special_tokens=False)
 
@@ -387,8 +403,10 @@ def test_chat_template_is_prefix_stable() -> None:
         if CONVERSATION[k]["role"] == "assistant":
             prompt = render(CONVERSATION[:k], generation_prompt=True)
             assert full[: len(prompt)] == prompt, k
-    text = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
-    assert text.startswith("<|im_start|>system\nYou are a calculator.")
+    text = tokenizer.apply_chat_template(CONVERSATION, tools=tools, tokenize=False)
+    system = "<|im_start|>system\nYou are a calculator."
+    assert text.startswith(system) == (tools is None)
+    assert system in text and ('"name": "add", "description": "Add two integers"' in text) == bool(tools)
     assert '<tool_call>\n{"name": "add", "arguments": {"a": 12, "b": 30}}\n</tool_call><|im_end|>\n' in text
     assert "<|im_start|>tool\n42<|im_end|>\n" in text
     assert text.endswith("<|im_start|>assistant\n24<|im_end|>\n")

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 # Part of the cache key of built models: bump it whenever the output of build_tiny_model changes
 # (architecture, initialisation, tokenizer, template), so that stale cached builds are not reused.
-TINY_BUILDER_VERSION = "1"
+TINY_BUILDER_VERSION = "2"
 
 TOKENIZER_ASSET = "tiny_tokenizer.json"
 CORPUS_ASSET = "tiny_tokenizer_corpus.txt"
@@ -43,31 +43,46 @@ SPECIAL_TOKENS = (END_OF_TEXT, IM_START, IM_END)
 # ChatML, as SmolLM2 and Qwen write it. Every message renders to a self-contained block that ends with a
 # newline after <|im_end|>, and nothing depends on later messages, so rendering messages[:k] is a token
 # prefix of rendering messages[:k + 1]: the SFT loss mask is computed by rendering prefixes.
-# No default system prompt is injected, so a conversation renders exactly what it holds.
-CHATML_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}"
-    "{{- message['content'] -}}"
-    "{%- elif message['content'] is not none -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{%- if message.get('tool_calls') -%}"
-    "{%- for call in message['tool_calls'] -%}"
-    "{%- set fn = call['function'] if call.get('function') else call -%}"
-    "{%- if message['content'] or not loop.first -%}{{- '\\n' -}}{%- endif -%}"
-    "{{- '<tool_call>\\n{\"name\": \"' + fn['name'] + '\", \"arguments\": ' -}}"
-    "{%- if fn['arguments'] is string -%}{{- fn['arguments'] -}}{%- else -%}{{- fn['arguments'] | tojson -}}"
-    "{%- endif -%}"
-    "{{- '}\\n</tool_call>' -}}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
+# Tool definitions get their own system block in front rather than being merged into the user's system
+# message, so that rendering zero messages is a prefix too. No default system prompt is injected.
+# Every tag trims whitespace and every literal is an expression, so the line breaks here are not output.
+CHATML_TEMPLATE = """
+{%- if tools -%}
+    {{- '<|im_start|>system\n# Tools\n\nYou may call these functions. Write each call as '
+        + '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>\n<tools>' -}}
+    {%- for tool in tools -%}
+        {{- '\n' + (tool | tojson) -}}
+    {%- endfor -%}
+    {{- '\n</tools><|im_end|>\n' -}}
+{%- endif -%}
+{%- for message in messages -%}
+    {{- '<|im_start|>' + message['role'] + '\n' -}}
+    {%- if message['content'] is string -%}
+        {{- message['content'] -}}
+    {%- elif message['content'] is not none -%}
+        {%- for part in message['content'] -%}
+            {%- if part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}
+        {%- endfor -%}
+    {%- endif -%}
+    {%- if message.get('tool_calls') -%}
+        {%- for call in message['tool_calls'] -%}
+            {%- set fn = call['function'] if call.get('function') else call -%}
+            {%- if message['content'] or not loop.first -%}{{- '\n' -}}{%- endif -%}
+            {{- '<tool_call>\n{"name": "' + fn['name'] + '", "arguments": ' -}}
+            {%- if fn['arguments'] is string -%}
+                {{- fn['arguments'] -}}
+            {%- else -%}
+                {{- fn['arguments'] | tojson -}}
+            {%- endif -%}
+            {{- '}\n</tool_call>' -}}
+        {%- endfor -%}
+    {%- endif -%}
+    {{- '<|im_end|>\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|im_start|>assistant\n' -}}
+{%- endif -%}
+"""
 
 
 @dataclass(frozen=True)
