@@ -185,6 +185,11 @@ def test_bare_org_name_suggests_hf(tmp_path: Path) -> None:
         check_model_source(parse_model_uri("HuggingFaceTB/SmolLM2-135M", base_dir=tmp_path))
 
 
+def test_bare_builtin_name_suggests_whetstone(tmp_path: Path) -> None:
+    with pytest.raises(ModelSourceError, match=r"write whetstone://tiny"):
+        check_model_source(parse_model_uri("tiny", base_dir=tmp_path))
+
+
 def test_folder_without_config_is_rejected(tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
     with pytest.raises(ModelSourceError, match="no config.json"):

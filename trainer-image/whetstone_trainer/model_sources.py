@@ -263,6 +263,8 @@ def check_model_source(source: ModelSource) -> None:
         hint = "Check the path; relative paths resolve against the manifest's folder"
         if source.scheme == "file" and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", uri.strip()):
             hint += f"; if you meant the Hugging Face model, write hf://{uri.strip()}"
+        elif source.scheme == "file" and uri.strip().lower() in [*tiny_size_names(), SMOLLM2_NAME]:
+            hint += f"; if you meant the built-in model, write whetstone://{uri.strip().lower()}"
         raise _error(uri, f"the model path {path} does not exist", hint)
     if path.is_file():
         if path.suffix.lower() != ".gguf":
