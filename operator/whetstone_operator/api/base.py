@@ -22,7 +22,8 @@ Quantity = int | str
 
 
 class ApiModel(BaseModel):
-    """Base of every resource model: camelCase on the wire, unknown fields rejected, docstrings as descriptions."""
+    """Base of every resource model: camelCase on the wire, unknown fields rejected, docstrings as
+    descriptions."""
 
     model_config = ConfigDict(
         alias_generator=to_camel,
@@ -37,9 +38,11 @@ class ApiModel(BaseModel):
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
-def cel(rule: str, message: str, *, field_path: str | None = None, reason: str | None = None) -> dict[str, str]:
-    """One `x-kubernetes-validations` entry. The same rule is also checked in Python by the model that declares
-    it (see the model validators), so `whetstone validate` and the API server agree."""
+def cel(
+    rule: str, message: str, *, field_path: str | None = None, reason: str | None = None
+) -> dict[str, str]:
+    """One `x-kubernetes-validations` entry. The same rule is also checked in Python by the model that
+    declares it (see the model validators), so `whetstone validate` and the API server agree."""
     entry = {"rule": rule, "message": message}
     if field_path:
         entry["fieldPath"] = field_path

@@ -64,14 +64,22 @@ KINDS: list[ResourceKind] = [
         plural="finetunejobs",
         short_names=["ftj"],
         columns=[
-            PrinterColumn("Phase", ".status.phase", description="Pending, Suspended, Running, Restarting, "
-                          "Succeeded or Failed"),
+            PrinterColumn(
+                "Phase",
+                ".status.phase",
+                description="Pending, Suspended, Running, Restarting, Succeeded or Failed",
+            ),
             PrinterColumn("Method", ".spec.method", description="sft, dpo or rft"),
             PrinterColumn("Model", ".spec.baseModel.uri", description="The base model"),
             PrinterColumn("Steps", ".status.progress.steps", description="Optimizer steps done / planned"),
             PrinterColumn("Loss", ".status.progress.loss", type="number", description="Latest training loss"),
-            PrinterColumn("Restarts", ".status.restartCount", type="integer", priority=1,
-                          description="Whole-group restarts"),
+            PrinterColumn(
+                "Restarts",
+                ".status.restartCount",
+                type="integer",
+                priority=1,
+                description="Whole-group restarts",
+            ),
             PrinterColumn("Age", ".metadata.creationTimestamp", type="date"),
         ],
         mutable_spec_fields=frozenset({"suspend"}),
@@ -83,8 +91,12 @@ KINDS: list[ResourceKind] = [
         short_names=["rg"],
         columns=[
             PrinterColumn("Phase", ".status.phase"),
-            PrinterColumn("Tests", ".status.testCasesPassed", type="integer",
-                          description="Test cases that scored as expected"),
+            PrinterColumn(
+                "Tests",
+                ".status.testCasesPassed",
+                type="integer",
+                description="Test cases that scored as expected",
+            ),
             PrinterColumn("Age", ".metadata.creationTimestamp", type="date"),
         ],
     ),
@@ -203,7 +215,10 @@ def _immutability_rules(spec: dict[str, Any], mutable: frozenset[str]) -> None:
         if name in mutable:
             continue
         prop.setdefault("x-kubernetes-validations", []).append(
-            cel("self == oldSelf", f"spec.{name} is immutable; only {_list(mutable)} may change after creation")
+            cel(
+                "self == oldSelf",
+                f"spec.{name} is immutable; only {_list(mutable)} may change after creation",
+            )
         )
         if name not in required and "default" not in prop:
             presence.append(

@@ -130,7 +130,8 @@ class LoRASpec(ApiModel):
     dropout: float = Field(default=0.0, ge=0, lt=1)
     """Dropout on the adapter input."""
     target_modules: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1, max_length=64)
-    """Module names to adapt, e.g. [q_proj, v_proj]; all-linear adapts every linear layer but the output head."""
+    """Module names to adapt, e.g. [q_proj, v_proj]; all-linear adapts every linear layer but the output
+    head."""
 
 
 class FullParameterSpec(ApiModel):
@@ -223,11 +224,27 @@ _SPEC_RULES = [
         "exactly one of spec.lora or spec.fullParameter must be set",
         reason="FieldValueInvalid",
     ),
-    cel("self.method != 'dpo' || has(self.dpo)", "spec.dpo is required when method is dpo", field_path=".dpo"),
-    cel("self.method != 'rft' || has(self.rft)", "spec.rft is required when method is rft", field_path=".rft"),
-    cel("self.method == 'sft' || !has(self.sft)", "spec.sft is only allowed when method is sft", field_path=".sft"),
-    cel("self.method == 'dpo' || !has(self.dpo)", "spec.dpo is only allowed when method is dpo", field_path=".dpo"),
-    cel("self.method == 'rft' || !has(self.rft)", "spec.rft is only allowed when method is rft", field_path=".rft"),
+    cel(
+        "self.method != 'dpo' || has(self.dpo)", "spec.dpo is required when method is dpo", field_path=".dpo"
+    ),
+    cel(
+        "self.method != 'rft' || has(self.rft)", "spec.rft is required when method is rft", field_path=".rft"
+    ),
+    cel(
+        "self.method == 'sft' || !has(self.sft)",
+        "spec.sft is only allowed when method is sft",
+        field_path=".sft",
+    ),
+    cel(
+        "self.method == 'dpo' || !has(self.dpo)",
+        "spec.dpo is only allowed when method is dpo",
+        field_path=".dpo",
+    ),
+    cel(
+        "self.method == 'rft' || !has(self.rft)",
+        "spec.rft is only allowed when method is rft",
+        field_path=".rft",
+    ),
 ]
 
 

@@ -148,7 +148,8 @@ class RewardGraderSpec(ApiModel):
     weighted: WeightedGrader | None = None
     """A weighted combination of other graders."""
     on_error: Literal["zero", "skip", "fail"] = "zero"
-    """When grading raises or times out: score 0, drop the sample, or fail the job. Errors are always counted."""
+    """When grading raises or times out: score 0, drop the sample, or fail the job. Errors are always
+    counted."""
     test_cases: list[GraderTestCase] = Field(default_factory=list, max_length=256)
     """Examples checked before the grader is marked Ready."""
 
