@@ -470,7 +470,7 @@ def test_load_model_and_tokenizer_from_a_manifest_folder(tiny_folder: Path, tmp_
 
 @pytest.mark.slow
 def test_smollm2_materialises_and_answers(tmp_path: Path) -> None:
-    from whetstone_trainer.smollm2 import SmolLM2NotInstalledError, find_smollm2_gguf, materialise_smollm2
+    from whetstone_trainer.smollm2 import SmolLM2NotInstalledError, find_smollm2_gguf
 
     try:
         find_smollm2_gguf()
@@ -479,7 +479,10 @@ def test_smollm2_materialises_and_answers(tmp_path: Path) -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = materialise_smollm2(tmp_path / "smollm2")
+    # Through the cache, as a manifest naming whetstone://smollm2 gets it; the CLI's materialise_smollm2
+    # is the builder underneath.
+    folder = materialise(parse_model_uri("whetstone://smollm2"), cache_dir=tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
         p.name for p in folder.iterdir()
     }
@@ -497,6 +500,19 @@ def test_smollm2_materialises_and_answers(tmp_path: Path) -> None:
     output = model.generate(**prompt, max_new_tokens=12, do_sample=False)
     answer = tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
+    conversation = [
+        {"role": "system", "content": "Answer in JSON."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": '{"capital": "Paris"}'},
+        {"role": "user", "content": "And of Italy?"},
+        {"role": "assistant", "content": '{"capital": "Rome"}'},
+    ]
+    full = tokenizer.apply_chat_template(conversation, tokenize=False)
+    for k in range(1, len(conversation)):
+        prefix = tokenizer.apply_chat_template(
+            conversation[:k], tokenize=False, add_generation_prompt=conversation[k]["role"] == "assistant"
+        )
+        assert full.startswith(prefix), k
 
 
 def test_smollm2_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
