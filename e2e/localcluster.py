@@ -533,7 +533,8 @@ class LocalCluster:
                     f"--state-dir={d / 'runner'}",
                     f"--nodes={','.join(st.runner_nodes)}",
                     f"--pod-ip-prefix={st.pod_ip_prefix}",
-                    f"--workdir={REPO_ROOT}",
+                    # As if the image had the project installed: its packages import from the sources.
+                    f"--pythonpath={REPO_ROOT / 'operator'}:{REPO_ROOT / 'trainer-image'}",
                 ],
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )

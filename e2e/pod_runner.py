@@ -38,8 +38,10 @@ What it does, as a kubelet would:
 What it does NOT emulate (say so in any test that relies on the runner):
 
 - images: ``image`` is ignored; the command runs in the runner's own environment (its Python venv first on
-  ``PATH``, the runner's environment as the base env; ``KUBECONFIG`` removed). A container without ``command``
-  cannot run (there is no image entrypoint) and waits with CreateContainerConfigError;
+  ``PATH``, the runner's environment as the base env; ``KUBECONFIG`` removed; ``--pythonpath`` folders, the
+  project's sources with ``e2e/cluster``, first on ``PYTHONPATH``; ``/`` as the default working dir, as in
+  most images). A container without ``command`` cannot run (there is no image entrypoint) and waits with
+  CreateContainerConfigError;
 - isolation and resources: no cgroups (``resources`` are not enforced), no user or PID isolation
   (``securityContext`` is ignored, processes run as the runner's user), no network namespace (a process that
   binds 0.0.0.0 takes the port for every pod), no NetworkPolicy, no Service ClusterIP routing (only headless
@@ -601,6 +603,8 @@ class PodWorker(threading.Thread):
         )
         base = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "PYTHONUNBUFFERED")}
         base["PATH"] = f"{Path(sys.executable).parent}:{base.get('PATH', '/usr/bin:/bin')}"
+        if self.runner.pythonpath:
+            base["PYTHONPATH"] = ":".join(p for p in (self.runner.pythonpath, base.get("PYTHONPATH")) if p)
         base["HOSTNAME"] = self._hostname()
         host, port = self.runner.api_host, self.runner.api_port
         base.update(
@@ -904,6 +908,7 @@ class PodRunner:
         self.nodes = nodes
         self.state_dir = state_dir
         self.workdir = workdir
+        self.pythonpath = ""
         self.ips = IpPool(ip_prefix)
         self.hosts = HostsManager(self.core)
         self.stopping = threading.Event()
@@ -1128,8 +1133,13 @@ def main() -> int:
     parser.add_argument(
         "--workdir",
         type=Path,
-        default=Path.cwd(),
-        help="working dir of containers that do not set workingDir",
+        default=Path("/"),
+        help="working dir of containers that do not set workingDir (an image's default is /)",
+    )
+    parser.add_argument(
+        "--pythonpath",
+        default="",
+        help="folders put first on the containers' PYTHONPATH (what the image would have installed)",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(threadName)s %(message)s")
@@ -1141,6 +1151,7 @@ def main() -> int:
     runner = PodRunner(
         api, args.nodes.split(","), args.state_dir.resolve(), args.pod_ip_prefix, args.workdir.resolve()
     )
+    runner.pythonpath = args.pythonpath
 
     def on_signal(signum: int, _frame: object) -> None:
         LOG.info("signal %d: stopping", signum)
