@@ -427,6 +427,15 @@ def test_whetstone_tiny_is_built_once_into_the_cache(tmp_path: Path) -> None:
     assert time.monotonic() - started < 30
 
 
+def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from whetstone_trainer.model_sources import default_cache_dir
+
+    monkeypatch.setenv("WHETSTONE_CACHE", str(tmp_path))
+    assert default_cache_dir() == tmp_path
+    monkeypatch.delenv("WHETSTONE_CACHE")
+    assert default_cache_dir() == Path.home() / ".cache" / "whetstone" / "models"
+
+
 def test_concurrent_builds_do_not_clash(tmp_path: Path) -> None:
     """Two builders that both find the cache empty both build; one rename wins, the other uses its result."""
     import threading

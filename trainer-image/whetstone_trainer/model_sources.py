@@ -294,9 +294,9 @@ def _check_gguf_magic(uri: str, path: Path) -> None:
 
 
 def default_cache_dir() -> Path:
-    """$WHETSTONE_CACHE/models, else ~/.cache/whetstone/models."""
-    root = os.environ.get(CACHE_ENV)
-    return (Path(root) if root else Path.home() / ".cache" / "whetstone") / "models"
+    """Where built and dequantised models are kept: $WHETSTONE_CACHE, else ~/.cache/whetstone/models."""
+    folder = os.environ.get(CACHE_ENV)
+    return Path(folder).expanduser() if folder else Path.home() / ".cache" / "whetstone" / "models"
 
 
 def _build_once(final: Path, build: Callable[[Path], object]) -> Path:
