@@ -46,6 +46,7 @@ SERVICE_CIDR = "10.96.0.0/16"
 # The first address of the service range is the `kubernetes` Service's ClusterIP; the serving cert needs it.
 KUBERNETES_SERVICE_IP = "10.96.0.1"
 KWOK_POD_CIDR = "10.244.0.0/16"
+STATE_DIR_PREFIX = "whetstone-e2e-"
 
 # Order matters for `down`: stop the runner and the controllers before the API server, etcd last.
 STOP_ORDER = ["pod-runner", "kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"]
@@ -272,6 +273,20 @@ def stop_process_group(pid: int, grace: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+def remove_stale_state_dirs() -> None:
+    """State dirs of clusters whose processes are all gone (e.g. pytest was SIGKILLed): remove them."""
+    for d in Path(tempfile.gettempdir()).glob(f"{STATE_DIR_PREFIX}*"):
+        try:
+            pids = json.loads((d / "state.json").read_text())["pids"]
+            if time.time() - (d / "state.json").stat().st_mtime < 600 and not pids:
+                continue  # probably a cluster that is starting right now
+        except (OSError, ValueError, KeyError):
+            continue
+        if not any(pid_alive(pid) for pid in pids.values()):
+            kill_container_groups(d / "runner")
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def kill_container_groups(runner_state: Path) -> None:
     """Containers are process groups of their own; SIGKILL any that a dead runner left behind."""
     folder = runner_state / "pgids"
@@ -324,9 +339,13 @@ class ClusterState:
         return cls(**json.loads(path.read_text()))
 
     def save(self) -> None:
+        text = json.dumps(asdict(self), indent=2) + "\n"
         path = Path(self.cluster_dir) / "state.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        path.write_text(text)
+        # A copy in the state dir lets a later `up` recognise the folder as stale once its processes are gone.
+        if Path(self.state_dir).is_dir():
+            (Path(self.state_dir) / "state.json").write_text(text)
 
     @property
     def logs_dir(self) -> Path:
@@ -371,7 +390,8 @@ class LocalCluster:
         if missing := bins.missing():
             raise ClusterError(f"missing binaries {missing}; run e2e/tools/build.sh")
 
-        state_dir = Path(tempfile.mkdtemp(prefix="whetstone-e2e-"))
+        remove_stale_state_dirs()
+        state_dir = Path(tempfile.mkdtemp(prefix=STATE_DIR_PREFIX))
         ports = {name: free_port() for name in ("etcd", "etcd-peer", "apiserver", "kcm", "scheduler")}
         server = f"https://127.0.0.1:{ports['apiserver']}"
         # A /16 of loopback addresses per cluster, so a developer's cluster and a test session never hand

@@ -102,10 +102,10 @@ workdir_for() {
 }
 
 version_ok() {
-  # $1 binary, $2 text its --version output must contain
+  # $1 binary, $2 text its version output must contain, $3 the version argument (default --version)
   local out
   [[ -x "$1" ]] || return 1
-  out="$("$1" --version 2>&1 || true)"
+  out="$("$1" "${3:---version}" 2>&1 || true)"
   [[ "$out" == *"$2"* ]]
 }
 
@@ -164,7 +164,7 @@ build_kwok() {
 
 build_helm() {
   local out; out="$(helm_dir)"
-  if version_ok "$out/helm" "$HELM_VERSION"; then log "helm $HELM_VERSION: cached in $out"; return 0; fi
+  if version_ok "$out/helm" "$HELM_VERSION" version; then log "helm $HELM_VERSION: cached in $out"; return 0; fi
   local w; w="$(workdir_for helm)"
   log "helm $HELM_VERSION: building"
   mkdir -p "$out.tmp"
@@ -172,7 +172,7 @@ build_helm() {
       -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
       -o "$out.tmp/helm" helm.sh/helm/v3/cmd/helm )
   rm -rf "$out" && mv "$out.tmp" "$out"
-  version_ok "$out/helm" "$HELM_VERSION"
+  version_ok "$out/helm" "$HELM_VERSION" version
 }
 
 print_dirs() {
