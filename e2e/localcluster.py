@@ -284,7 +284,23 @@ def remove_stale_state_dirs() -> None:
             continue
         if not any(pid_alive(pid) for pid in pids.values()):
             kill_container_groups(d / "runner")
+            remove_created_mountpoints(d / "runner")
             shutil.rmtree(d, ignore_errors=True)
+
+
+def remove_created_mountpoints(runner_state: Path) -> None:
+    """Empty mount-point folders the pod runner had to create on the host; a dead runner leaves them."""
+    record = runner_state / "created-mountpoints"
+    if not record.exists():
+        return
+    for path in sorted(set(record.read_text().split()), key=len, reverse=True):
+        with contextlib.suppress(OSError):
+            p = Path(path)
+            if p.is_dir():
+                p.rmdir()  # only if empty
+            elif p.is_file() and p.stat().st_size == 0:
+                p.unlink()
+    record.unlink()
 
 
 def kill_container_groups(runner_state: Path) -> None:
@@ -636,6 +652,7 @@ class LocalCluster:
                 stop_process_group(pid, grace=15.0 if name == "pod-runner" else 10.0)
             if name == "pod-runner":
                 kill_container_groups(Path(state.state_dir) / "runner")
+                remove_created_mountpoints(Path(state.state_dir) / "runner")
         for proc in self._procs.values():
             with contextlib.suppress(Exception):
                 proc.wait(timeout=1)
