@@ -5,6 +5,7 @@ from __future__ import annotations
 import textwrap
 import urllib.request
 
+import kubernetes
 import pytest
 from helpers import Cluster, Json, field_env, runner_pod, wait_for
 
@@ -328,3 +329,42 @@ def test_runner_pods_need_the_runner_toleration(cluster: Cluster, namespace: str
 
     wait_for(unschedulable, 120, "the runner taint to keep the pod off the runner nodes")
     assert not cluster.pod(namespace, "untolerated")["spec"].get("nodeName")
+
+
+def test_in_cluster_client_uses_the_service_account_token(cluster: Cluster, namespace: str) -> None:
+    # The projected token volume, kube-root-ca.crt and KUBERNETES_SERVICE_* make in-cluster config work; the
+    # default ServiceAccount may read pods only once RBAC says so.
+    kubernetes.client.RbacAuthorizationV1Api(cluster.api).create_namespaced_role_binding(
+        namespace,
+        {
+            "metadata": {"name": "default-view"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"},
+            "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": namespace}],
+        },
+    )
+    code = """
+        import os
+        from kubernetes import client, config
+        config.load_incluster_config()
+        me = client.CoreV1Api().read_namespaced_pod(os.environ["POD_NAME"], os.environ["POD_NAMESPACE"])
+        print("node", me.spec.node_name)
+        try:
+            client.CoreV1Api().list_namespaced_secret(os.environ["POD_NAMESPACE"])
+        except client.ApiException as e:
+            print("secrets", e.status)
+    """
+    env = [field_env("POD_NAME", "metadata.name"), field_env("POD_NAMESPACE", "metadata.namespace")]
+    cluster.core.create_namespaced_pod(namespace, runner_pod("incluster", py(code), env=env))
+    done = cluster.wait_pod_phase(namespace, "incluster", ("Succeeded", "Failed"))
+    log = cluster.container_log(namespace, "incluster")
+    assert done["status"]["phase"] == "Succeeded", log
+    assert f"node {done['spec']['nodeName']}" in log
+    assert "secrets 403" in log  # the view role does not include secrets
+
+
+def test_active_deadline_fails_the_pod(cluster: Cluster, namespace: str) -> None:
+    pod = runner_pod("late", py("import time; time.sleep(600)"), activeDeadlineSeconds=2)
+    cluster.core.create_namespaced_pod(namespace, pod)
+    done = cluster.wait_pod_phase(namespace, "late", ("Succeeded", "Failed"))
+    assert done["status"]["phase"] == "Failed"
+    assert done["status"]["reason"] == "DeadlineExceeded"
