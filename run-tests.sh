@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Run every test: the fast tier (units and real training of tiny models on the CPU), then the e2e tier
+# against a real Kubernetes control plane started on loopback (built from Go modules on first use).
+#
+#   ./run-tests.sh            everything
+#   ./run-tests.sh --fast     the fast tier only
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$repo"
+python="$("$repo/scripts/bootstrap.sh")"
+
+"$(dirname "$python")/ruff" check .
+"$python" -m pytest tests -q -p no:cacheprovider --durations=10
+if [[ "${1:-}" != "--fast" ]]; then
+  bash "$repo/e2e/ci.sh" "$python"
+fi
