@@ -17,7 +17,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -30,15 +29,28 @@ def whetstone_epoch(data: Path, out: Path) -> float:
     from whetstone_operator.api import FineTuneJob
     from whetstone_trainer.sft import train_sft
 
-    job = FineTuneJob.model_validate({
-        "apiVersion": "whetstone.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "bench"},
-        "spec": {
-            "method": "sft", "baseModel": {"uri": "whetstone://tiny"}, "dataset": {"uri": str(data)},
-            "fullParameter": {}, "output": {"uri": str(out)},
-            "hyperparameters": {"epochs": 1, "batchSize": BATCH, "maxSeqLen": SEQ_LEN, "learningRate": LR,
-                                "evalFraction": 0, "scheduler": "constant"},
-        },
-    })
+    job = FineTuneJob.model_validate(
+        {
+            "apiVersion": "whetstone.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "bench"},
+            "spec": {
+                "method": "sft",
+                "baseModel": {"uri": "whetstone://tiny"},
+                "dataset": {"uri": str(data)},
+                "fullParameter": {},
+                "output": {"uri": str(out)},
+                "hyperparameters": {
+                    "epochs": 1,
+                    "batchSize": BATCH,
+                    "maxSeqLen": SEQ_LEN,
+                    "learningRate": LR,
+                    "evalFraction": 0,
+                    "scheduler": "constant",
+                },
+            },
+        }
+    )
     train_sft(job.spec, out)
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     return rows[-1]["elapsed_seconds"]
@@ -51,13 +63,29 @@ def trl_epoch(data: Path, out: Path, packing: bool) -> float:
 
     model, tokenizer = load_model_and_tokenizer("whetstone://tiny")
     config = SFTConfig(
-        output_dir=str(out), num_train_epochs=1, per_device_train_batch_size=BATCH, max_length=SEQ_LEN,
-        learning_rate=LR, lr_scheduler_type="constant", packing=packing, bf16=False, fp16=False,
-        gradient_checkpointing=False, report_to="none", save_strategy="no", logging_strategy="no",
-        dataloader_num_workers=0, use_cpu=True, seed=0,
+        output_dir=str(out),
+        num_train_epochs=1,
+        per_device_train_batch_size=BATCH,
+        max_length=SEQ_LEN,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        packing=packing,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        dataloader_num_workers=0,
+        use_cpu=True,
+        seed=0,
     )
-    trainer = SFTTrainer(model=model, args=config, train_dataset=load_dataset("json", data_files=str(data))["train"],
-                         processing_class=tokenizer)
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=load_dataset("json", data_files=str(data))["train"],
+        processing_class=tokenizer,
+    )
     return trainer.train().metrics["train_runtime"]
 
 
@@ -86,11 +114,16 @@ def main() -> int:
         runs["trl"].append(trl_epoch(data, tmp / f"t{r}", packing=False))
         runs["trl-packing"].append(trl_epoch(data, tmp / f"p{r}", packing=True))
     best = {k: min(v) for k, v in runs.items()}
-    print(f"SFT, whetstone://tiny, {args.examples} examples ({tokens} tokens), batch {BATCH}, "
-          f"max length {SEQ_LEN}, fp32, {os.cpu_count()} CPUs, best of {args.repeats}")
+    print(
+        f"SFT, whetstone://tiny, {args.examples} examples ({tokens} tokens), batch {BATCH}, "
+        f"max length {SEQ_LEN}, fp32, {os.cpu_count()} CPUs, best of {args.repeats}"
+    )
     for name, seconds in best.items():
-        print(f"  {name:12s} {seconds:7.2f} s/epoch  {tokens / seconds:9.0f} data tokens/s  (runs: "
-              + ", ".join(f"{s:.2f}" for s in runs[name]) + ")")
+        print(
+            f"  {name:12s} {seconds:7.2f} s/epoch  {tokens / seconds:9.0f} data tokens/s  (runs: "
+            + ", ".join(f"{s:.2f}" for s in runs[name])
+            + ")"
+        )
     print(f"ratio whetstone / trl (defaults):     {best['trl'] / best['whetstone']:.2f}x")
     print(f"ratio whetstone / trl (packing=True): {best['trl-packing'] / best['whetstone']:.2f}x")
     return 0

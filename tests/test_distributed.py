@@ -18,10 +18,30 @@ from whetstone_trainer.synthetic import make_rows, write_jsonl
 
 
 def _train(job: Path, out: Path, procs: int) -> list[dict]:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'operator'}:{ROOT / 'trainer-image'}", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(procs),
-           "--master-addr", "127.0.0.1", "--master-port", "0", "-m", "whetstone_trainer", "train", str(job),
-           "--output", str(out)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT / 'operator'}:{ROOT / 'trainer-image'}",
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(procs),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        "0",
+        "-m",
+        "whetstone_trainer",
+        "train",
+        str(job),
+        "--output",
+        str(out),
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
@@ -33,8 +53,15 @@ def test_two_processes_follow_the_single_process_run(tmp_path: Path) -> None:
     doc = valid_job()
     doc["spec"]["dataset"]["uri"] = "train.jsonl"
     doc["spec"].pop("evalDataset")
-    doc["spec"]["hyperparameters"] = {"maxSteps": 6, "batchSize": 8, "gradientAccumulationSteps": 2,
-                                      "maxSeqLen": 64, "learningRate": 3e-3, "evalFraction": 0.1, "seed": 5}
+    doc["spec"]["hyperparameters"] = {
+        "maxSteps": 6,
+        "batchSize": 8,
+        "gradientAccumulationSteps": 2,
+        "maxSeqLen": 64,
+        "learningRate": 3e-3,
+        "evalFraction": 0.1,
+        "seed": 5,
+    }
     doc["spec"]["checkpointing"] = {"everySteps": 3}
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(doc))
@@ -52,4 +79,6 @@ def test_two_processes_follow_the_single_process_run(tmp_path: Path) -> None:
         torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=1e-4)
     # Every rank saved its RNG state into the shared checkpoint.
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "step-00000003").glob("rng-*")) == [
-        "rng-rank0.pt", "rng-rank1.pt"]
+        "rng-rank0.pt",
+        "rng-rank1.pt",
+    ]

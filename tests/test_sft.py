@@ -65,7 +65,9 @@ def _job(tmp_path: Path, tuning: dict[str, Any], **hyper: Any) -> FineTuneJob:
     ],
     ids=["full-parameter", "lora"],
 )
-def test_full_parameter_and_lora_both_learn(tmp_path: Path, tuning: dict[str, Any], lr: float, drop: float) -> None:
+def test_full_parameter_and_lora_both_learn(
+    tmp_path: Path, tuning: dict[str, Any], lr: float, drop: float
+) -> None:
     job = _job(tmp_path, tuning, maxSteps=40, learningRate=lr, evalEverySteps=20)
     out = tmp_path / "out"
     train_sft(job.spec, out)

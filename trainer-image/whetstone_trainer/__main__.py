@@ -7,6 +7,7 @@ took). Every rank validates and trains; rank 0 writes checkpoints and the output
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="train (or resume) the FineTuneJob in FILE")
     p.add_argument("file")
     p.add_argument("--output", help="output folder (default: the job's spec.output.uri)")
+    p.add_argument(
+        "--status-port",
+        type=int,
+        default=int(os.environ.get("WHETSTONE_STATUS_PORT", "8080")),
+        help="port of /healthz, /metrics and /status on each pod's first process (-1: none)",
+    )
     args = parser.parse_args(argv)
 
     from whetstone_operator.api import FineTuneJob
@@ -25,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from .datasets import DatasetError
     from .preflight import preflight
     from .sft import train_sft
+    from .status_server import TrainerStatus, serve
     from .storage import resolve_uri
 
     path = Path(args.file)
@@ -39,12 +47,23 @@ def main(argv: list[str] | None = None) -> int:
     base_dir = path.resolve().parent
     problems = preflight(job.spec, base_dir)
     if problems:
-        print(f"{path}: pre-flight found {len(problems)} problem(s):\n" + "\n".join(problems), file=sys.stderr)
+        print(
+            f"{path}: pre-flight found {len(problems)} problem(s):\n" + "\n".join(problems), file=sys.stderr
+        )
         return 2
-    output = Path(args.output) if args.output else resolve_uri(job.spec.output.uri, base_dir, "spec.output.uri")
+    output = (
+        Path(args.output) if args.output else resolve_uri(job.spec.output.uri, base_dir, "spec.output.uri")
+    )
+    status = TrainerStatus(
+        job.metadata.name, output, int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    )
+    if args.status_port >= 0 and os.environ.get("LOCAL_RANK", "0") == "0":
+        server = serve(status, args.status_port)
+        print(f"{job.metadata.name}: status on port {server.server_address[1]}", flush=True)
     try:
-        train_sft(job.spec, output, base_dir)
+        train_sft(job.spec, output, base_dir, observer=status)
     except DatasetError as e:
+        status.fail(str(e))
         print(e, file=sys.stderr)
         return 2
     return 0

@@ -36,22 +36,73 @@ def json_answer(rng: random.Random) -> tuple[str, str]:
     return f"What is {a} plus {b}? Reply in JSON.", json.dumps({"answer": a + b})
 
 
-_NAMES = ["Alice", "Bruno", "Chen", "Dana", "Emeka", "Farah", "Goran", "Hana", "Ivo", "Jun", "Kofi", "Lena",
-          "Mateo", "Nora", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tara", "Uma", "Viktor", "Wen", "Yara"]
-_CITIES = ["Paris", "Lagos", "Osaka", "Lima", "Oslo", "Cairo", "Quito", "Perth", "Turin", "Hanoi", "Accra",
-           "Kyiv", "Porto", "Dakar", "Seoul", "Bern", "Dublin", "Austin", "Delhi", "Riga"]
+_NAMES = [
+    "Alice",
+    "Bruno",
+    "Chen",
+    "Dana",
+    "Emeka",
+    "Farah",
+    "Goran",
+    "Hana",
+    "Ivo",
+    "Jun",
+    "Kofi",
+    "Lena",
+    "Mateo",
+    "Nora",
+    "Omar",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sven",
+    "Tara",
+    "Uma",
+    "Viktor",
+    "Wen",
+    "Yara",
+]
+_CITIES = [
+    "Paris",
+    "Lagos",
+    "Osaka",
+    "Lima",
+    "Oslo",
+    "Cairo",
+    "Quito",
+    "Perth",
+    "Turin",
+    "Hanoi",
+    "Accra",
+    "Kyiv",
+    "Porto",
+    "Dakar",
+    "Seoul",
+    "Bern",
+    "Dublin",
+    "Austin",
+    "Delhi",
+    "Riga",
+]
 _JOBS = ["baker", "nurse", "pilot", "teacher", "welder", "chemist", "lawyer", "farmer", "designer", "plumber"]
 
 
 def json_extract(rng: random.Random) -> tuple[str, str]:
     """Pull three facts out of a sentence into a fixed JSON shape: a format-following task that a small
     instruct model does not do exactly out of the box."""
-    name, city, job, year = rng.choice(_NAMES), rng.choice(_CITIES), rng.choice(_JOBS), rng.randint(1990, 2024)
-    sentence = rng.choice([
-        f"{name} moved to {city} in {year} and works as a {job}.",
-        f"In {year}, {name} settled in {city}, where they work as a {job}.",
-        f"A {job} named {name} has lived in {city} since {year}.",
-    ])
+    name, city, job, year = (
+        rng.choice(_NAMES),
+        rng.choice(_CITIES),
+        rng.choice(_JOBS),
+        rng.randint(1990, 2024),
+    )
+    sentence = rng.choice(
+        [
+            f"{name} moved to {city} in {year} and works as a {job}.",
+            f"In {year}, {name} settled in {city}, where they work as a {job}.",
+            f"A {job} named {name} has lived in {city} since {year}.",
+        ]
+    )
     question = f"{sentence}\nReturn JSON with keys name, city and year."
     return question, json.dumps({"name": name, "city": city, "year": year})
 

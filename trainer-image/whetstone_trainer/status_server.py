@@ -1,0 +1,182 @@
+"""The trainer's HTTP face in a pod: /healthz, /metrics (Prometheus) and /status (JSON).
+
+The trainer needs no Kubernetes credentials: the operator polls rank 0's /status and turns it into the
+FineTuneJob's status and Checkpoint resources. /status is that contract:
+
+    {"job": str, "rank": int, "worldSize": int,
+     "phase": "Starting" | "Training" | "Finished" | "Failed",
+     "step": int, "totalSteps": int | null, "epoch": float | null,
+     "loss": float | null, "evalLoss": float | null, "reward": float | null,
+     "tokensPerSecond": float | null, "etaSeconds": int | null, "startedAt": RFC 3339,
+     "checkpoints": [{"step": int, "uri": str, "kind": "resumable", "metrics": {str: float}}],  # kept now
+     "pruned": [{"step": int, "uri": str}],            # removed by retention while this process ran
+     "output": str | null, "message": str | null}
+
+Metric names (prefix whetstone_trainer_) are defined here and only here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from .checkpoints import STATE_FILE, list_checkpoints
+
+
+class TrainerMetrics:
+    def __init__(self, job: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = {"labelnames": ["job"], "registry": self.registry}
+        self.step = Gauge("whetstone_trainer_step", "Optimizer steps done", **labels).labels(job)
+        self.total_steps = Gauge("whetstone_trainer_total_steps", "Optimizer steps planned", **labels).labels(
+            job
+        )
+        self.loss = Gauge("whetstone_trainer_loss", "Training loss of the latest step", **labels).labels(job)
+        self.eval_loss = Gauge("whetstone_trainer_eval_loss", "Latest eval loss", **labels).labels(job)
+        self.tokens_per_second = Gauge(
+            "whetstone_trainer_tokens_per_second", "Training throughput of the latest step", **labels
+        ).labels(job)
+        self.tokens = Counter("whetstone_trainer_tokens", "Tokens trained on", **labels).labels(job)
+        self.checkpoints = Counter(
+            "whetstone_trainer_checkpoints_saved", "Checkpoints saved", **labels
+        ).labels(job)
+        self.pruned = Counter("whetstone_trainer_checkpoints_pruned", "Checkpoints pruned", **labels).labels(
+            job
+        )
+
+
+class TrainerStatus:
+    """Observer of the training loop that keeps what /status and /metrics serve. Thread-safe."""
+
+    def __init__(self, job: str, output: Path, rank: int = 0, world_size: int = 1) -> None:
+        self._lock = threading.Lock()
+        self.metrics = TrainerMetrics(job)
+        self.output = output
+        self.state: dict[str, Any] = {
+            "job": job,
+            "rank": rank,
+            "worldSize": world_size,
+            "phase": "Starting",
+            "step": 0,
+            "totalSteps": None,
+            "epoch": None,
+            "loss": None,
+            "evalLoss": None,
+            "reward": None,
+            "tokensPerSecond": None,
+            "etaSeconds": None,
+            "startedAt": datetime.now(UTC).isoformat(timespec="seconds"),
+            "checkpoints": [],
+            "pruned": [],
+            "output": None,
+            "message": None,
+        }
+        self._started = time.monotonic()
+        self._first_step: int | None = None
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return json.loads(json.dumps(self.state))
+
+    # --- Observer
+    def on_start(self, start_step: int, total_steps: int) -> None:
+        with self._lock:
+            self.state.update(phase="Training", step=start_step, totalSteps=total_steps)
+            self.state["checkpoints"] = _kept_checkpoints(self.output)
+            self._first_step, self._started = start_step, time.monotonic()
+        self.metrics.step.set(start_step)
+        self.metrics.total_steps.set(total_steps)
+
+    def on_step(self, m: dict[str, Any]) -> None:
+        done_here = m["step"] - (self._first_step or 0)
+        elapsed = time.monotonic() - self._started
+        eta = int(elapsed / done_here * (m["total_steps"] - m["step"])) if done_here > 0 else None
+        with self._lock:
+            self.state.update(
+                step=m["step"],
+                totalSteps=m["total_steps"],
+                epoch=m["epoch"],
+                loss=_finite(m["loss"]),
+                tokensPerSecond=_finite(m.get("tokens_per_second")),
+                etaSeconds=eta,
+            )
+            if m.get("eval_loss") is not None:
+                self.state["evalLoss"] = _finite(m["eval_loss"])
+        self.metrics.step.set(m["step"])
+        self.metrics.loss.set(m["loss"])
+        self.metrics.tokens.inc(m["tokens"])
+        if m.get("tokens_per_second"):
+            self.metrics.tokens_per_second.set(m["tokens_per_second"])
+        if m.get("eval_loss") is not None:
+            self.metrics.eval_loss.set(m["eval_loss"])
+
+    def on_checkpoint(self, step: int, path: Path, pruned: list[Path]) -> None:
+        with self._lock:
+            self.state["checkpoints"] = _kept_checkpoints(self.output)
+            self.state["pruned"] += [{"step": _step_of(p), "uri": str(p)} for p in pruned]
+        self.metrics.checkpoints.inc()
+        self.metrics.pruned.inc(len(pruned))
+
+    def on_finish(self, summary: dict[str, Any]) -> None:
+        with self._lock:
+            self.state.update(phase="Finished", output=summary.get("output"), etaSeconds=0)
+
+    def fail(self, message: str) -> None:
+        with self._lock:
+            self.state.update(phase="Failed", message=message)
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-", 1)[1])
+
+
+def _kept_checkpoints(output: Path) -> list[dict[str, Any]]:
+    kept = []
+    for step, path in list_checkpoints(output):
+        state = json.loads((path / STATE_FILE).read_text())
+        kept.append(
+            {"step": step, "uri": str(path), "kind": "resumable", "metrics": state.get("metrics", {})}
+        )
+    return kept
+
+
+def serve(status: TrainerStatus, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
+    """Start the endpoints on a daemon thread; returns the server (its port, when 0 was asked)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the http.server API)
+            if self.path == "/healthz":
+                self._send(200, b"ok\n", "text/plain")
+            elif self.path == "/status":
+                self._send(200, json.dumps(status.snapshot()).encode(), "application/json")
+            elif self.path == "/metrics":
+                self._send(200, generate_latest(status.metrics.registry), CONTENT_TYPE_LATEST)
+            else:
+                self._send(404, b"not found\n", "text/plain")
+
+        def _send(self, code: int, body: bytes, content_type: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # polled every few seconds; access logs would drown the training log
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    threading.Thread(target=server.serve_forever, name="status-server", daemon=True).start()
+    return server
