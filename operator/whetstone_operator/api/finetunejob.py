@@ -16,6 +16,7 @@ from .base import (
     ApiModel,
     Condition,
     LocalObjectReference,
+    Quantity,
     ResourceRequirements,
     Toleration,
     cel,
@@ -218,6 +219,64 @@ class OutputSpec(ApiModel):
     manifest), file://, pvc://<claim>/<path> or s3://<bucket>/<prefix>."""
 
 
+class ClaimVolumeSource(ApiModel):
+    """A PersistentVolumeClaim in the job's namespace."""
+
+    claim_name: str = Field(min_length=1, max_length=253)
+    """Name of the claim."""
+
+
+class ConfigMapVolumeSource(ApiModel):
+    """A ConfigMap in the job's namespace, its keys as files."""
+
+    name: str = Field(min_length=1, max_length=253)
+    """Name of the ConfigMap."""
+
+
+class EmptyDirVolumeSource(ApiModel):
+    """A scratch folder that lives as long as the pod (lost on a group restart)."""
+
+    medium: Literal["", "Memory"] | None = None
+    """Empty: the node's disk; Memory: a tmpfs."""
+    size_limit: Quantity | None = None
+    """Largest size the folder may grow to, e.g. 20Gi."""
+
+
+_ONE_VOLUME_SOURCE = cel(
+    "[has(self.persistentVolumeClaim), has(self.configMap), has(self.emptyDir)].filter(x, x).size() == 1",
+    "exactly one of persistentVolumeClaim, configMap or emptyDir must be set",
+)
+
+
+class TrainerVolume(ApiModel):
+    """An extra volume mounted into every trainer pod. Claims named by pvc:// URIs in the spec are mounted
+    at $WHETSTONE_PVC_ROOT/<claim> without being listed here."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {"x-kubernetes-validations": [_ONE_VOLUME_SOURCE]}
+    }
+
+    name: str = Field(min_length=1, max_length=50, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    """Name of the volume (unique in the job)."""
+    mount_path: str = Field(min_length=2, max_length=4096, pattern=r"^/")
+    """Absolute path in the trainer container."""
+    read_only: bool = False
+    """Mount read-only."""
+    persistent_volume_claim: ClaimVolumeSource | None = None
+    """Mount a PersistentVolumeClaim (shared by the nodes; survives restarts)."""
+    config_map: ConfigMapVolumeSource | None = None
+    """Mount a ConfigMap's keys as files."""
+    empty_dir: EmptyDirVolumeSource | None = None
+    """Mount a scratch folder per pod."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TrainerVolume:
+        sources = [self.persistent_volume_claim, self.config_map, self.empty_dir]
+        if sum(s is not None for s in sources) != 1:
+            raise ValueError(_ONE_VOLUME_SOURCE["message"])
+        return self
+
+
 _SPEC_RULES = [
     cel(
         "has(self.lora) != has(self.fullParameter)",
@@ -293,6 +352,9 @@ class FineTuneJobSpec(ApiModel):
     """Taints the trainer pods tolerate (GPU pools usually taint their nodes)."""
     affinity: dict[str, Any] | None = None
     """Pod affinity and anti-affinity, as in a pod's spec.affinity."""
+    volumes: list[TrainerVolume] = Field(default_factory=list, max_length=32)
+    """Extra volumes for data, models or output (PersistentVolumeClaim, ConfigMap or emptyDir), mounted in
+    every trainer pod."""
     suspend: bool = False
     """True: run no pods (running ones are deleted, checkpoints kept). Back to false resumes from the latest
     checkpoint. The only field that may change after creation."""
