@@ -4,6 +4,7 @@
     whetstone run FILE.yaml [--output DIR] run a FineTuneJob here, no cluster
     whetstone models tiny|smollm2 --output DIR   write a bundled model as an ordinary HF folder
     whetstone crds [DIR]                   regenerate the CustomResourceDefinitions
+    whetstone operator [--port N] [-n NS]  run the FineTuneJob operator against the current kubeconfig
 
 Trainer commands import torch lazily, so the operator image (no torch) can still validate manifests.
 """
@@ -110,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("crds", help="regenerate the CustomResourceDefinitions")
     p.add_argument("folder", nargs="?", default="crds")
     p.set_defaults(func=_crds)
+
+    from .operator_main import add_arguments
+    from .operator_main import main as operator_main
+
+    p = sub.add_parser("operator", help="run the operator (kopf) against the current kubeconfig")
+    add_arguments(p)
+    p.set_defaults(func=operator_main)
     return parser
 
 

@@ -1,0 +1,120 @@
+"""`whetstone operator`: run the kopf operator against the current kubeconfig (or in-cluster config).
+
+kopf's own state goes to annotations with the whetstone.dev prefix (never into status, where structural
+schema pruning would drop it); no peering (one replica, `strategy: Recreate`); no namespace or CRD scanning,
+so RBAC needs no cluster-wide list of namespaces or CRDs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from typing import Any
+
+from .children import DEFAULT_TRAINER_IMAGE, ChildSettings
+from .handlers import OperatorConfig, Reconciler, register
+from .metrics import OperatorMetrics, serve
+
+
+def _api_client() -> Any:
+    import kubernetes
+
+    configuration = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_incluster_config(client_configuration=configuration)
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(client_configuration=configuration)
+    # Many sync handlers share the client; urllib3's default pool of 4 would serialise them.
+    configuration.connection_pool_maxsize = 64
+    return kubernetes.client.ApiClient(configuration)
+
+
+def run_operator(config: OperatorConfig) -> None:
+    import kopf
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # kopf logs every handler call at INFO; the story is told by whetstone.operator's lines.
+    logging.getLogger("kopf").setLevel(logging.WARNING)
+    registry = kopf.OperatorRegistry()
+    metrics = OperatorMetrics()
+    state: dict[str, Any] = {"metrics": metrics}
+    register(registry, config, state)
+
+    @kopf.on.startup(registry=registry)
+    async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.persistence.finalizer = "whetstone.dev/finalizer"
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="whetstone.dev")
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix="whetstone.dev", key="last-handled-configuration"
+        )
+        settings.watching.server_timeout = 600
+        settings.watching.client_timeout = 660
+        settings.networking.error_backoffs = [1, 2, 5, 10, 20, 30]
+        settings.execution.max_workers = config.workers
+        settings.scanning.disabled = True
+        settings.posting.level = logging.INFO
+        state["reconciler"] = Reconciler(config, _api_client(), metrics)
+        state["http"] = await serve(metrics, config.host, config.port)
+        logging.getLogger("whetstone.operator").info(
+            "operator started: /healthz and /metrics on %s:%d, namespaces %s",
+            config.host,
+            config.port,
+            ",".join(config.namespaces) or "all",
+        )
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(**_: Any) -> None:
+        if "http" in state:
+            await state["http"].cleanup()
+
+    asyncio.run(
+        kopf.operator(
+            registry=registry,
+            standalone=True,
+            clusterwide=not config.namespaces,
+            namespaces=config.namespaces,
+        )
+    )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        help="watch this namespace (repeatable; default: all)",
+    )
+    p.add_argument("--port", type=int, default=8080, help="port of /healthz and /metrics (default 8080)")
+    p.add_argument("--host", default="0.0.0.0", help="address of /healthz and /metrics (default 0.0.0.0)")
+    p.add_argument("--resync-seconds", type=float, default=10.0, help="level-based resync of every job")
+    p.add_argument(
+        "--progress-seconds", type=float, default=15.0, help="least time between status.progress writes"
+    )
+    p.add_argument("--trainer-image", default=DEFAULT_TRAINER_IMAGE, help="image of jobs without spec.image")
+    p.add_argument("--trainer-status-port", type=int, default=8080, help="port of the trainers' /status")
+    p.add_argument("--workers", type=int, default=16, help="threads running handlers")
+    p.add_argument(
+        "--termination-grace-seconds", type=int, default=30, help="grace period of the trainer pods"
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> OperatorConfig:
+    return OperatorConfig(
+        namespaces=list(args.namespace),
+        port=args.port,
+        host=args.host,
+        resync_seconds=args.resync_seconds,
+        progress_seconds=args.progress_seconds,
+        trainer_status_port=args.trainer_status_port,
+        workers=args.workers,
+        children=ChildSettings(
+            trainer_image=args.trainer_image, termination_grace_seconds=args.termination_grace_seconds
+        ),
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    run_operator(config_from_args(args))
+    return 0

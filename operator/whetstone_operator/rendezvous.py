@@ -1,0 +1,43 @@
+"""The rendezvous of a FineTuneJob's pods: the one place that names the master, the port and the world.
+
+PyTorchJob conventions: pods `<job>-node-<i>` behind a headless Service named after the job, so rank 0 is
+reachable as `<job>-node-0.<job>`; `MASTER_*`, `WORLD_SIZE`, `NODE_RANK` for code that reads them and the
+`PET_*` spellings, which are torchrun's flags as environment variables, so the container runs plain
+`torchrun -m whetstone_trainer ...` without per-pod arguments.
+"""
+
+from __future__ import annotations
+
+MASTER_PORT = 29500
+TRAINER_STATUS_PORT = 8080
+
+
+def pod_name(job: str, rank: int) -> str:
+    return f"{job}-node-{rank}"
+
+
+def master_address(job: str) -> str:
+    # The hostname.subdomain record of rank 0 in the headless Service named after the job.
+    return f"{pod_name(job, 0)}.{job}"
+
+
+def processes_per_node(gpus_per_node: int) -> int:
+    # One process per GPU; a CPU-only pod trains with one process.
+    return max(gpus_per_node, 1)
+
+
+def rendezvous_env(job: str, rank: int, nodes: int, gpus_per_node: int) -> list[dict[str, str]]:
+    """The env of pod `rank`: torchrun reads the PET_* names, the rest is for code that expects them."""
+    nproc = processes_per_node(gpus_per_node)
+    values = {
+        "MASTER_ADDR": master_address(job),
+        "MASTER_PORT": str(MASTER_PORT),
+        "WORLD_SIZE": str(nodes * nproc),
+        "NODE_RANK": str(rank),
+        "PET_MASTER_ADDR": master_address(job),
+        "PET_MASTER_PORT": str(MASTER_PORT),
+        "PET_NNODES": str(nodes),
+        "PET_NODE_RANK": str(rank),
+        "PET_NPROC_PER_NODE": str(nproc),
+    }
+    return [{"name": k, "value": v} for k, v in values.items()]
