@@ -28,7 +28,7 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 CONFIG_KEY = "job.yaml"
 CONFIG_DIR = "/etc/whetstone"
 PVC_ROOT = "/mnt/pvc"
-CACHE_DIR = "/var/cache/whetstone"
+SCRATCH_DIR = "/var/cache/whetstone"
 TRAINER_CONTAINER = "trainer"
 DEFAULT_TRAINER_IMAGE = "ghcr.io/whetstone-dev/whetstone-trainer:0.1.0"
 # Non-root user of the trainer image.
@@ -135,14 +135,12 @@ def volumes_and_mounts(job: Json, spec: FineTuneJobSpec) -> tuple[list[Json], li
     name = job["metadata"]["name"]
     volumes: list[Json] = [
         {"name": "job-config", "configMap": {"name": config_map_name(name)}},
-        # A read-only root filesystem needs writable scratch and a model cache.
-        {"name": "tmp", "emptyDir": {}},
-        {"name": "cache", "emptyDir": {}},
+        # A read-only root filesystem needs one writable folder: HOME, TMPDIR and the model cache.
+        {"name": "scratch", "emptyDir": {}},
     ]
     mounts: list[Json] = [
         {"name": "job-config", "mountPath": CONFIG_DIR, "readOnly": True},
-        {"name": "tmp", "mountPath": "/tmp"},
-        {"name": "cache", "mountPath": CACHE_DIR},
+        {"name": "scratch", "mountPath": SCRATCH_DIR},
     ]
     for claim in claims_in_uris(spec):
         vol = f"pvc-{claim}"[:63]
@@ -200,8 +198,9 @@ def trainer_pod(job: Json, rank: int, attempt: int, settings: ChildSettings) -> 
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "WHETSTONE_STATUS_PORT", "value": str(TRAINER_STATUS_PORT)},
         {"name": "WHETSTONE_PVC_ROOT", "value": PVC_ROOT},
-        {"name": "WHETSTONE_CACHE", "value": f"{CACHE_DIR}/models"},
-        {"name": "HOME", "value": "/tmp"},
+        {"name": "WHETSTONE_CACHE", "value": f"{SCRATCH_DIR}/models"},
+        {"name": "HOME", "value": SCRATCH_DIR},
+        {"name": "TMPDIR", "value": SCRATCH_DIR},
         *rendezvous_env(name, rank, spec.nodes, spec.gpus_per_node),
     ]
     container: Json = {

@@ -69,6 +69,7 @@ class Reconciler:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._seen_running: set[str] = set()
+        self._unreachable_until: dict[str, float] = {}
 
     def _lock(self, uid: str) -> threading.Lock:
         with self._locks_guard:
@@ -79,6 +80,7 @@ class Reconciler:
         with self._locks_guard:
             self._locks.pop(uid, None)
         self._seen_running.discard(uid)
+        self._unreachable_until.pop(uid, None)
 
     # --- reading
 
@@ -90,6 +92,11 @@ class Reconciler:
                 return None
             raise
 
+    def _poll_due(self, uid: str, cause: str) -> bool:
+        """Rank 0 is read by the resync timer only (pod events would multiply the reads), and not again for
+        a while after it did not answer, so an unreachable pod never ties up the handler threads."""
+        return cause == "resync" and time.monotonic() >= self._unreachable_until.get(uid, 0.0)
+
     def trainer_report(self, pods: list[PodView]) -> Json | None:
         """Rank 0's /status, or None while it cannot answer (starting, restarting, finished)."""
         master = next((p for p in pods if p.rank == 0 and p.phase == "Running" and not p.deleting), None)
@@ -97,7 +104,7 @@ class Reconciler:
             return None
         url = f"http://{master.ip}:{self.config.trainer_status_port}/status"
         try:
-            with urllib.request.urlopen(url, timeout=3) as resp:
+            with urllib.request.urlopen(url, timeout=2) as resp:
                 return json.loads(resp.read())
         except (OSError, ValueError):
             return None
@@ -138,9 +145,16 @@ class Reconciler:
         new_phase = plan.phase or status.get("phase")
 
         report = None
-        if new_phase in ("Pending", "Running") and not plan.delete_pods:
+        if (
+            new_phase in ("Pending", "Running")
+            and not plan.delete_pods
+            and self._poll_due(meta["uid"], cause)
+        ):
             report = self.trainer_report(pods)
-            if report:
+            if report is None:
+                self._unreachable_until[meta["uid"]] = time.monotonic() + self.config.progress_seconds
+            # A trainer that is still starting reports step 0; only a training one has progress to tell.
+            if report and report.get("phase") in ("Training", "Finished"):
                 self._sync_checkpoints(job, report, patch)
                 if lifecycle.progress_due(status, now, self.config.progress_seconds, report):
                     patch["progress"] = lifecycle.progress_from(report, now)
@@ -301,35 +315,37 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig, state: dic
     def job_pods(index: kopf.Index, namespace: str, name: str) -> list[PodView]:
         return list(index.get((namespace, name), []))
 
-    @kopf.index("pods", labels={JOB_LABEL: kopf.PRESENT}, registry=registry)
+    @kopf.index("pods", id="pods_by_job", labels={JOB_LABEL: kopf.PRESENT}, registry=registry)
     def pods_by_job(namespace: str, labels: Json, body: kopf.Body, **_: Any) -> Json:
         return {(namespace, labels[JOB_LABEL]): PodView.of(_plain(body))}
 
-    @kopf.on.create(API_GROUP, API_VERSION, FTJ, registry=registry)
-    @kopf.on.resume(API_GROUP, API_VERSION, FTJ, registry=registry)
+    @kopf.on.create(API_GROUP, API_VERSION, FTJ, id="job", backoff=5, registry=registry)
+    @kopf.on.resume(API_GROUP, API_VERSION, FTJ, id="job", backoff=5, registry=registry)
     def job_appeared(
         body: kopf.Body, namespace: str, name: str, pods_by_job: kopf.Index, reason: str, **_: Any
     ):
         reconciler().reconcile(_plain(body), job_pods(pods_by_job, namespace, name), str(reason))
 
-    @kopf.on.field(API_GROUP, API_VERSION, FTJ, field="spec.suspend", registry=registry)
+    @kopf.on.field(
+        API_GROUP, API_VERSION, FTJ, id="suspend", field="spec.suspend", backoff=5, registry=registry
+    )
     def suspend_changed(
         body: kopf.Body, namespace: str, name: str, pods_by_job: kopf.Index, **_: Any
     ) -> None:
         reconciler().reconcile(_plain(body), job_pods(pods_by_job, namespace, name), "suspend")
 
-    @kopf.timer(API_GROUP, API_VERSION, FTJ, interval=config.resync_seconds, registry=registry)
+    @kopf.timer(API_GROUP, API_VERSION, FTJ, id="resync", interval=config.resync_seconds, registry=registry)
     def resync(body: kopf.Body, namespace: str, name: str, pods_by_job: kopf.Index, **_: Any) -> None:
         reconciler().reconcile(_plain(body), job_pods(pods_by_job, namespace, name), "resync")
 
-    @kopf.on.event(API_GROUP, API_VERSION, FTJ, registry=registry)
+    @kopf.on.event(API_GROUP, API_VERSION, FTJ, id="job_event", registry=registry)
     def job_event(type: str | None, namespace: str, name: str, uid: str, **_: Any) -> None:
         state["metrics"].watch_events.labels(FTJ).inc()
         state["metrics"].last_watch_event.labels(FTJ).set_to_current_time()
         if type == "DELETED":
             reconciler().forget(namespace, name, uid)
 
-    @kopf.on.event("pods", labels={JOB_LABEL: kopf.PRESENT}, registry=registry)
+    @kopf.on.event("pods", id="pod_event", labels={JOB_LABEL: kopf.PRESENT}, registry=registry)
     def pod_event(
         type: str | None, body: kopf.Body, namespace: str, labels: Json, pods_by_job: kopf.Index, **_: Any
     ) -> None:

@@ -41,6 +41,11 @@ def run_operator(config: OperatorConfig) -> None:
     state: dict[str, Any] = {"metrics": metrics}
     register(registry, config, state)
 
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> Any:
+        # An own registry has none of kopf's default login handlers: use the kubeconfig / in-cluster config.
+        return kopf.login_via_client(**kwargs)
+
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.persistence.finalizer = "whetstone.dev/finalizer"

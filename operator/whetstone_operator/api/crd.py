@@ -32,7 +32,6 @@ DNS_LABEL_RULE = cel(
     "self.metadata.name.size() <= 63 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
     "metadata.name must be a DNS label (lowercase letters, digits and '-', at most 63 characters): "
     "it names the trainer pods and the headless Service",
-    field_path=".metadata.name",
 )
 
 

