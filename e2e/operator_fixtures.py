@@ -52,6 +52,10 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def crds_applied(cluster: Cluster) -> list[str]:
+    return apply_crds(cluster)
+
+
+def apply_crds(cluster: Cluster) -> list[str]:
     names = []
     for path in sorted((REPO / "crds").glob("*.yaml")):
         body = yaml.safe_load(path.read_text())
@@ -74,7 +78,7 @@ def crds_applied(cluster: Cluster) -> list[str]:
     return names
 
 
-def _apply_rbac(cluster: Cluster) -> None:
+def apply_rbac(cluster: Cluster) -> None:
     with contextlib.suppress(kubernetes.client.ApiException):
         cluster.core.create_namespace({"metadata": {"name": OPERATOR_NS}})
     rbac = kubernetes.client.RbacAuthorizationV1Api(cluster.api)
@@ -94,7 +98,7 @@ def _apply_rbac(cluster: Cluster) -> None:
                 rbac.replace_cluster_role(doc["metadata"]["name"], doc)
 
 
-def _token_kubeconfig(cluster: Cluster, folder: Path) -> Path:
+def token_kubeconfig(cluster: Cluster, folder: Path) -> Path:
     """A kubeconfig that authenticates as the operator's ServiceAccount (a minted token)."""
     request = {"spec": {"expirationSeconds": 6 * 3600}}
     token = cluster.core.create_namespaced_service_account_token(
@@ -180,9 +184,9 @@ def operator(
     cluster: Cluster, crds_applied: list[str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
     folder = tmp_path_factory.mktemp("operator")
-    _apply_rbac(cluster)
+    apply_rbac(cluster)
     proc = OperatorProcess(
-        _token_kubeconfig(cluster, folder),
+        token_kubeconfig(cluster, folder),
         folder / "operator.log",
         ["--resync-seconds", "2", "--progress-seconds", "2", "--termination-grace-seconds", "5"],
     )
