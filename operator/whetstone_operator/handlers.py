@@ -289,7 +289,16 @@ class Reconciler:
                 patch["latestCheckpoint"] = ref
 
     def _create_checkpoint(self, namespace: str, body: Json) -> None:
-        self.custom.create_namespaced_custom_object(API_GROUP, API_VERSION, namespace, CKPT, body)
+        created = self.custom.create_namespaced_custom_object(API_GROUP, API_VERSION, namespace, CKPT, body)
+        # The trainer reports only what it finished writing: the checkpoint is in storage now.
+        status = {
+            "phase": "Available",
+            "createdTime": lifecycle.rfc3339(datetime.now(UTC)),
+            "observedGeneration": created["metadata"].get("generation", 1),
+        }
+        self.custom.patch_namespaced_custom_object_status(
+            API_GROUP, API_VERSION, namespace, CKPT, body["metadata"]["name"], {"status": status}
+        )
 
     def _finish(self, job: Json, status: Json, patch: Json) -> None:
         """On success: the final adapter or model as an export Checkpoint, and status.outputUri."""

@@ -31,6 +31,7 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": [API_GROUP], "resources": ["finetunejobs/finalizers"], "verbs": ["update"]},
     # One Checkpoint per saved checkpoint; pruned ones are deleted.
     {"apiGroups": [API_GROUP], "resources": ["checkpoints"], "verbs": ["get", "list", "create", "delete"]},
+    {"apiGroups": [API_GROUP], "resources": ["checkpoints/status"], "verbs": ["patch"]},
     # The trainer pods: watched (index of pods by job), created per attempt, deleted on restart or suspend.
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "delete"]},
     {"apiGroups": [""], "resources": ["services", "configmaps"], "verbs": ["create"]},
