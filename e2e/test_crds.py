@@ -192,8 +192,16 @@ INVALID: list[tuple[str, Callable[[Json], None], list[str]]] = [
     ("nodes-zero", set_path("spec.nodes", 0), ["spec.nodes"]),
     ("gpusPerNode-too-many", set_path("spec.gpusPerNode", 17), ["spec.gpusPerNode"]),
     ("keepLast-zero", set_path("spec.checkpointing.keepLast", 0), ["spec.checkpointing.keepLast"]),
-    ("lora-and-fullParameter", set_path("spec.lora", {"rank": 8}), ["spec.lora", "spec.fullParameter"]),
-    ("neither-lora-nor-fullParameter", delete("spec.fullParameter"), ["spec.lora", "spec.fullParameter"]),
+    (
+        "lora-and-fullParameter",
+        both(set_path("spec.lora", {"rank": 8}), set_path("spec.fullParameter", {})),
+        ["spec.lora", "spec.fullParameter"],
+    ),
+    (
+        "neither-lora-nor-fullParameter",
+        lambda j: [j["spec"].pop(k, None) for k in ("lora", "fullParameter")],
+        ["spec.lora", "spec.fullParameter"],
+    ),
     ("lora-rank-zero", use_lora({"rank": 0}), ["spec.lora.rank"]),
     ("lora-dropout-above-one", use_lora({"dropout": 1.5}), ["spec.lora.dropout"]),
     ("dpo-without-dpo-section", as_method("dpo", None), ["spec.dpo", "required when method is dpo"]),
