@@ -188,7 +188,10 @@ def operator(
     proc = OperatorProcess(
         token_kubeconfig(cluster, folder),
         folder / "operator.log",
-        ["--resync-seconds", "2", "--progress-seconds", "2", "--termination-grace-seconds", "5"],
+        # Ports of this session's own: the pod runner has no network namespaces, and another cluster's
+        # trainers (a concurrent e2e session) may hold the default 8080 and 29500 on this host.
+        ["--resync-seconds", "2", "--progress-seconds", "2", "--termination-grace-seconds", "5"]
+        + ["--trainer-status-port", str(free_port()), "--master-port", str(free_port())],
     )
     proc.start()
     yield proc

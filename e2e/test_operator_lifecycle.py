@@ -56,7 +56,7 @@ def test_sft_job_trains_to_succeeded_with_checkpoints(
     job.wait(finished, "a terminal phase", timeout=900)
     status = job.status()
     assert status["phase"] == "Succeeded", (status, job.log())
-    assert job.phases_seen[0] == "Pending" and "Running" in job.phases_seen, job.phases_seen
+    assert "Running" in job.phases_seen, job.phases_seen
     assert condition(status, "Succeeded") == "True" and condition(status, "Failed") == "False"
     assert condition(status, "Running") == "False" and condition(status, "Created") == "True"
     assert status["observedGeneration"] == job.get()["metadata"]["generation"]
@@ -102,8 +102,10 @@ def test_sft_job_trains_to_succeeded_with_checkpoints(
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert "loaded PeftModel" in done.stdout, done.stderr[-3000:]
 
-    reasons = [e["reason"] for e in job.events()]
-    assert "Created" in reasons and "Running" in reasons and "Succeeded" in reasons, reasons
+    # Pending -> Running -> Succeeded, one Event each (Pending can be too short to catch by polling).
+    events = sorted(job.events(), key=lambda e: e.get("firstTimestamp") or e.get("eventTime") or "")
+    reasons = [e["reason"] for e in events]
+    assert reasons == ["Created", "Running", "Succeeded"], reasons
     assert "FineTuneJob " + namespace + "/sft: Running -> Succeeded" in operator.log_text()
     metrics = operator.metrics()
     assert 'whetstone_operator_reconciles_total{kind="FineTuneJob",result="ok"}' in metrics
@@ -163,7 +165,6 @@ def test_killed_trainer_restarts_the_group_and_resumes(
     kill_trainer(cluster, "crash")
     saved = max(checkpoint_steps(ckpt))
     restarted = job.wait(lambda s: s.get("restartCount", 0) >= 1 and s, "a group restart", timeout=300)
-    assert "exit code" in restarted["message"] or "failed" in restarted["message"], restarted
     # The second attempt continues from the checkpoint: the first progress it reports is past it.
     since = restarted["conditions"][[c["type"] for c in restarted["conditions"]].index("Restarting")][
         "lastTransitionTime"
@@ -177,8 +178,8 @@ def test_killed_trainer_restarts_the_group_and_resumes(
     assert final["phase"] == "Succeeded", (final, job.log())
     assert final["restartCount"] == 1 and final["progress"]["step"] == 40
     assert condition(final, "Restarting") == "False"
-    reasons = [e["reason"] for e in job.events()]
-    assert "PodFailed" in reasons, reasons
+    restarts = [e["message"] for e in job.events() if e["reason"] == "PodFailed"]
+    assert len(restarts) == 1 and "pod crash-node-0 failed, exit code 137" in restarts[0], restarts
     assert 'whetstone_job_restarts_total{namespace="' + namespace + '"} 1.0' in operator.metrics()
 
 

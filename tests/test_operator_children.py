@@ -148,3 +148,12 @@ def test_the_operator_does_not_import_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_ports_follow_the_operator_settings() -> None:
+    settings = children.ChildSettings(master_port=31000, status_port=31001)
+    pod = children.trainer_pod(job(), 0, 0, settings)
+    env = env_of(pod)
+    assert env["MASTER_PORT"] == env["PET_MASTER_PORT"] == "31000" and env["WHETSTONE_STATUS_PORT"] == "31001"
+    assert {p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]} == {31000, 31001}
+    assert children.headless_service(job(), settings)["spec"]["ports"][0]["port"] == 31000

@@ -41,6 +41,9 @@ class ChildSettings:
 
     trainer_image: str = DEFAULT_TRAINER_IMAGE
     termination_grace_seconds: int = 30
+    # Other ports than the defaults only where pods share a network (the e2e pod runner runs two clusters).
+    master_port: int = MASTER_PORT
+    status_port: int = TRAINER_STATUS_PORT
 
 
 def config_map_name(job: str) -> str:
@@ -101,8 +104,9 @@ def config_map(job: Json) -> Json:
     }
 
 
-def headless_service(job: Json) -> Json:
+def headless_service(job: Json, settings: ChildSettings | None = None) -> Json:
     name = job["metadata"]["name"]
+    port = (settings or ChildSettings()).master_port
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -112,7 +116,7 @@ def headless_service(job: Json) -> Json:
             "selector": {JOB_LABEL: name},
             # The rendezvous starts before any pod is Ready; the names must resolve from the start.
             "publishNotReadyAddresses": True,
-            "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT}],
+            "ports": [{"name": "rendezvous", "port": port, "targetPort": port}],
         },
     }
 
@@ -196,12 +200,12 @@ def trainer_pod(job: Json, rank: int, attempt: int, settings: ChildSettings) -> 
     volumes, mounts = volumes_and_mounts(job, spec)
     env = [
         {"name": "PYTHONUNBUFFERED", "value": "1"},
-        {"name": "WHETSTONE_STATUS_PORT", "value": str(TRAINER_STATUS_PORT)},
+        {"name": "WHETSTONE_STATUS_PORT", "value": str(settings.status_port)},
         {"name": "WHETSTONE_PVC_ROOT", "value": PVC_ROOT},
         {"name": "WHETSTONE_CACHE", "value": f"{SCRATCH_DIR}/models"},
         {"name": "HOME", "value": SCRATCH_DIR},
         {"name": "TMPDIR", "value": SCRATCH_DIR},
-        *rendezvous_env(name, rank, spec.nodes, spec.gpus_per_node),
+        *rendezvous_env(name, rank, spec.nodes, spec.gpus_per_node, settings.master_port),
     ]
     container: Json = {
         "name": TRAINER_CONTAINER,
@@ -209,8 +213,8 @@ def trainer_pod(job: Json, rank: int, attempt: int, settings: ChildSettings) -> 
         "command": trainer_command(),
         "env": env,
         "ports": [
-            {"name": "rendezvous", "containerPort": MASTER_PORT},
-            {"name": "metrics", "containerPort": TRAINER_STATUS_PORT},
+            {"name": "rendezvous", "containerPort": settings.master_port},
+            {"name": "metrics", "containerPort": settings.status_port},
         ],
         "volumeMounts": mounts,
         "securityContext": {

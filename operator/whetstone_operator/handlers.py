@@ -36,7 +36,7 @@ from .api import API_GROUP, API_VERSION
 from .children import JOB_LABEL, ChildSettings
 from .lifecycle import PodView
 from .metrics import OperatorMetrics
-from .rendezvous import TRAINER_STATUS_PORT, pod_name
+from .rendezvous import pod_name
 
 Json = dict[str, Any]
 LOG = logging.getLogger("whetstone.operator")
@@ -53,7 +53,6 @@ class OperatorConfig:
     host: str = "0.0.0.0"
     resync_seconds: float = 10.0
     progress_seconds: float = 15.0
-    trainer_status_port: int = TRAINER_STATUS_PORT
     workers: int = 16
     children: ChildSettings = field(default_factory=ChildSettings)
 
@@ -102,7 +101,7 @@ class Reconciler:
         master = next((p for p in pods if p.rank == 0 and p.phase == "Running" and not p.deleting), None)
         if master is None or not master.ip:
             return None
-        url = f"http://{master.ip}:{self.config.trainer_status_port}/status"
+        url = f"http://{master.ip}:{self.config.children.status_port}/status"
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
                 return json.loads(resp.read())
@@ -221,7 +220,11 @@ class Reconciler:
     def _create_children(self, job: Json, attempt: int, pods: list[PodView]) -> None:
         namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
         self._create(self.core.create_namespaced_config_map, namespace, children.config_map(job))
-        self._create(self.core.create_namespaced_service, namespace, children.headless_service(job))
+        self._create(
+            self.core.create_namespaced_service,
+            namespace,
+            children.headless_service(job, self.config.children),
+        )
         present = {p.name for p in pods}
         for rank in range(int(job["spec"].get("nodes", 1))):
             if pod_name(name, rank) in present:

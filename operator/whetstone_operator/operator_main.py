@@ -98,7 +98,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--progress-seconds", type=float, default=15.0, help="least time between status.progress writes"
     )
     p.add_argument("--trainer-image", default=DEFAULT_TRAINER_IMAGE, help="image of jobs without spec.image")
-    p.add_argument("--trainer-status-port", type=int, default=8080, help="port of the trainers' /status")
+    p.add_argument(
+        "--trainer-status-port",
+        type=int,
+        default=8080,
+        help="port of the trainers' /healthz, /metrics, /status",
+    )
+    p.add_argument("--master-port", type=int, default=29500, help="rendezvous port of rank 0 (MASTER_PORT)")
     p.add_argument("--workers", type=int, default=16, help="threads running handlers")
     p.add_argument(
         "--termination-grace-seconds", type=int, default=30, help="grace period of the trainer pods"
@@ -112,10 +118,12 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         host=args.host,
         resync_seconds=args.resync_seconds,
         progress_seconds=args.progress_seconds,
-        trainer_status_port=args.trainer_status_port,
         workers=args.workers,
         children=ChildSettings(
-            trainer_image=args.trainer_image, termination_grace_seconds=args.termination_grace_seconds
+            trainer_image=args.trainer_image,
+            termination_grace_seconds=args.termination_grace_seconds,
+            master_port=args.master_port,
+            status_port=args.trainer_status_port,
         ),
     )
 

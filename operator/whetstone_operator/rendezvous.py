@@ -26,16 +26,18 @@ def processes_per_node(gpus_per_node: int) -> int:
     return max(gpus_per_node, 1)
 
 
-def rendezvous_env(job: str, rank: int, nodes: int, gpus_per_node: int) -> list[dict[str, str]]:
+def rendezvous_env(
+    job: str, rank: int, nodes: int, gpus_per_node: int, port: int = MASTER_PORT
+) -> list[dict[str, str]]:
     """The env of pod `rank`: torchrun reads the PET_* names, the rest is for code that expects them."""
     nproc = processes_per_node(gpus_per_node)
     values = {
         "MASTER_ADDR": master_address(job),
-        "MASTER_PORT": str(MASTER_PORT),
+        "MASTER_PORT": str(port),
         "WORLD_SIZE": str(nodes * nproc),
         "NODE_RANK": str(rank),
         "PET_MASTER_ADDR": master_address(job),
-        "PET_MASTER_PORT": str(MASTER_PORT),
+        "PET_MASTER_PORT": str(port),
         "PET_NNODES": str(nodes),
         "PET_NODE_RANK": str(rank),
         "PET_NPROC_PER_NODE": str(nproc),
