@@ -143,9 +143,17 @@ def test_run_refuses_a_job_that_fails_preflight(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_smollm2_lora_learns_the_json_format(tmp_path: Path) -> None:
     """A real pretrained model (SmolLM2-135M-Instruct from the bundled GGUF): a few LoRA steps make it answer
-    held-out prompts in the exact JSON shape it did not use before."""
-    summary = run_job(EXAMPLES / "sft-smollm2-json.yaml", tmp_path / "out", samples=0)
-    assert summary["lora"] and summary["eval_prompts"] == 50
+    held-out prompts in the exact JSON shape it did not use before. The example itself runs 10 steps on 50
+    eval prompts (0 % -> 98 % exact match); the test trims it to fit CI."""
+    doc = yaml.safe_load((EXAMPLES / "sft-smollm2-json.yaml").read_text())
+    for key in ("dataset", "evalDataset"):
+        doc["spec"][key]["uri"] = str(EXAMPLES / doc["spec"][key]["uri"])
+    doc["spec"]["evalDataset"]["maxExamples"] = 20
+    doc["spec"]["hyperparameters"].update(maxSteps=6, evalEverySteps=3)
+    doc["spec"]["checkpointing"]["everySteps"] = 3
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
+    summary = run_job(tmp_path / "job.yaml", tmp_path / "out", samples=0)
+    assert summary["lora"] and summary["eval_prompts"] == 20
     assert summary["eval_exact_match_before"] <= 0.1, summary
     assert summary["eval_exact_match_after"] >= summary["eval_exact_match_before"] + 0.5, summary
     assert (tmp_path / "out" / "final" / "adapter_model.safetensors").is_file()
