@@ -322,7 +322,7 @@ class JobWatch:
 
     def events(self) -> list[Json]:
         listed = self.cluster.core.list_namespaced_event(
-            self.namespace, field_selector=f"involvedObject.name={self.name}"
+            self.namespace, field_selector=f"involvedObject.name={self.name},involvedObject.kind=FineTuneJob"
         )
         return [self.cluster.api.sanitize_for_serialization(e) for e in listed.items]
 
