@@ -39,7 +39,7 @@ def test_sft_job_trains_to_succeeded_with_checkpoints(
     cluster: Cluster, namespace: str, operator: OperatorProcess, work_claim: Path
 ) -> None:
     job = JobWatch(cluster, namespace, "sft")
-    job.create(tiny_job("sft", steps=24, every=8))
+    job.create(tiny_job("sft", steps=60, every=10))
     waiter = subprocess.Popen(
         [kubectl(), "--kubeconfig", str(cluster.kubeconfig), "-n", namespace, "wait"]
         + ["--for=condition=Succeeded", "finetunejob/sft", "--timeout=900s"],
@@ -60,7 +60,7 @@ def test_sft_job_trains_to_succeeded_with_checkpoints(
     assert condition(status, "Succeeded") == "True" and condition(status, "Failed") == "False"
     assert condition(status, "Running") == "False" and condition(status, "Created") == "True"
     assert status["observedGeneration"] == job.get()["metadata"]["generation"]
-    assert status["progress"]["step"] == 24 and status["progress"]["steps"] == "24/24"
+    assert status["progress"]["step"] == 60 and status["progress"]["steps"] == "60/60"
     assert status["outputUri"] == "pvc://work/out/sft/final"
     assert status["restartCount"] == 0
     out, _ = waiter.communicate(timeout=120)
@@ -71,7 +71,7 @@ def test_sft_job_trains_to_succeeded_with_checkpoints(
         text=True,
         check=True,
     ).stdout
-    assert "Succeeded" in table and "24/24" in table and "sft" in table, table
+    assert "Succeeded" in table and "60/60" in table and "sft" in table, table
 
     # The trainer really trained: its log, its checkpoints, a Checkpoint resource per kept checkpoint.
     assert "sft" in job.log()
