@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ipaddress
 import json
 import os
 import shutil
@@ -47,6 +48,7 @@ SERVICE_CIDR = "10.96.0.0/16"
 KUBERNETES_SERVICE_IP = "10.96.0.1"
 KWOK_POD_CIDR = "10.244.0.0/16"
 STATE_DIR_PREFIX = "whetstone-e2e-"
+POD_NETWORK_ADDRESS = "198.18.0.1/15"
 
 # Order matters for `down`: stop the runner and the controllers before the API server, etcd last.
 STOP_ORDER = ["pod-runner", "kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"]
@@ -273,6 +275,49 @@ def stop_process_group(pid: int, grace: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+def choose_pod_network() -> str:
+    """A /24 for this cluster's runner pods, from addresses that are local to this machine.
+
+    198.18.0.0/15 (RFC 2544, benchmarking: never routed on real networks) is added to the loopback device,
+    which makes the whole range local, like 127/8. Unlike 127/8, the API server accepts these addresses in
+    Endpoints and EndpointSlices, so Services select runner pods as in a real cluster. Each cluster takes a
+    random /24 so a developer's cluster and a test session do not hand out the same address. Without the
+    rights to add the address (no CAP_NET_ADMIN), fall back to a random 127.X.0.0/16: pods still get their
+    own addresses, but the endpoint controllers reject them.
+    """
+    octet = int.from_bytes(os.urandom(1), "big") % 254 + 1
+    listing = subprocess.run(["ip", "-4", "-o", "addr", "show", "dev", "lo"], capture_output=True, text=True)
+    if POD_NETWORK_ADDRESS in listing.stdout:
+        return f"198.18.{octet}.0/24"
+    added = subprocess.run(
+        ["ip", "addr", "add", POD_NETWORK_ADDRESS, "dev", "lo"], capture_output=True, text=True
+    )
+    if added.returncode == 0:
+        return f"198.18.{octet}.0/24"
+    log(f"cannot add {POD_NETWORK_ADDRESS} to lo ({added.stderr.strip()}); runner pods get 127.X addresses")
+    return f"127.{octet}.0.0/16"
+
+
+def remove_pod_addresses(network: str) -> None:
+    """The /32s a dead pod runner left on the loopback device (a live one removes its own)."""
+    net = ipaddress.ip_network(network)
+    listing = subprocess.run(["ip", "-4", "-o", "addr", "show", "dev", "lo"], capture_output=True, text=True)
+    for word in listing.stdout.split():
+        if word.endswith("/32") and ipaddress.ip_address(word[:-3]) in net:
+            subprocess.run(["ip", "addr", "del", word, "dev", "lo"], capture_output=True)
+
+
+def release_pod_network(own_state_dir: str) -> None:
+    """Take the pod range off the loopback device when no other cluster of this machine is running."""
+    for d in Path(tempfile.gettempdir()).glob(f"{STATE_DIR_PREFIX}*"):
+        if str(d) == own_state_dir:
+            continue
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            if any(pid_alive(p) for p in json.loads((d / "state.json").read_text())["pids"].values()):
+                return
+    subprocess.run(["ip", "addr", "del", POD_NETWORK_ADDRESS, "dev", "lo"], capture_output=True)
+
+
 def remove_stale_state_dirs() -> None:
     """State dirs of clusters whose processes are all gone (e.g. pytest was SIGKILLed): remove them."""
     for d in Path(tempfile.gettempdir()).glob(f"{STATE_DIR_PREFIX}*"):
@@ -343,7 +388,7 @@ class ClusterState:
     api_server: str
     ports: dict[str, int] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
-    pod_ip_prefix: str = ""
+    pod_network: str = ""
     runner_nodes: list[str] = field(default_factory=list)
     attached: bool = False
 
@@ -410,9 +455,7 @@ class LocalCluster:
         state_dir = Path(tempfile.mkdtemp(prefix=STATE_DIR_PREFIX))
         ports = {name: free_port() for name in ("etcd", "etcd-peer", "apiserver", "kcm", "scheduler")}
         server = f"https://127.0.0.1:{ports['apiserver']}"
-        # A /16 of loopback addresses per cluster, so a developer's cluster and a test session never hand
-        # out the same pod IP.
-        prefix = f"127.{int.from_bytes(os.urandom(1), 'big') % 200 + 20}"
+        pod_network = choose_pod_network()
         nodes = list(yaml.safe_load_all(NODES_FILE.read_text()))
         runner_nodes = [
             n["metadata"]["name"]
@@ -425,7 +468,7 @@ class LocalCluster:
             kubeconfig=str(self.kubeconfig),
             api_server=server,
             ports=ports,
-            pod_ip_prefix=prefix,
+            pod_network=pod_network,
             runner_nodes=runner_nodes,
             attached=self.attached,
         )
@@ -568,7 +611,7 @@ class LocalCluster:
                     f"--kubeconfig={admin_kc}",
                     f"--state-dir={d / 'runner'}",
                     f"--nodes={','.join(st.runner_nodes)}",
-                    f"--pod-ip-prefix={st.pod_ip_prefix}",
+                    f"--pod-network={st.pod_network}",
                     # As if the image had the project installed: its packages import from the sources.
                     f"--pythonpath={REPO_ROOT / 'operator'}:{REPO_ROOT / 'trainer-image'}",
                 ],
@@ -665,6 +708,9 @@ class LocalCluster:
                 (Path(state.cluster_dir) / name).unlink(missing_ok=True)
         else:
             self._remove_state(state)
+        if state.pod_network.startswith("198.18."):
+            remove_pod_addresses(state.pod_network)
+            release_pod_network(state.state_dir)
         self.state = None
 
     @staticmethod

@@ -18,8 +18,11 @@ What it does, as a kubelet would:
   down); ``configMap``, ``secret``, ``downwardAPI`` and ``projected`` volumes (including the service-account
   token, minted with the TokenRequest API, so in-cluster clients work) are written as files when the pod
   starts;
-- gives each pod its own loopback address ``127.X.Y.Z`` (a /16 per cluster), reported as ``status.podIP``, so
-  several pods can listen on the same port as long as they bind their pod IP;
+- gives each pod its own address, reported as ``status.podIP``, so several pods can listen on the same port as
+  long as they bind their pod IP: ``198.18.X.Y`` from a /24 per cluster, a range that ``e2e/cluster up``
+  makes local by adding 198.18.0.1/15 to the loopback device (see ``localcluster.choose_pod_network``), so
+  that EndpointSlices accept them; ``127.X.Y.Z`` where that is not allowed (then Services get no endpoints:
+  the API server rejects loopback endpoint addresses);
 - names: each pod gets its own ``/etc/hosts`` (bind-mounted in a private mount namespace) with its own
   hostname and, for every headless Service, the records cluster DNS would serve: ``<hostname>.<subdomain>``
   (and ``.<ns>``, ``.<ns>.svc``, ``.<ns>.svc.cluster.local``) for pods whose ``spec.subdomain`` names the
@@ -65,6 +68,7 @@ import base64
 import contextlib
 import datetime as dt
 import decimal
+import ipaddress
 import json
 import logging
 import math
@@ -193,23 +197,43 @@ class ConfigError(Exception):
 
 
 class IpPool:
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self._used: set[int] = set()
+    """Pod addresses. Outside 127/8 each one is also put on the loopback device as a /32: the range is already
+    local (``e2e/cluster up`` routes it to lo), but some programs look for the interface that carries their
+    exact address (gloo does, for torch.distributed) and find one only this way."""
+
+    def __init__(self, network: str) -> None:
+        net = ipaddress.ip_network(network)
+        # The first address is left out, as a CNI keeps it for the gateway.
+        self.addresses = [str(a) for a in list(net.hosts())[1:]]
+        self.on_loopback_device = not net.is_loopback
+        self._used: set[str] = set()
         self._lock = threading.Lock()
 
     def allocate(self) -> str:
         with self._lock:
-            for i in range(2, 65534):
-                if i not in self._used and (i & 255) not in (0, 255):
-                    self._used.add(i)
-                    return f"{self.prefix}.{i >> 8}.{i & 255}"
-        raise RuntimeError("pod IP pool exhausted")
+            for address in self.addresses:
+                if address not in self._used:
+                    self._used.add(address)
+                    break
+            else:
+                raise RuntimeError("pod IP pool exhausted")
+        if self.on_loopback_device:
+            subprocess.run(["ip", "addr", "replace", f"{address}/32", "dev", "lo"], capture_output=True)
+        return address
 
     def release(self, ip: str) -> None:
-        a, b = ip.rsplit(".", 2)[1:]
         with self._lock:
-            self._used.discard(int(a) << 8 | int(b))
+            if ip not in self._used:
+                return
+            self._used.discard(ip)
+        if self.on_loopback_device:
+            subprocess.run(["ip", "addr", "del", f"{ip}/32", "dev", "lo"], capture_output=True)
+
+    def release_all(self) -> None:
+        with self._lock:
+            used = list(self._used)
+        for ip in used:
+            self.release(ip)
 
 
 @dataclass
@@ -899,7 +923,7 @@ class PodRunner:
         api: kubernetes.client.ApiClient,
         nodes: list[str],
         state_dir: Path,
-        ip_prefix: str,
+        pod_network: str,
         workdir: Path,
     ) -> None:
         self.api = api
@@ -909,7 +933,7 @@ class PodRunner:
         self.state_dir = state_dir
         self.workdir = workdir
         self.pythonpath = ""
-        self.ips = IpPool(ip_prefix)
+        self.ips = IpPool(pod_network)
         self.hosts = HostsManager(self.core)
         self.stopping = threading.Event()
         self.host_ip = "127.0.0.1"
@@ -1108,6 +1132,7 @@ class PodRunner:
             w.wake.set()
         for w in workers:
             w.join(timeout=10)
+        self.ips.release_all()
         self._remove_created_mountpoints()
 
     def _remove_created_mountpoints(self) -> None:
@@ -1129,7 +1154,7 @@ def main() -> int:
     parser.add_argument("--kubeconfig", required=True)
     parser.add_argument("--state-dir", required=True, type=Path)
     parser.add_argument("--nodes", required=True, help="comma-separated node names")
-    parser.add_argument("--pod-ip-prefix", default="127.1", help="first two octets of the pod addresses")
+    parser.add_argument("--pod-network", default="127.1.0.0/16", help="the CIDR the pod IPs come from")
     parser.add_argument(
         "--workdir",
         type=Path,
@@ -1149,7 +1174,7 @@ def main() -> int:
     config.connection_pool_maxsize = 32
     api = kubernetes.client.ApiClient(config)
     runner = PodRunner(
-        api, args.nodes.split(","), args.state_dir.resolve(), args.pod_ip_prefix, args.workdir.resolve()
+        api, args.nodes.split(","), args.state_dir.resolve(), args.pod_network, args.workdir.resolve()
     )
     runner.pythonpath = args.pythonpath
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import textwrap
 import urllib.request
 
 import kubernetes
 import pytest
 from helpers import Cluster, Json, field_env, runner_pod, wait_for
+from localcluster import free_port
 
 pytestmark = pytest.mark.runner
 
@@ -44,7 +46,7 @@ def test_a_pod_runs_to_succeeded_with_its_env(cluster: Cluster, namespace: str) 
     assert done["status"]["phase"] == "Succeeded", cluster.container_log(namespace, "hello")
     assert terminated(done) | {"exitCode": 0, "reason": "Completed"} == terminated(done)
     ip = done["status"]["podIP"]
-    assert ip.startswith(cluster.state.pod_ip_prefix + ".")
+    assert ipaddress.ip_address(ip) in ipaddress.ip_network(cluster.state.pod_network)
     assert done["spec"]["nodeName"] in cluster.state.runner_nodes
     conditions = {c["type"]: c["status"] for c in done["status"]["conditions"]}
     assert conditions["PodScheduled"] == "True" and conditions["Initialized"] == "True"
@@ -146,12 +148,16 @@ SERVER = """
             self.send_response(200)
             self.end_headers()
             self.wfile.write(body)
-    http.server.HTTPServer((os.environ["POD_IP"], 8080), Handler).serve_forever()
+    http.server.HTTPServer((os.environ["POD_IP"], int(os.environ["PORT"])), Handler).serve_forever()
 """
 
 
 def test_two_pods_listen_on_the_same_port_on_their_own_ips(cluster: Cluster, namespace: str) -> None:
+    # One port for both pods; chosen free because a process of the host that binds 0.0.0.0 would take it
+    # from every pod address (no network namespaces).
+    port = free_port()
     env = [field_env("POD_NAME", "metadata.name"), field_env("POD_IP", "status.podIP")]
+    env.append({"name": "PORT", "value": str(port)})
     for name in ("web-a", "web-b"):
         cluster.core.create_namespaced_pod(namespace, runner_pod(name, py(SERVER), env=env))
     ips = {
@@ -162,13 +168,13 @@ def test_two_pods_listen_on_the_same_port_on_their_own_ips(cluster: Cluster, nam
 
     def answers(ip: str) -> str | None:
         try:
-            with urllib.request.urlopen(f"http://{ip}:8080/", timeout=2) as resp:
+            with urllib.request.urlopen(f"http://{ip}:{port}/", timeout=2) as resp:
                 return resp.read().decode()
         except OSError:
             return None
 
     for name, ip in ips.items():
-        assert wait_for(lambda ip=ip: answers(ip), 60, f"{name} to answer on {ip}:8080") == name
+        assert wait_for(lambda ip=ip: answers(ip), 60, f"{name} to answer on {ip}:{port}") == name
 
 
 def test_headless_service_names_resolve_between_pods(cluster: Cluster, namespace: str) -> None:
@@ -192,6 +198,17 @@ def test_headless_service_names_resolve_between_pods(cluster: Cluster, namespace
     )
     cluster.core.create_namespaced_pod(namespace, sleeper)
     target_ip = cluster.wait_pod_phase(namespace, "job-node-0", ("Running",))["status"]["podIP"]
+    if not ipaddress.ip_address(target_ip).is_loopback:
+        # The endpoint controllers accept the runner's pod IPs, as they would a CNI's.
+        discovery = kubernetes.client.DiscoveryV1Api(cluster.api)
+
+        def sliced() -> bool:
+            slices = discovery.list_namespaced_endpoint_slice(
+                namespace, label_selector="kubernetes.io/service-name=rdzv"
+            )
+            return any(target_ip in e.addresses for s in slices.items for e in s.endpoints or [])
+
+        wait_for(sliced, 60, f"an EndpointSlice of rdzv with {target_ip}")
     code = f"""
         import socket, time
         names = ["job-node-0.rdzv", "job-node-0.rdzv.{namespace}.svc.cluster.local", "rdzv"]
@@ -290,6 +307,7 @@ def test_torchrun_rendezvous_across_two_pods(cluster: Cluster, namespace: str) -
     cluster.core.create_namespaced_service(
         namespace, {"metadata": {"name": "ddp"}, "spec": {"clusterIP": "None", "selector": {"job": "ddp"}}}
     )
+    port = free_port()  # the c10d store binds every address: keep clear of other torchrun jobs of the host
     for rank in range(2):
         command = [
             "torchrun",
@@ -297,7 +315,7 @@ def test_torchrun_rendezvous_across_two_pods(cluster: Cluster, namespace: str) -
             "--nproc-per-node=1",
             "--node-rank=$(NODE_RANK)",
             "--master-addr=ddp-node-0.ddp",
-            "--master-port=29500",
+            f"--master-port={port}",
             "/opt/script/allreduce.py",
         ]
         pod = runner_pod(
