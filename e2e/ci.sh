@@ -3,7 +3,7 @@
 #
 #   e2e/ci.sh [PYTHON]      PYTHON: the interpreter of the project's venv (default $PYTHON, else python3)
 #
-# Works on a fresh machine with Go >= 1.26 and the package registries: apt for openssl, pip for the Python
+# Works on a fresh machine with Go >= 1.26 and the package registries: apt for openssl/iproute2, pip for the Python
 # packages, the Go module proxy for the binaries (cold build 15-25 min on 2 cores, cached in
 # ~/.cache/whetstone/k8s-bin and Go's own caches afterwards).
 set -euo pipefail
@@ -16,6 +16,7 @@ say() { printf '[e2e-ci %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 missing=()
 command -v openssl >/dev/null || missing+=(openssl)
 command -v flock >/dev/null || missing+=(util-linux)
+command -v ip >/dev/null || missing+=(iproute2)  # the runner's pod addresses on lo
 if ((${#missing[@]})); then
   say "installing ${missing[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
