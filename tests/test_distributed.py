@@ -23,26 +23,10 @@ def _train(job: Path, out: Path, procs: int) -> list[dict]:
         "PYTHONPATH": f"{ROOT / 'operator'}:{ROOT / 'trainer-image'}",
         "OMP_NUM_THREADS": "1",
     }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc-per-node",
-        str(procs),
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        "0",
-        "-m",
-        "whetstone_trainer",
-        "train",
-        str(job),
-        "--output",
-        str(out),
-    ]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    # --standalone: a local rendezvous on a free port; --status-port 0: any free port for /status.
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"]
+    trainer = ["-m", "whetstone_trainer", "train", str(job), "--output", str(out), "--status-port", "0"]
+    result = subprocess.run(torchrun + trainer, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
 
