@@ -8,6 +8,7 @@ from typing import Any
 from whetstone_operator.lifecycle import (
     CONDITION_TYPES,
     PodView,
+    checkpoints_kept_at_end,
     plan,
     progress_due,
     progress_from,
@@ -194,3 +195,10 @@ def test_storage_uri_maps_claim_mounts_back_to_pvc_uris() -> None:
         == "pvc://work/out/checkpoints/step-00000010"
     )
     assert storage_uri("/data/x") == "/data/x"
+
+
+def test_checkpoints_kept_when_the_trainer_finishes() -> None:
+    spec = {"checkpointing": {"everySteps": 10, "keepLast": 2}}
+    assert checkpoints_kept_at_end(spec, 60) == {40, 50}
+    assert checkpoints_kept_at_end(spec, 65) == {50, 60}
+    assert checkpoints_kept_at_end({"checkpointing": {"keepLast": 2}}, 60) == set()

@@ -316,6 +316,19 @@ class Reconciler:
         body = children.checkpoint_resource(job, int(step), output, "export")
         if self._create(self._create_checkpoint, namespace, body):
             self.metrics.checkpoints.labels(namespace).inc()
+        total = progress.get("totalSteps") or (job["spec"].get("hyperparameters") or {}).get("maxSteps")
+        if total:
+            kept = lifecycle.checkpoints_kept_at_end(job["spec"], int(total))
+            for cname, c in self._existing_checkpoints(namespace, job["metadata"]["name"]).items():
+                if c["spec"].get("kind") == "resumable" and int(c["spec"]["step"]) not in kept:
+                    self._ignore_404(
+                        self.custom.delete_namespaced_custom_object,
+                        API_GROUP,
+                        API_VERSION,
+                        namespace,
+                        CKPT,
+                        cname,
+                    )
 
 
 def register(registry: kopf.OperatorRegistry, config: OperatorConfig, state: dict[str, Any]) -> None:

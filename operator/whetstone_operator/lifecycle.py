@@ -316,3 +316,15 @@ def progress_due(status: Json, now: datetime, interval: float, report: Json) -> 
     if last is None or report.get("phase") == "Finished":
         return True
     return (now - last).total_seconds() >= interval
+
+
+def checkpoints_kept_at_end(spec: Json, total_steps: int) -> set[int]:
+    """The resumable checkpoints the trainer keeps when it finishes: it saves every `everySteps` before the
+    last step and keeps the newest `keepLast`. What it pruned after the operator's last read of /status is
+    pruned here too, since the finished trainer can no longer say so."""
+    ckpt = spec.get("checkpointing") or {}
+    every, keep = ckpt.get("everySteps"), int(ckpt.get("keepLast", 3))
+    if not every:
+        return set()
+    saved = list(range(int(every), int(total_steps), int(every)))
+    return set(saved[-keep:])
