@@ -16,6 +16,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import kubernetes
 import pytest
 from helpers import Cluster, wait_for
 from operator_fixtures import *  # noqa: F403
@@ -301,3 +302,24 @@ def test_operator_killed_at_several_points_creates_no_duplicates_and_finishes(
     assert final["restartCount"] == 0
     names = [c["metadata"]["name"] for c in job.checkpoints()]
     assert len(names) == len(set(names)) and "sturdy-final" in names
+
+
+def test_ttl_after_finished_deletes_the_job_and_its_children(
+    cluster: Cluster, namespace: str, operator: OperatorProcess, work_claim: Path
+) -> None:
+    body = tiny_job("shortlived", backoffLimit=0, ttlSecondsAfterFinished=5)
+    body["spec"]["dataset"]["uri"] = "pvc://work/no-such-file.jsonl"
+    job = JobWatch(cluster, namespace, "shortlived")
+    job.create(body)
+    failed = job.wait_phase("Succeeded", "Failed", timeout=600)
+    assert failed["phase"] == "Failed" and failed["restartCount"] == 0
+
+    def job_gone() -> bool:
+        try:
+            job.get()
+            return False
+        except kubernetes.client.ApiException as e:
+            return e.status == 404
+
+    wait_for(job_gone, 120, "the job to be deleted after its TTL")
+    wait_for(lambda: not job.pods(), 120, "its pods to be garbage-collected")
