@@ -140,13 +140,24 @@ def _precision(spec: FineTuneJobSpec, device: torch.device) -> torch.dtype | Non
 
 
 def token_nll_sum(model: torch.nn.Module, batch: Batch, device: torch.device) -> tuple[torch.Tensor, float]:
-    """Sum over tokens of weight × NLL of predicting each token, and the sum of weights."""
+    """Sum over tokens of weight × NLL of predicting each token, and the sum of weights.
+
+    Only positions whose next token is trained go through the output head (`logits_to_keep` as a mask): with
+    prompts masked that is most of the sequence, and the vocabulary projection is the widest matmul there is.
+    """
     ids = batch.input_ids.to(device)
-    logits = model(input_ids=ids, position_ids=batch.position_ids.to(device), use_cache=False).logits
-    targets = ids[:, 1:]
-    weights = batch.weights[:, 1:].to(device)
-    nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), reduction="none")
-    return (nll * weights.flatten()).sum(), float(weights.sum())
+    weights = batch.weights.to(device)
+    keep = torch.zeros_like(ids, dtype=torch.bool)
+    keep[:, :-1] = weights[:, 1:] != 0  # position t predicts token t + 1
+    logits = model(
+        input_ids=ids, position_ids=batch.position_ids.to(device), use_cache=False, logits_to_keep=keep
+    ).logits
+    if logits.dim() == 3:  # a model that ignores mask-shaped logits_to_keep
+        logits = logits[keep]
+    targets = ids[:, 1:][keep[:, :-1]]
+    w = weights[:, 1:][keep[:, :-1]]
+    nll = F.cross_entropy(logits.float(), targets, reduction="none")
+    return (nll * w).sum(), float(w.sum())
 
 
 @torch.no_grad()
