@@ -20,7 +20,7 @@ class StorageError(ValueError):
 def resolve_uri(uri: str, base_dir: Path | None, field: str) -> Path:
     if "://" not in uri:
         path = Path(uri).expanduser()
-        return path if path.is_absolute() or base_dir is None else (base_dir / path)
+        return path if path.is_absolute() or base_dir is None else (base_dir / path).resolve()
     scheme, rest = uri.split("://", 1)
     if scheme == "file":
         if not rest.startswith("/"):
