@@ -88,6 +88,7 @@ from urllib.parse import urlparse
 
 import kubernetes
 from kubernetes.client.rest import ApiException
+from localcluster import remove_created_mountpoints
 
 LOG = logging.getLogger("pod-runner")
 HERE = Path(__file__).resolve().parent
@@ -1133,20 +1134,8 @@ class PodRunner:
         for w in workers:
             w.join(timeout=10)
         self.ips.release_all()
-        self._remove_created_mountpoints()
+        remove_created_mountpoints(self.state_dir)
 
-    def _remove_created_mountpoints(self) -> None:
-        record = self.state_dir / "created-mountpoints"
-        if not record.exists():
-            return
-        for path in sorted(set(record.read_text().split()), key=len, reverse=True):
-            with contextlib.suppress(OSError):
-                p = Path(path)
-                if p.is_dir():
-                    p.rmdir()  # only if empty
-                elif p.is_file() and p.stat().st_size == 0:
-                    p.unlink()
-        record.unlink()
 
 
 def main() -> int:

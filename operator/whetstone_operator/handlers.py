@@ -273,14 +273,7 @@ class Reconciler:
         # The trainer's list of kept checkpoints is authoritative: what it pruned goes.
         for cname, c in existing.items():
             if c["spec"].get("kind") == "resumable" and cname not in wanted:
-                self._ignore_404(
-                    self.custom.delete_namespaced_custom_object,
-                    API_GROUP,
-                    API_VERSION,
-                    namespace,
-                    CKPT,
-                    cname,
-                )
+                self._delete_checkpoint(namespace, cname)
         if kept:
             latest = max(kept, key=lambda c: int(c["step"]))
             ref = {
@@ -290,6 +283,11 @@ class Reconciler:
             }
             if (job.get("status") or {}).get("latestCheckpoint") != ref:
                 patch["latestCheckpoint"] = ref
+
+    def _delete_checkpoint(self, namespace: str, name: str) -> None:
+        self._ignore_404(
+            self.custom.delete_namespaced_custom_object, API_GROUP, API_VERSION, namespace, CKPT, name
+        )
 
     def _create_checkpoint(self, namespace: str, body: Json) -> None:
         created = self.custom.create_namespaced_custom_object(API_GROUP, API_VERSION, namespace, CKPT, body)
@@ -321,14 +319,7 @@ class Reconciler:
             kept = lifecycle.checkpoints_kept_at_end(job["spec"], int(total))
             for cname, c in self._existing_checkpoints(namespace, job["metadata"]["name"]).items():
                 if c["spec"].get("kind") == "resumable" and int(c["spec"]["step"]) not in kept:
-                    self._ignore_404(
-                        self.custom.delete_namespaced_custom_object,
-                        API_GROUP,
-                        API_VERSION,
-                        namespace,
-                        CKPT,
-                        cname,
-                    )
+                    self._delete_checkpoint(namespace, cname)
 
 
 def register(registry: kopf.OperatorRegistry, config: OperatorConfig, state: dict[str, Any]) -> None:
