@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -83,20 +82,17 @@ def run_job(
     from .datasets import iter_eval_pairs
     from .model_sources import load_model_and_tokenizer
     from .sampling import exact_match, generate_answers, load_trained
-    from .sft import load_sft_data, train_sft
+    from .sft import split_rows, train_sft
 
     model, tokenizer = load_model_and_tokenizer(spec.base_model.uri, base_dir)
-    data = load_sft_data(spec, tokenizer, base_dir)
-    pairs = list(iter_eval_pairs(data.eval_source))[:eval_limit]
+    train_rows, eval_rows = split_rows(spec, base_dir)
+    pairs = list(iter_eval_pairs(eval_rows))[:eval_limit]
     prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
     max_new = max([len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references] or [16]) + 8
     before = generate_answers(model, tokenizer, prompts, max_new)
     del model
 
-    print(
-        f"{name}: {data.examples} training examples in {len(data.train_rows)} rows, "
-        f"{data.eval_examples} eval examples; output {out}"
-    )
+    print(f"{name}: {len(train_rows)} training examples, {len(eval_rows)} eval examples; output {out}")
     summary = train_sft(spec, out, base_dir, observer=ProgressBar(name), stop_after_step=stop_after_step)
     if "stopped_at_step" in summary:
         return summary
@@ -160,7 +156,3 @@ def _plot_loss(out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=100)
     plt.close(fig)
-
-
-def main_error(message: str) -> None:
-    print(message, file=sys.stderr)

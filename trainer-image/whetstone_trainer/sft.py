@@ -14,7 +14,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -61,8 +61,29 @@ class SFTData:
     fingerprint: str
     examples: int
     eval_examples: int
-    # (line, row) of the eval set, for sampling-based evaluation by the caller.
-    eval_source: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+
+
+def split_rows(
+    spec: FineTuneJobSpec, base_dir: Path | None
+) -> tuple[list[tuple[int, dict[str, Any]]], list[tuple[int, dict[str, Any]]]]:
+    """The (line, row) pairs to train on and to evaluate on: evalDataset, or a seeded carve-out of the
+    training set. Reads and checks the files; tokenises nothing."""
+    hp = spec.hyperparameters
+    train_path = resolve_uri(spec.dataset.uri, base_dir, "spec.dataset.uri")
+    report = read_jsonl(train_path, "chat", spec.dataset.max_examples)
+    if not report.ok:
+        raise DatasetError(report.describe())
+    rows = report.rows
+    if spec.eval_dataset is not None:
+        eval_path = resolve_uri(spec.eval_dataset.uri, base_dir, "spec.evalDataset.uri")
+        eval_report = read_jsonl(eval_path, "chat", spec.eval_dataset.max_examples)
+        if not eval_report.ok:
+            raise DatasetError(eval_report.describe())
+        return rows, eval_report.rows
+    shuffled = rows[:]
+    random.Random(hp.seed).shuffle(shuffled)
+    n_eval = int(len(rows) * hp.eval_fraction)
+    return sorted(shuffled[n_eval:]), shuffled[:n_eval]
 
 
 def load_sft_data(spec: FineTuneJobSpec, tokenizer: Any, base_dir: Path | None) -> SFTData:
@@ -82,32 +103,14 @@ def load_sft_data(spec: FineTuneJobSpec, tokenizer: Any, base_dir: Path | None) 
             )
         return out
 
-    train_path = resolve_uri(spec.dataset.uri, base_dir, "spec.dataset.uri")
-    report = read_jsonl(train_path, "chat", spec.dataset.max_examples)
-    if not report.ok:
-        raise DatasetError(report.describe())
-    rows = report.rows
-    if spec.eval_dataset is not None:
-        eval_path = resolve_uri(spec.eval_dataset.uri, base_dir, "spec.evalDataset.uri")
-        eval_report = read_jsonl(eval_path, "chat", spec.eval_dataset.max_examples)
-        if not eval_report.ok:
-            raise DatasetError(eval_report.describe())
-        train_source, eval_source = rows, eval_report.rows
-    else:
-        shuffled = rows[:]
-        random.Random(hp.seed).shuffle(shuffled)
-        n_eval = int(len(rows) * hp.eval_fraction)
-        eval_source, train_source = shuffled[:n_eval], sorted(shuffled[n_eval:])
-
-    train = tokenized(train_source, str(train_path))
+    train_source, eval_source = split_rows(spec, base_dir)
+    train = tokenized(train_source, spec.dataset.uri)
     evals = tokenized(eval_source, "eval set")
     make_rows = (lambda xs: pack(xs, hp.max_seq_len)) if settings.packing else one_per_row
     digest = hashlib.sha256()
     for ex in train:
         digest.update(json.dumps([ex.input_ids, ex.weights]).encode())
-    return SFTData(
-        make_rows(train), make_rows(evals), digest.hexdigest()[:16], len(train), len(evals), eval_source
-    )
+    return SFTData(make_rows(train), make_rows(evals), digest.hexdigest()[:16], len(train), len(evals))
 
 
 def _apply_tuning(model: torch.nn.Module, spec: FineTuneJobSpec) -> torch.nn.Module:
@@ -129,6 +132,11 @@ def _apply_tuning(model: torch.nn.Module, spec: FineTuneJobSpec) -> torch.nn.Mod
     if spec.full_parameter.freeze_embeddings:
         model.get_input_embeddings().requires_grad_(False)
     return model
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """Mixed precision in `dtype`, or a no-op for plain fp32."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def _precision(spec: FineTuneJobSpec, device: torch.device) -> torch.dtype | None:
@@ -177,7 +185,7 @@ def evaluate_loss(
     total, weight = 0.0, 0.0
     mine = rows[world.rank :: world.size]
     for i in range(0, len(mine), micro_batch):
-        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        with _autocast(device, autocast):
             s, w = token_nll_sum(model, collate(mine[i : i + micro_batch], pad_id), device)
         total += float(s)
         weight += w
@@ -271,7 +279,7 @@ def train_sft(
             ctx = contextlib.nullcontext() if sync else model.no_sync()
             with (
                 ctx,
-                torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None),
+                _autocast(device, autocast),
             ):
                 s, _w = token_nll_sum(model, batch, device)
                 # DDP averages gradients over ranks; undo it so the step optimises sum / step_weight.
