@@ -26,8 +26,8 @@ SEQ_LEN, BATCH, LR = 128, 16, 1e-3
 
 
 def whetstone_epoch(data: Path, out: Path) -> float:
-    from whetstone_operator.api import FineTuneJob
-    from whetstone_trainer.sft import train_sft
+    from whetstone_api import FineTuneJob
+    from whetstone_trainer.methods.sft import train_sft
 
     job = FineTuneJob.model_validate(
         {
@@ -59,7 +59,7 @@ def whetstone_epoch(data: Path, out: Path) -> float:
 def trl_epoch(data: Path, out: Path, packing: bool) -> float:
     from datasets import load_dataset
     from trl import SFTConfig, SFTTrainer
-    from whetstone_trainer.model_sources import load_model_and_tokenizer
+    from whetstone_trainer.models.sources import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer("whetstone://tiny")
     config = SFTConfig(
@@ -90,8 +90,8 @@ def trl_epoch(data: Path, out: Path, packing: bool) -> float:
 
 
 def data_tokens(data: Path) -> int:
-    from whetstone_trainer.datasets import read_jsonl, tokenize_chat
-    from whetstone_trainer.model_sources import load_model_and_tokenizer
+    from whetstone_trainer.data.formats import read_jsonl, tokenize_chat
+    from whetstone_trainer.models.sources import load_model_and_tokenizer
 
     _, tokenizer = load_model_and_tokenizer("whetstone://tiny")
     return sum(len(tokenize_chat(tokenizer, row)) for _, row in read_jsonl(data, "chat").rows)

@@ -37,6 +37,8 @@ import yaml
 
 E2E_DIR = Path(__file__).resolve().parent
 REPO_ROOT = E2E_DIR.parent
+# The project's source folders, as if the image had the project installed.
+SOURCE_DIRS = [REPO_ROOT / d for d in ("api", "cli", "operator", "trainer-image")]
 BUILD_SCRIPT = E2E_DIR / "tools" / "build.sh"
 NODES_FILE = E2E_DIR / "kwok" / "nodes.yaml"
 STAGES_FILE = E2E_DIR / "kwok" / "stages.yaml"
@@ -613,7 +615,7 @@ class LocalCluster:
                     f"--nodes={','.join(st.runner_nodes)}",
                     f"--pod-network={st.pod_network}",
                     # As if the image had the project installed: its packages import from the sources.
-                    f"--pythonpath={REPO_ROOT / 'operator'}:{REPO_ROOT / 'trainer-image'}",
+                    f"--pythonpath={os.pathsep.join(map(str, SOURCE_DIRS))}",
                 ],
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )

@@ -24,7 +24,7 @@ import kubernetes
 import pytest
 import yaml
 from helpers import RUNNER_TOLERATION, Cluster, wait_for
-from localcluster import RUNNER_NODE_LABEL
+from localcluster import RUNNER_NODE_LABEL, SOURCE_DIRS
 
 REPO = Path(__file__).resolve().parent.parent
 Json = dict[str, Any]
@@ -129,8 +129,8 @@ class OperatorProcess:
 
     def start(self) -> None:
         env = dict(os.environ, KUBECONFIG=str(self.kubeconfig), PYTHONUNBUFFERED="1")
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO / "operator"), env.get("PYTHONPATH", "")])
-        command = [sys.executable, "-m", "whetstone_operator.cli", "operator", "--host", "127.0.0.1"]
+        env["PYTHONPATH"] = os.pathsep.join([*map(str, SOURCE_DIRS), env.get("PYTHONPATH", "")])
+        command = [sys.executable, "-m", "whetstone_cli.main", "operator", "--host", "127.0.0.1"]
         command += ["--port", str(self.port), *self.args]
         with self.log.open("ab") as out:
             out.write(f"\n=== start {' '.join(command)}\n".encode())

@@ -1137,7 +1137,6 @@ class PodRunner:
         remove_created_mountpoints(self.state_dir)
 
 
-
 def main() -> int:
     parser = argparse.ArgumentParser(description="Run the containers of pods bound to the given nodes.")
     parser.add_argument("--kubeconfig", required=True)

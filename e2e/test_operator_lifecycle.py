@@ -94,7 +94,7 @@ def test_sft_job_trains_to_succeeded_with_checkpoints(
     code = textwrap.dedent(
         f"""
         from peft import PeftModel
-        from whetstone_trainer.model_sources import load_model_and_tokenizer
+        from whetstone_trainer.models.sources import load_model_and_tokenizer
         base, tok = load_model_and_tokenizer("whetstone://tiny")
         model = PeftModel.from_pretrained(base, {str(final_dir)!r})
         print("loaded", type(model).__name__)

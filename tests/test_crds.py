@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from whetstone_operator.api.crd import KINDS, file_name, render
+from whetstone_api.crd import KINDS, file_name, render
 
 CRDS = Path(__file__).resolve().parent.parent / "crds"
 

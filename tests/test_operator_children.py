@@ -49,7 +49,7 @@ def test_every_child_is_labelled_and_owned_by_the_job() -> None:
 
 
 def test_config_map_holds_the_job_the_trainer_validates() -> None:
-    from whetstone_operator.api import FineTuneJob
+    from whetstone_api import FineTuneJob
 
     text = children.config_map(job())["data"]["job.yaml"]
     parsed = FineTuneJob.model_validate(yaml.safe_load(text))
@@ -142,9 +142,9 @@ def test_rbac_files_are_fresh() -> None:
 
 def test_the_operator_does_not_import_torch() -> None:
     code = (
-        "import sys, whetstone_operator.cli, whetstone_operator.handlers, whetstone_operator.operator_main, "
+        "import sys, whetstone_cli.main, whetstone_operator.handlers, whetstone_operator.operator_main, "
         "whetstone_operator.children, whetstone_operator.lifecycle, whetstone_operator.metrics; "
-        "whetstone_operator.cli.build_parser(); print('torch' in sys.modules)"
+        "whetstone_cli.main.build_parser(); print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -5,14 +5,15 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from whetstone_api.reasons import JOB_CONDITION_TYPES as CONDITION_TYPES
+from whetstone_api.uris import uri_of_pod_path
+from whetstone_api.wire import TrainerReport
 from whetstone_operator.lifecycle import (
-    CONDITION_TYPES,
     PodView,
     checkpoints_kept_at_end,
     plan,
     progress_due,
     progress_from,
-    storage_uri,
 )
 
 NOW = datetime(2026, 11, 28, 18, 0, tzinfo=UTC)
@@ -166,14 +167,10 @@ def test_transition_time_moves_only_when_a_condition_changes() -> None:
 
 
 def test_progress_from_the_trainer_report_and_throttle() -> None:
-    report = {
-        "phase": "Training",
-        "step": 12,
-        "totalSteps": 60,
-        "loss": 1.5,
-        "etaSeconds": 30,
-        "evalLoss": None,
-    }
+    report = TrainerReport.parse(
+        b'{"job": "j", "phase": "Training", "step": 12, "totalSteps": 60, "loss": 1.5, "etaSeconds": 30,'
+        b' "evalLoss": null}'
+    )
     progress = progress_from(report, NOW)
     assert progress == {
         "step": 12,
@@ -186,15 +183,16 @@ def test_progress_from_the_trainer_report_and_throttle() -> None:
     status = {"progress": progress}
     assert not progress_due(status, NOW + timedelta(seconds=5), 15, report)
     assert progress_due(status, NOW + timedelta(seconds=15), 15, report)
-    assert progress_due(status, NOW + timedelta(seconds=1), 15, {**report, "phase": "Finished"})
+    finished = report.model_copy(update={"phase": "Finished"})
+    assert progress_due(status, NOW + timedelta(seconds=1), 15, finished)
 
 
-def test_storage_uri_maps_claim_mounts_back_to_pvc_uris() -> None:
+def test_pod_paths_map_back_to_pvc_uris() -> None:
     assert (
-        storage_uri("/mnt/pvc/work/out/checkpoints/step-00000010")
+        uri_of_pod_path("/mnt/pvc/work/out/checkpoints/step-00000010")
         == "pvc://work/out/checkpoints/step-00000010"
     )
-    assert storage_uri("/data/x") == "/data/x"
+    assert uri_of_pod_path("/data/x") == "/data/x"
 
 
 def test_checkpoints_kept_when_the_trainer_finishes() -> None:

@@ -6,9 +6,9 @@ import random
 
 import pytest
 import torch
-from whetstone_trainer.datasets import TokenizedExample, tokenize_chat
-from whetstone_trainer.model_sources import load_model_and_tokenizer
-from whetstone_trainer.packing import Row, collate, epoch_order, pack
+from whetstone_trainer.data.formats import TokenizedExample, tokenize_chat
+from whetstone_trainer.data.packing import Row, collate, epoch_order, pack
+from whetstone_trainer.models.sources import load_model_and_tokenizer
 
 
 @pytest.fixture(scope="module")

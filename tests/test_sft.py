@@ -12,9 +12,9 @@ import torch
 import yaml
 from conftest import EXAMPLES, valid_job
 from safetensors.torch import load_file
-from whetstone_operator.api import FineTuneJob
+from whetstone_api import FineTuneJob
 from whetstone_trainer.local_run import run_job
-from whetstone_trainer.sft import train_sft
+from whetstone_trainer.methods.sft import train_sft
 from whetstone_trainer.synthetic import make_rows, write_jsonl
 
 
@@ -78,7 +78,7 @@ def test_full_parameter_and_lora_both_learn(
     if "lora" in tuning:
         # An adapter, loadable with peft on top of the base model; the base weights did not move.
         from peft import PeftModel
-        from whetstone_trainer.model_sources import load_model_and_tokenizer
+        from whetstone_trainer.models.sources import load_model_and_tokenizer
 
         assert (final / "adapter_config.json").is_file() and not (final / "model.safetensors").exists()
         base, _ = load_model_and_tokenizer("whetstone://tiny")

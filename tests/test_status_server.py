@@ -7,6 +7,7 @@ import urllib.request
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
+from whetstone_api.wire import TrainerReport
 from whetstone_trainer.status_server import TrainerStatus, serve
 
 
@@ -57,7 +58,9 @@ def test_status_metrics_and_health_follow_the_run(tmp_path: Path) -> None:
         assert body["checkpoints"] == [
             {"step": 1, "uri": str(ckpt), "kind": "resumable", "metrics": {"loss": 2.5}}
         ]
-        assert body["pruned"] == [{"step": 0, "uri": str(tmp_path / "checkpoints" / "step-00000000")}]
+        # What the operator reads: the contract's strict parse accepts it as is.
+        report = TrainerReport.parse(_get(port, "/status")[1].encode())
+        assert report.step == 2 and report.checkpoints[0].uri == str(ckpt)
 
         content_type, text = _get(port, "/metrics")
         assert content_type.startswith("text/plain")

@@ -11,10 +11,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
+from whetstone_api import GROUP_VERSION
+from whetstone_api.finetunejob import FineTuneJobSpec
+from whetstone_api.uris import claim_volume_name, claims_of, parse_uri
+from whetstone_api.wire import (
+    CONFIG_DIR,
+    CONFIG_KEY,
+    ENV_CACHE,
+    ENV_PVC_ROOT,
+    ENV_STATUS_PORT,
+    MASTER_PORT,
+    PVC_ROOT,
+    SCRATCH_DIR,
+    STATUS_PORT,
+    checkpoint_resource_name,
+)
 
-from .api import GROUP_VERSION
-from .api.finetunejob import FineTuneJobSpec
-from .rendezvous import MASTER_PORT, TRAINER_STATUS_PORT, pod_name, rendezvous_env
+from .rendezvous import pod_name, rendezvous_env
 
 Json = dict[str, Any]
 
@@ -25,10 +38,6 @@ ATTEMPT_LABEL = "whetstone.dev/attempt"
 STEP_LABEL = "whetstone.dev/step"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
-CONFIG_KEY = "job.yaml"
-CONFIG_DIR = "/etc/whetstone"
-PVC_ROOT = "/mnt/pvc"
-SCRATCH_DIR = "/var/cache/whetstone"
 TRAINER_CONTAINER = "trainer"
 DEFAULT_TRAINER_IMAGE = "ghcr.io/whetstone-dev/whetstone-trainer:0.1.0"
 # Non-root user of the trainer image.
@@ -43,16 +52,11 @@ class ChildSettings:
     termination_grace_seconds: int = 30
     # Other ports than the defaults only where pods share a network (the e2e pod runner runs two clusters).
     master_port: int = MASTER_PORT
-    status_port: int = TRAINER_STATUS_PORT
+    status_port: int = STATUS_PORT
 
 
 def config_map_name(job: str) -> str:
     return f"{job}-config"
-
-
-def checkpoint_name(job: str, step: int, kind: str = "resumable") -> str:
-    suffix = "final" if kind == "export" else f"step-{step:08d}"
-    return f"{job}-{suffix}"
 
 
 def owner_reference(job: Json) -> Json:
@@ -126,13 +130,7 @@ def claims_in_uris(spec: FineTuneJobSpec) -> list[str]:
     uris = [spec.base_model.uri, spec.dataset.uri, spec.output.uri]
     if spec.eval_dataset:
         uris.append(spec.eval_dataset.uri)
-    claims: list[str] = []
-    for uri in uris:
-        if uri.startswith("pvc://"):
-            claim = uri.removeprefix("pvc://").split("/", 1)[0]
-            if claim and claim not in claims:
-                claims.append(claim)
-    return claims
+    return claims_of(uris)
 
 
 def volumes_and_mounts(job: Json, spec: FineTuneJobSpec) -> tuple[list[Json], list[Json]]:
@@ -147,9 +145,9 @@ def volumes_and_mounts(job: Json, spec: FineTuneJobSpec) -> tuple[list[Json], li
         {"name": "scratch", "mountPath": SCRATCH_DIR},
     ]
     for claim in claims_in_uris(spec):
-        vol = f"pvc-{claim}"[:63]
+        vol = claim_volume_name(claim)
         volumes.append({"name": vol, "persistentVolumeClaim": {"claimName": claim}})
-        mounts.append({"name": vol, "mountPath": f"{PVC_ROOT}/{claim}"})
+        mounts.append({"name": vol, "mountPath": parse_uri(f"pvc://{claim}").pod_path})
     for v in spec.volumes:
         # Prefixed so a user's name never collides with the operator's own volumes.
         vol = f"user-{v.name}"
@@ -200,9 +198,9 @@ def trainer_pod(job: Json, rank: int, attempt: int, settings: ChildSettings) -> 
     volumes, mounts = volumes_and_mounts(job, spec)
     env = [
         {"name": "PYTHONUNBUFFERED", "value": "1"},
-        {"name": "WHETSTONE_STATUS_PORT", "value": str(settings.status_port)},
-        {"name": "WHETSTONE_PVC_ROOT", "value": PVC_ROOT},
-        {"name": "WHETSTONE_CACHE", "value": f"{SCRATCH_DIR}/models"},
+        {"name": ENV_STATUS_PORT, "value": str(settings.status_port)},
+        {"name": ENV_PVC_ROOT, "value": PVC_ROOT},
+        {"name": ENV_CACHE, "value": f"{SCRATCH_DIR}/models"},
         {"name": "HOME", "value": SCRATCH_DIR},
         {"name": "TMPDIR", "value": SCRATCH_DIR},
         *rendezvous_env(name, rank, spec.nodes, spec.gpus_per_node, settings.master_port),
@@ -268,7 +266,7 @@ def checkpoint_resource(
     body: Json = {
         "apiVersion": GROUP_VERSION,
         "kind": "Checkpoint",
-        "metadata": child_metadata(job, checkpoint_name(name, step, kind), {STEP_LABEL: str(step)}),
+        "metadata": child_metadata(job, checkpoint_resource_name(name, step, kind), {STEP_LABEL: str(step)}),
         "spec": {
             "source": {"kind": "FineTuneJob", "name": name},
             "step": step,

@@ -23,17 +23,19 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 import kubernetes
 from kubernetes.client.rest import ApiException
+from whetstone_api import API_GROUP, API_VERSION
+from whetstone_api.uris import uri_of_pod_path
+from whetstone_api.wire import MAX_REPORT_BYTES, ReportError, TrainerReport, checkpoint_resource_name
 
 from . import children, lifecycle
-from .api import API_GROUP, API_VERSION
-from .children import JOB_LABEL, ChildSettings
+from .children import JOB_LABEL
+from .config import OperatorConfig
 from .lifecycle import PodView
 from .metrics import OperatorMetrics
 from .rendezvous import pod_name
@@ -42,19 +44,6 @@ Json = dict[str, Any]
 LOG = logging.getLogger("whetstone.operator")
 FTJ = "finetunejobs"
 CKPT = "checkpoints"
-
-
-@dataclass
-class OperatorConfig:
-    """Settings of one operator process (`whetstone operator --help`)."""
-
-    namespaces: list[str] = field(default_factory=list)  # empty: all namespaces
-    port: int = 8080  # /healthz and /metrics
-    host: str = "0.0.0.0"
-    resync_seconds: float = 10.0
-    progress_seconds: float = 15.0
-    workers: int = 16
-    children: ChildSettings = field(default_factory=ChildSettings)
 
 
 class Reconciler:
@@ -96,7 +85,7 @@ class Reconciler:
         a while after it did not answer, so an unreachable pod never ties up the handler threads."""
         return cause == "resync" and time.monotonic() >= self._unreachable_until.get(uid, 0.0)
 
-    def trainer_report(self, pods: list[PodView]) -> Json | None:
+    def trainer_report(self, pods: list[PodView]) -> TrainerReport | None:
         """Rank 0's /status, or None while it cannot answer (starting, restarting, finished)."""
         master = next((p for p in pods if p.rank == 0 and p.phase == "Running" and not p.deleting), None)
         if master is None or not master.ip:
@@ -104,8 +93,9 @@ class Reconciler:
         url = f"http://{master.ip}:{self.config.children.status_port}/status"
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
-                return json.loads(resp.read())
-        except (OSError, ValueError):
+                return TrainerReport.parse(resp.read(MAX_REPORT_BYTES + 1))
+        except (OSError, ReportError) as e:
+            LOG.debug("trainer report from %s unusable: %s", url, e)
             return None
 
     # --- the reconcile
@@ -153,7 +143,7 @@ class Reconciler:
             if report is None:
                 self._unreachable_until[meta["uid"]] = time.monotonic() + self.config.progress_seconds
             # A trainer that is still starting reports step 0; only a training one has progress to tell.
-            if report and report.get("phase") in ("Training", "Finished"):
+            if report and report.phase in ("Training", "Finished"):
                 self._sync_checkpoints(job, report, patch)
                 if lifecycle.progress_due(status, now, self.config.progress_seconds, report):
                     patch["progress"] = lifecycle.progress_from(report, now)
@@ -247,39 +237,28 @@ class Reconciler:
         )
         return {c["metadata"]["name"]: c for c in listed.get("items", [])}
 
-    def _sync_checkpoints(self, job: Json, report: Json, patch: Json) -> None:
+    def _sync_checkpoints(self, job: Json, report: TrainerReport, patch: Json) -> None:
         namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
-        kept = report.get("checkpoints") or []
-        if report.get("phase") not in ("Training", "Finished"):
-            return
+        kept = report.checkpoints
         existing = self._existing_checkpoints(namespace, name)
-        wanted = {}
-        for c in kept:
-            step = int(c["step"])
-            wanted[children.checkpoint_name(name, step)] = c
+        wanted = {checkpoint_resource_name(name, c.step): c for c in kept}
         for cname, c in wanted.items():
             if cname in existing:
                 continue
-            body = children.checkpoint_resource(
-                job,
-                int(c["step"]),
-                lifecycle.storage_uri(c["uri"]),
-                c.get("kind", "resumable"),
-                c.get("metrics"),
-            )
+            body = children.checkpoint_resource(job, c.step, uri_of_pod_path(c.uri), c.kind, c.metrics)
             if self._create(self._create_checkpoint, namespace, body):
                 self.metrics.checkpoints.labels(namespace).inc()
-                LOG.info("FineTuneJob %s/%s: checkpoint %s at step %s", namespace, name, cname, c["step"])
+                LOG.info("FineTuneJob %s/%s: checkpoint %s at step %s", namespace, name, cname, c.step)
         # The trainer's list of kept checkpoints is authoritative: what it pruned goes.
         for cname, c in existing.items():
             if c["spec"].get("kind") == "resumable" and cname not in wanted:
                 self._delete_checkpoint(namespace, cname)
         if kept:
-            latest = max(kept, key=lambda c: int(c["step"]))
+            latest = max(kept, key=lambda c: c.step)
             ref = {
-                "name": children.checkpoint_name(name, int(latest["step"])),
-                "step": int(latest["step"]),
-                "uri": lifecycle.storage_uri(latest["uri"]),
+                "name": checkpoint_resource_name(name, latest.step),
+                "step": latest.step,
+                "uri": uri_of_pod_path(latest.uri),
             }
             if (job.get("status") or {}).get("latestCheckpoint") != ref:
                 patch["latestCheckpoint"] = ref

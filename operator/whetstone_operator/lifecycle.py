@@ -13,13 +13,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from .children import ATTEMPT_LABEL, PVC_ROOT, RANK_LABEL
-from .rendezvous import pod_name
+from whetstone_api import reasons as R
+from whetstone_api.wire import TrainerReport
+
+from .children import ATTEMPT_LABEL, RANK_LABEL
 
 Json = dict[str, Any]
-
-CONDITION_TYPES = ("Created", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
-TERMINAL = ("Succeeded", "Failed")
 
 
 @dataclass(frozen=True)
@@ -104,7 +103,7 @@ def conditions_for(
     """All six conditions with explicit True/False; lastTransitionTime moves only when the status does."""
     old = {c["type"]: c for c in previous or []}
     out = []
-    for t in CONDITION_TYPES:
+    for t in R.JOB_CONDITION_TYPES:
         status = "True" if t in true_type else "False"
         prev = old.get(t)
         if prev and prev.get("status") == status:
@@ -176,7 +175,7 @@ def plan(job: Json, pods: list[PodView], now: datetime | None = None) -> Plan:
         out.status["observedGeneration"] = generation
 
     # Terminal is terminal: never new children; stop what still runs; honour the TTL.
-    if phase in TERMINAL:
+    if phase in R.TERMINAL_PHASES:
         if any(not p.deleting and p.phase in ("Pending", "Running") for p in pods):
             out.delete_pods = out.delete_active_pods_only = True
         ttl = spec.get("ttlSecondsAfterFinished")
@@ -281,39 +280,28 @@ def plan(job: Json, pods: list[PodView], now: datetime | None = None) -> Plan:
     return out
 
 
-def expected_pod_names(job: Json) -> list[str]:
-    return [pod_name(job["metadata"]["name"], r) for r in range(int(job["spec"].get("nodes", 1)))]
-
-
-def storage_uri(path: str) -> str:
-    """A path inside the trainer pod as the URI a user would write: claims back to pvc://."""
-    if path.startswith(PVC_ROOT + "/"):
-        return "pvc://" + path[len(PVC_ROOT) + 1 :]
-    return path
-
-
-def progress_from(report: Json, now: datetime) -> Json:
-    """status.progress from the trainer's /status (see whetstone_trainer/status_server.py)."""
-    step, total = int(report.get("step") or 0), report.get("totalSteps")
+def progress_from(report: TrainerReport, now: datetime) -> Json:
+    """status.progress from the trainer's report."""
+    step, total = report.step, report.total_steps
     progress: Json = {
         "step": step,
         "totalSteps": total,
         "steps": f"{step}/{total}" if total is not None else str(step),
-        "epoch": report.get("epoch"),
-        "loss": report.get("loss"),
-        "evalLoss": report.get("evalLoss"),
-        "reward": report.get("reward"),
-        "tokensPerSecond": report.get("tokensPerSecond"),
-        "etaSeconds": report.get("etaSeconds"),
+        "epoch": report.epoch,
+        "loss": report.loss,
+        "evalLoss": report.eval_loss,
+        "reward": report.reward,
+        "tokensPerSecond": report.tokens_per_second,
+        "etaSeconds": report.eta_seconds,
         "lastUpdateTime": rfc3339(now),
     }
     return {k: v for k, v in progress.items() if v is not None}
 
 
-def progress_due(status: Json, now: datetime, interval: float, report: Json) -> bool:
+def progress_due(status: Json, now: datetime, interval: float, report: TrainerReport) -> bool:
     """Throttle progress writes; a finished trainer is written at once (it is about to exit)."""
     last = parse_time((status.get("progress") or {}).get("lastUpdateTime"))
-    if last is None or report.get("phase") == "Finished":
+    if last is None or report.phase == "Finished":
         return True
     return (now - last).total_seconds() >= interval
 

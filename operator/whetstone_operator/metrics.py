@@ -15,8 +15,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
+from whetstone_api.reasons import JOB_PHASES
 
-PHASES = ("Pending", "Suspended", "Running", "Restarting", "Succeeded", "Failed")
+PHASES = JOB_PHASES
 
 
 class JobPhases(Collector):

@@ -12,9 +12,10 @@ import asyncio
 import logging
 from typing import Any
 
+from whetstone_api.wire import MASTER_PORT, STATUS_PORT
+
 from .children import DEFAULT_TRAINER_IMAGE, ChildSettings
-from .handlers import OperatorConfig, Reconciler, register
-from .metrics import OperatorMetrics, serve
+from .config import OperatorConfig
 
 
 def _api_client() -> Any:
@@ -32,6 +33,9 @@ def _api_client() -> Any:
 
 def run_operator(config: OperatorConfig) -> None:
     import kopf
+
+    from .handlers import Reconciler, register
+    from .metrics import OperatorMetrics, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # kopf logs every handler call at INFO; the story is told by whetstone.operator's lines.
@@ -101,10 +105,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--trainer-status-port",
         type=int,
-        default=8080,
+        default=STATUS_PORT,
         help="port of the trainers' /healthz, /metrics, /status",
     )
-    p.add_argument("--master-port", type=int, default=29500, help="rendezvous port of rank 0 (MASTER_PORT)")
+    p.add_argument(
+        "--master-port", type=int, default=MASTER_PORT, help="rendezvous port of rank 0 (MASTER_PORT)"
+    )
     p.add_argument("--workers", type=int, default=16, help="threads running handlers")
     p.add_argument(
         "--termination-grace-seconds", type=int, default=30, help="grace period of the trainer pods"

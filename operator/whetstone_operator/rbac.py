@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from .api import API_GROUP
+from whetstone_api import API_GROUP
 
 NAME = "whetstone-operator"
 NAMESPACE = "whetstone-system"

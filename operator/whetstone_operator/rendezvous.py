@@ -8,8 +8,7 @@ reachable as `<job>-node-0.<job>`; `MASTER_*`, `WORLD_SIZE`, `NODE_RANK` for cod
 
 from __future__ import annotations
 
-MASTER_PORT = 29500
-TRAINER_STATUS_PORT = 8080
+from whetstone_api.wire import MASTER_PORT
 
 
 def pod_name(job: str, rank: int) -> str:

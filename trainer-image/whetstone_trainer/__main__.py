@@ -26,12 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from whetstone_operator.api import FineTuneJob
-    from whetstone_operator.manifests import ManifestError, load_resource
+    from whetstone_api import FineTuneJob
+    from whetstone_api.manifests import ManifestError, load_resource
 
-    from .datasets import DatasetError
+    from .data.formats import DatasetError
+    from .methods.sft import train_sft
     from .preflight import preflight
-    from .sft import train_sft
     from .status_server import TrainerStatus, serve
     from .storage import resolve_uri
 

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from whetstone_api.wire import CHECKPOINTS_DIR, checkpoint_folder, step_of_folder
 
 from .distributed import World
 
 STATE_FILE = "trainer_state.json"
-PREFIX = "step-"
 
 
 @dataclass
@@ -39,18 +39,19 @@ class TrainerState:
 
 
 def checkpoint_dir(output: Path, step: int) -> Path:
-    return output / "checkpoints" / f"{PREFIX}{step:08d}"
+    return output / CHECKPOINTS_DIR / checkpoint_folder(step)
 
 
 def list_checkpoints(output: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints, oldest first."""
-    root = output / "checkpoints"
+    root = output / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
     found = []
     for d in root.iterdir():
-        if d.is_dir() and d.name.startswith(PREFIX) and (d / STATE_FILE).is_file():
-            found.append((int(d.name[len(PREFIX) :]), d))
+        step = step_of_folder(d.name)
+        if step is not None and d.is_dir() and (d / STATE_FILE).is_file():
+            found.append((step, d))
     return sorted(found)
 
 

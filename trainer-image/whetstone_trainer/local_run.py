@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from whetstone_operator.api import FineTuneJob
+from whetstone_api import FineTuneJob
 
 from .preflight import preflight
 from .storage import resolve_uri
@@ -59,7 +59,7 @@ def run_job(
     stop_after_step: int | None = None,
 ) -> dict[str, Any]:
     """Validate, train (or resume) and evaluate the FineTuneJob in `manifest`; returns the summary."""
-    from whetstone_operator.manifests import load_resource
+    from whetstone_api.manifests import load_resource
 
     job = load_resource(manifest)
     if not isinstance(job, FineTuneJob):
@@ -79,10 +79,10 @@ def run_job(
         )
     out = output.resolve() if output else resolve_uri(spec.output.uri, base_dir, "spec.output.uri")
 
-    from .datasets import iter_eval_pairs
-    from .model_sources import load_model_and_tokenizer
-    from .sampling import exact_match, generate_answers, load_trained
-    from .sft import split_rows, train_sft
+    from .data.formats import iter_eval_pairs
+    from .eval_samples import exact_match, generate_answers, load_trained
+    from .methods.sft import split_rows, train_sft
+    from .models.sources import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(spec.base_model.uri, base_dir)
     train_rows, eval_rows = split_rows(spec, base_dir)

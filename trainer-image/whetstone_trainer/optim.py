@@ -6,7 +6,7 @@ import math
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
-from whetstone_operator.api.finetunejob import Hyperparameters
+from whetstone_api.finetunejob import Hyperparameters
 
 
 def build_optimizer(model: torch.nn.Module, hp: Hyperparameters) -> torch.optim.AdamW:

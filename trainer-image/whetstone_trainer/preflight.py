@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from whetstone_operator.api.finetunejob import FineTuneJobSpec
+from whetstone_api.finetunejob import FineTuneJobSpec
 
-from .datasets import FORMAT_OF_METHOD, TemplateError, read_jsonl, tokenize_chat
-from .model_sources import ModelSourceError, check_model_source, materialise, parse_model_uri
+from .data.formats import FORMAT_OF_METHOD, TemplateError, read_jsonl, tokenize_chat
+from .models.sources import ModelSourceError, check_model_source, materialise, parse_model_uri
 from .storage import StorageError, resolve_uri
 
 

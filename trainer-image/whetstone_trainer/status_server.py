@@ -1,16 +1,7 @@
 """The trainer's HTTP face in a pod: /healthz, /metrics (Prometheus) and /status (JSON).
 
 The trainer needs no Kubernetes credentials: the operator polls rank 0's /status and turns it into the
-FineTuneJob's status and Checkpoint resources. /status is that contract:
-
-    {"job": str, "rank": int, "worldSize": int,
-     "phase": "Starting" | "Training" | "Finished" | "Failed",
-     "step": int, "totalSteps": int | null, "epoch": float | null,
-     "loss": float | null, "evalLoss": float | null, "reward": float | null,
-     "tokensPerSecond": float | null, "etaSeconds": int | null, "startedAt": RFC 3339,
-     "checkpoints": [{"step": int, "uri": str, "kind": "resumable", "metrics": {str: float}}],  # kept now
-     "pruned": [{"step": int, "uri": str}],            # removed by retention while this process ran
-     "output": str | null, "message": str | null}
+FineTuneJob's status and Checkpoint resources. /status is whetstone_api.wire.TrainerReport as JSON.
 
 Metric names (prefix whetstone_trainer_) are defined here and only here.
 """
@@ -28,6 +19,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from whetstone_api.wire import TrainerReport
 
 from .checkpoints import STATE_FILE, list_checkpoints
 
@@ -76,7 +68,6 @@ class TrainerStatus:
             "etaSeconds": None,
             "startedAt": datetime.now(UTC).isoformat(timespec="seconds"),
             "checkpoints": [],
-            "pruned": [],
             "output": None,
             "message": None,
         }
@@ -86,6 +77,10 @@ class TrainerStatus:
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return json.loads(json.dumps(self.state))
+
+    def report(self) -> TrainerReport:
+        """What /status serves: the state as the contract's typed report."""
+        return TrainerReport.model_validate(self.snapshot(), strict=False)
 
     # --- Observer
     def on_start(self, start_step: int, total_steps: int) -> None:
@@ -122,7 +117,6 @@ class TrainerStatus:
     def on_checkpoint(self, step: int, path: Path, pruned: list[Path]) -> None:
         with self._lock:
             self.state["checkpoints"] = _kept_checkpoints(self.output)
-            self.state["pruned"] += [{"step": _step_of(p), "uri": str(p)} for p in pruned]
         self.metrics.checkpoints.inc()
         self.metrics.pruned.inc(len(pruned))
 
@@ -137,10 +131,6 @@ class TrainerStatus:
 
 def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
-
-
-def _step_of(path: Path) -> int:
-    return int(path.name.split("-", 1)[1])
 
 
 def _kept_checkpoints(output: Path) -> list[dict[str, Any]]:
@@ -161,7 +151,7 @@ def serve(status: TrainerStatus, port: int, host: str = "0.0.0.0") -> ThreadingH
             if self.path == "/healthz":
                 self._send(200, b"ok\n", "text/plain")
             elif self.path == "/status":
-                self._send(200, json.dumps(status.snapshot()).encode(), "application/json")
+                self._send(200, status.report().to_json().encode(), "application/json")
             elif self.path == "/metrics":
                 self._send(200, generate_latest(status.metrics.registry), CONTENT_TYPE_LATEST)
             else:

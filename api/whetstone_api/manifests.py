@@ -9,8 +9,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .api import GROUP_VERSION, RESOURCE_KINDS
-from .api.base import ApiModel
+from . import GROUP_VERSION, RESOURCE_KINDS
+from .base import ApiModel
 
 
 @dataclass(frozen=True)

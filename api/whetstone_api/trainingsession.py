@@ -8,8 +8,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from .base import GROUP_VERSION, ApiModel, Condition, ResourceRequirements, Toleration
-from .finetunejob import LoRASpec, ModelSpec, ObjectMeta
+from .base import GROUP_VERSION, ApiModel, Condition, ObjectMeta, ResourceRequirements, Toleration
+from .finetunejob import LoRASpec, ModelSpec
 
 KIND = "TrainingSession"
 

@@ -64,6 +64,6 @@ def smollm2_version() -> str:
 
 def materialise_smollm2(output: Path) -> Path:
     """Write SmolLM2-135M-Instruct as an ordinary HF folder (fp32 safetensors, tokenizer, chat template)."""
-    from .model_sources import dequantise_gguf
+    from .sources import dequantise_gguf
 
     return dequantise_gguf(find_smollm2_gguf(), Path(output))

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from .datasets import prompt_text
-from .model_sources import load_model_and_tokenizer
+from .data.formats import prompt_text
+from .models.sources import load_model_and_tokenizer
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ with null, boolean `exclusiveMinimum`, `x-kubernetes-*` markers for int-or-strin
 map-like lists. This module does that conversion and adds what only a CRD has: printer columns, short names,
 the status subresource, immutability rules.
 
-Run `python -m whetstone_operator.api.crd crds/` (or `whetstone crds`); `tests/test_crds.py` fails when the
+Run `python -m whetstone_api.crd crds/` (or `whetstone crds`); `tests/test_crds.py` fails when the
 files in `crds/` differ from what this produces.
 """
 
@@ -316,7 +316,7 @@ class _NoAliasDumper(yaml.SafeDumper):
 
 
 def render(kind: ResourceKind) -> str:
-    header = "# Generated from operator/whetstone_operator/api by `whetstone crds`. Do not edit.\n"
+    header = "# Generated from api/whetstone_api by `whetstone crds`. Do not edit.\n"
     return header + yaml.dump(crd(kind), Dumper=_NoAliasDumper, sort_keys=False, width=120)
 
 

@@ -8,8 +8,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from .base import GROUP_VERSION, ApiModel, Condition
-from .finetunejob import ObjectMeta
+from .base import GROUP_VERSION, ApiModel, Condition, ObjectMeta
 
 KIND = "Checkpoint"
 

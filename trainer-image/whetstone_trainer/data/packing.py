@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .datasets import TokenizedExample
+from .formats import TokenizedExample
 
 
 @dataclass(frozen=True)

@@ -16,16 +16,17 @@ from .base import (
     ApiModel,
     Condition,
     LocalObjectReference,
+    ObjectMeta,
     Quantity,
     ResourceRequirements,
     Toleration,
     cel,
 )
+from .reasons import JobPhase
 
 KIND = "FineTuneJob"
 
 Method = Literal["sft", "dpo", "rft"]
-Phase = Literal["Pending", "Suspended", "Running", "Restarting", "Succeeded", "Failed"]
 
 
 class ModelSpec(ApiModel):
@@ -435,7 +436,7 @@ class NodeCounts(ApiModel):
 class FineTuneJobStatus(ApiModel):
     """The observed state of a FineTuneJob; written only by the operator."""
 
-    phase: Phase | None = None
+    phase: JobPhase | None = None
     """Pending, Suspended, Running, Restarting, Succeeded or Failed."""
     conditions: list[Condition] = Field(default_factory=list, max_length=16)
     """Created, Running, Restarting, Suspended, Succeeded and Failed, each True/False with a reason."""
@@ -457,21 +458,6 @@ class FineTuneJobStatus(ApiModel):
     """The newest resumable checkpoint."""
     output_uri: str | None = None
     """Where the final adapter or model was written."""
-
-
-class ObjectMeta(ApiModel):
-    """The subset of metadata Whetstone reads; the API server owns the rest."""
-
-    model_config = ApiModel.model_config | {"extra": "allow"}
-
-    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-    """Job name: a DNS label (it names the pods and the headless Service)."""
-    namespace: str | None = None
-    """Namespace of the job."""
-    labels: dict[str, str] = Field(default_factory=dict)
-    """Labels; kueue.x-k8s.io/queue-name sends the job through a Kueue queue."""
-    annotations: dict[str, str] = Field(default_factory=dict)
-    """Annotations."""
 
 
 class FineTuneJob(ApiModel):

@@ -97,3 +97,18 @@ class LocalObjectReference(ApiModel):
 
     name: str = Field(min_length=1, max_length=253)
     """Name of the referenced object."""
+
+
+class ObjectMeta(ApiModel):
+    """The subset of metadata Whetstone reads; the API server owns the rest."""
+
+    model_config = ApiModel.model_config | {"extra": "allow"}
+
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+    """Job name: a DNS label (it names the pods and the headless Service)."""
+    namespace: str | None = None
+    """Namespace of the job."""
+    labels: dict[str, str] = Field(default_factory=dict)
+    """Labels; kueue.x-k8s.io/queue-name sends the job through a Kueue queue."""
+    annotations: dict[str, str] = Field(default_factory=dict)
+    """Annotations."""

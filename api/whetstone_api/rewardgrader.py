@@ -10,8 +10,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .base import GROUP_VERSION, ApiModel, Condition, cel
-from .finetunejob import ObjectMeta
+from .base import GROUP_VERSION, ApiModel, Condition, ObjectMeta, cel
 
 KIND = "RewardGrader"
 

@@ -20,15 +20,15 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from whetstone_operator.api.finetunejob import FineTuneJobSpec
+from whetstone_api.finetunejob import FineTuneJobSpec
 
-from . import distributed
-from .checkpoints import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
-from .datasets import DatasetError, TokenizedExample, read_jsonl, tokenize_chat
-from .model_sources import load_model_and_tokenizer
-from .optim import build_optimizer, build_scheduler
-from .packing import Batch, Row, collate, epoch_order, one_per_row, pack
-from .storage import resolve_uri
+from .. import distributed
+from ..checkpoints import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from ..data.formats import DatasetError, TokenizedExample, read_jsonl, tokenize_chat
+from ..data.packing import Batch, Row, collate, epoch_order, one_per_row, pack
+from ..models.sources import load_model_and_tokenizer
+from ..optim import build_optimizer, build_scheduler
+from ..storage import resolve_uri
 
 
 class Observer(Protocol):

@@ -28,8 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from whetstone_api.uris import URIError, parse_uri
+from whetstone_api.wire import ENV_CACHE, ENV_MODEL_MIRROR, ENV_PVC_ROOT
+
+from ..storage import pvc_root
 from .smollm2 import SMOLLM2_BUILDER_VERSION, find_smollm2_gguf, smollm2_version
-from .tiny_models import TINY_BUILDER_VERSION, resolve_tiny_size, tiny_size_names
+from .tiny import TINY_BUILDER_VERSION, resolve_tiny_size, tiny_size_names
 
 if TYPE_CHECKING:
     import torch
@@ -45,20 +49,11 @@ ACCEPTED_FORMS = (
     + ", pvc://CLAIM/PATH, hf://ORG/NAME[@REVISION] or s3://BUCKET/KEY"
 )
 
-# Where pvc://claim/path is read outside the pod spec's own mount: the operator mounts each claim at
-# <root>/<claim>, and a local run can point the root anywhere.
-PVC_ROOT_ENV = "WHETSTONE_PVC_ROOT"
-DEFAULT_PVC_ROOT = "/mnt/pvc"
-# A folder holding pre-downloaded copies: hf://org/name -> <mirror>/hf/org/name (or .../name@revision),
-# s3://bucket/key -> <mirror>/s3/bucket/key.
-MIRROR_ENV = "WHETSTONE_MODEL_MIRROR"
-CACHE_ENV = "WHETSTONE_CACHE"
-
-_PVC_CLAIM = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")  # a Kubernetes object name
-_HF_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-_HF_REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
-_S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+# Where pvc://claim/path is read (<root>/<claim>), pre-downloaded hf:// and s3:// models are found
+# (<mirror>/hf/org/name[@revision], <mirror>/s3/bucket/key) and built models are kept.
+PVC_ROOT_ENV = ENV_PVC_ROOT
+MIRROR_ENV = ENV_MODEL_MIRROR
+CACHE_ENV = ENV_CACHE
 
 
 class ModelSourceError(ValueError):
@@ -95,34 +90,36 @@ def _error(uri: str, problem: str, hint: str | None = None) -> ModelSourceError:
 def parse_model_uri(uri: str, base_dir: Path | None = None) -> ModelSource:
     """Parse a model URI without touching the network, torch, or any builder (see the module docstring).
 
-    The only file-system look-ups are cheap stats: whether a local path is a file (then it must be a
-    .gguf) and whether a mirror copy exists.
+    The syntax is whetstone_api.uris'; this adds where the model is on this machine. The only file-system
+    look-ups are cheap stats: whether a local path is a file (then it must be a .gguf) and whether a mirror
+    copy exists.
     """
-    if not isinstance(uri, str) or not uri.strip():
-        raise _error(str(uri), "the model URI is empty")
-    text = uri.strip()
-    match = _SCHEME.match(text)
-    if match is None:
-        return _parse_local(uri, text, base_dir)
-    scheme = match.group(1).lower()
-    rest = text[match.end() :]
-    if scheme == "whetstone":
-        return _parse_whetstone(uri, rest)
-    if scheme == "file":
-        # file:///abs/path is the standard form; file://localhost/abs/path and file://relative/path are
-        # accepted too, the latter resolved like a plain relative path.
-        if rest.startswith("localhost/"):
-            rest = rest[len("localhost") :]
-        if not rest:
-            raise _error(uri, "file:// needs a path, e.g. file:///models/my-model")
-        return _parse_local(uri, rest, base_dir)
-    if scheme == "pvc":
-        return _parse_pvc(uri, rest)
-    if scheme == "hf":
-        return _parse_hf(uri, rest)
-    if scheme == "s3":
-        return _parse_s3(uri, rest)
-    raise _error(uri, f"unsupported scheme {scheme + '://'!r}")
+    try:
+        parsed = parse_uri(uri)
+    except URIError as e:
+        raise _error(str(uri), e.problem, e.hint) from None
+    if parsed.scheme == "path":
+        return _parse_local(uri, parsed.path, base_dir)
+    if parsed.scheme == "whetstone":
+        return _parse_whetstone(uri, parsed.host)
+    if parsed.scheme == "pvc":
+        local = pvc_root() / parsed.host / parsed.path if parsed.path else pvc_root() / parsed.host
+        return ModelSource(
+            uri=uri, scheme="pvc", local_path=local, name=parsed.host, subpath=parsed.path or None
+        )
+    if parsed.scheme == "hf":
+        local = _hf_local_copy(parsed.host, parsed.revision)
+        return ModelSource(uri=uri, scheme="hf", local_path=local, name=parsed.host, revision=parsed.revision)
+    mirror = os.environ.get(MIRROR_ENV)
+    local = None
+    if mirror:
+        candidate = (
+            Path(mirror) / "s3" / parsed.host / parsed.path
+            if parsed.path
+            else Path(mirror) / "s3" / parsed.host
+        )
+        local = candidate if candidate.exists() else None
+    return ModelSource(uri=uri, scheme="s3", local_path=local, name=parsed.host, subpath=parsed.path or None)
 
 
 def _parse_local(uri: str, text: str, base_dir: Path | None) -> ModelSource:
@@ -139,8 +136,7 @@ def _parse_local(uri: str, text: str, base_dir: Path | None) -> ModelSource:
     return ModelSource(uri=uri, scheme="file", local_path=path)
 
 
-def _parse_whetstone(uri: str, rest: str) -> ModelSource:
-    name = rest.strip("/").lower()
+def _parse_whetstone(uri: str, name: str) -> ModelSource:
     if name == SMOLLM2_NAME:
         return ModelSource(uri=uri, scheme="whetstone", local_path=None, name=SMOLLM2_NAME)
     try:
@@ -149,58 +145,6 @@ def _parse_whetstone(uri: str, rest: str) -> ModelSource:
         known = ", ".join(f"whetstone://{n}" for n in [*tiny_size_names(), SMOLLM2_NAME])
         raise _error(uri, f"unknown built-in model {name!r}", f"Built-in models: {known}") from None
     return ModelSource(uri=uri, scheme="whetstone", local_path=None, name=canonical)
-
-
-def _split_path(rest: str) -> tuple[str, str]:
-    head, _, tail = rest.partition("/")
-    return head, tail.strip("/")
-
-
-def _parse_pvc(uri: str, rest: str) -> ModelSource:
-    claim, subpath = _split_path(rest)
-    if not claim:
-        raise _error(uri, "pvc:// needs a claim name", "Write pvc://CLAIM/PATH, e.g. pvc://models/llama-3-8b")
-    if not _PVC_CLAIM.match(claim):
-        raise _error(
-            uri,
-            f"{claim!r} is not a valid PersistentVolumeClaim name (lower-case letters, digits, '-' and '.')",
-            "Write pvc://CLAIM/PATH, e.g. pvc://models/llama-3-8b",
-        )
-    if ".." in subpath.split("/"):
-        raise _error(uri, "the path inside the claim must not contain '..'", "Write pvc://CLAIM/PATH")
-    root = Path(os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT))
-    local = root / claim / subpath if subpath else root / claim
-    return ModelSource(uri=uri, scheme="pvc", local_path=local, name=claim, subpath=subpath or None)
-
-
-def _parse_hf(uri: str, rest: str) -> ModelSource:
-    repo, _, revision = rest.partition("@")
-    repo = repo.strip("/")
-    parts = repo.split("/") if repo else []
-    hint = "Write hf://ORG/NAME or hf://ORG/NAME@REVISION, e.g. hf://HuggingFaceTB/SmolLM2-135M-Instruct"
-    if not parts:
-        raise _error(uri, "hf:// needs a repository name", hint)
-    if len(parts) > 2 or not all(_HF_PART.match(p) for p in parts):
-        raise _error(uri, f"{repo!r} is not a Hugging Face repository id", hint)
-    if "@" in rest and not _HF_REVISION.match(revision):
-        raise _error(uri, f"{revision!r} is not a valid revision", hint)
-    local = _hf_local_copy(repo, revision or None)
-    return ModelSource(uri=uri, scheme="hf", local_path=local, name=repo, revision=revision or None)
-
-
-def _parse_s3(uri: str, rest: str) -> ModelSource:
-    bucket, key = _split_path(rest)
-    hint = "Write s3://BUCKET/KEY, e.g. s3://my-models/llama-3-8b"
-    if not bucket:
-        raise _error(uri, "s3:// needs a bucket name", hint)
-    if not _S3_BUCKET.match(bucket):
-        raise _error(uri, f"{bucket!r} is not a valid S3 bucket name", hint)
-    mirror = os.environ.get(MIRROR_ENV)
-    local = None
-    if mirror:
-        candidate = Path(mirror) / "s3" / bucket / key if key else Path(mirror) / "s3" / bucket
-        local = candidate if candidate.exists() else None
-    return ModelSource(uri=uri, scheme="s3", local_path=local, name=bucket, subpath=key or None)
 
 
 def _hf_local_copy(repo: str, revision: str | None) -> Path | None:
@@ -256,7 +200,7 @@ def check_model_source(source: ModelSource) -> None:
             raise _error(
                 uri,
                 f"the claim's path {path} does not exist. Outside a cluster, claims are expected mounted at "
-                f"${PVC_ROOT_ENV}/<claim> (now {os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT)}); inside "
+                f"${PVC_ROOT_ENV}/<claim> (now {pvc_root()}); inside "
                 "one, check the claim name and the path inside it",
                 "Fix the path or set the mount root",
             )
@@ -339,7 +283,7 @@ def materialise(source: ModelSource, cache_dir: Path | None = None) -> Path:
 
             key = f"smollm2-{smollm2_version()}-v{SMOLLM2_BUILDER_VERSION}"
             return _build_once(cache / key, materialise_smollm2)
-        from .tiny_models import build_tiny_model
+        from .tiny import build_tiny_model
 
         assert source.name is not None
         name = source.name

@@ -1,0 +1,38 @@
+"""The `whetstone` command.
+
+whetstone validate FILE.yaml...        check resources and their datasets; exit 1 on any problem
+whetstone run FILE.yaml [--output DIR] run a FineTuneJob here, no cluster
+whetstone models NAME --output DIR     write a bundled model as an ordinary HF folder
+whetstone crds [DIR]                   regenerate the CustomResourceDefinitions
+whetstone operator [--port N] [-n NS]  run the operator against the current kubeconfig
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import crds, models, operator, run, validate
+
+SUBCOMMANDS = (validate, run, models, crds, operator)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="whetstone", description="Fine-tuning of LLMs on Kubernetes.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in SUBCOMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

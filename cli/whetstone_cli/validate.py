@@ -1,0 +1,52 @@
+"""`whetstone validate FILE.yaml...`: every problem of every resource, with file, line and field."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from whetstone_api import FineTuneJob
+from whetstone_api.manifests import ManifestError, load_documents, parse_resource
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("validate", help="check manifests and their datasets before any training")
+    p.add_argument("files", nargs="+")
+    p.add_argument(
+        "--schema-only", action="store_true", help="check the resource only, not its data or model"
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    failed = False
+    for file in args.files:
+        path = Path(file)
+        try:
+            resources = [parse_resource(doc, node, path) for doc, node in load_documents(path)]
+        except ManifestError as e:
+            print(e, file=sys.stderr)
+            failed = True
+            continue
+        for res in resources:
+            problems: list[str] = []
+            if isinstance(res, FineTuneJob) and not args.schema_only:
+                try:
+                    from whetstone_trainer.preflight import preflight
+                except ImportError as e:  # the operator image has no trainer dependencies
+                    print(
+                        f"{path}: schema valid; dataset checks need the trainer extra ({e})", file=sys.stderr
+                    )
+                    continue
+                problems = preflight(res.spec, path.resolve().parent)
+            name = f"{res.kind}/{res.metadata.name}"
+            if problems:
+                failed = True
+                print(f"{path}: {name}: {len(problems)} problem(s):", file=sys.stderr)
+                for p in problems:
+                    print(f"  {p}", file=sys.stderr)
+            else:
+                print(f"{path}: {name} is valid")
+    return 1 if failed else 0
