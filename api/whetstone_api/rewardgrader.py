@@ -71,6 +71,25 @@ class StringCheckGrader(ApiModel):
     case)."""
 
 
+class SandboxLimits(ApiModel):
+    """Limits of one grading call in the sandbox worker process. A call that breaks one is an error of the
+    grader (counted by reason and scored per onError); the worker is replaced, the job goes on."""
+
+    timeout_seconds: float = Field(default=10, gt=0, le=600)
+    """Wall-clock limit per grading call; the worker is killed when a call runs longer."""
+    cpu_seconds: float = Field(default=10, gt=0, le=600)
+    """CPU-time limit per grading call."""
+    memory_mb: int = Field(default=512, ge=64, le=65536)
+    """Address-space limit of the worker process (RLIMIT_AS), in MiB."""
+    disk_mb: int = Field(default=64, ge=1, le=65536)
+    """Largest file the grader may write in its scratch folder (and the scratch folder's size where a
+    private tmpfs is used), in MiB."""
+    max_output_bytes: int = Field(default=65536, ge=1024, le=16777216)
+    """Most bytes a call may print; more is an error (output_too_large)."""
+    allow_network: bool = False
+    """Let the grader open network connections. Off: no socket can be created."""
+
+
 RegexFlag = Literal["ignoreCase", "multiline", "dotAll"]
 
 
@@ -90,6 +109,8 @@ class RegexGrader(ApiModel):
     """Score when the pattern matches."""
     score_on_no_match: float = 0.0
     """Score when it does not."""
+    limits: SandboxLimits = Field(default_factory=SandboxLimits)
+    """Time, CPU and memory limits of each match (allowNetwork is ignored)."""
 
     @field_validator("pattern")
     @classmethod
@@ -122,25 +143,8 @@ class SimilarityGrader(ApiModel):
     common subsequence F1). Words are lowercased runs of letters and digits."""
     pass_threshold: float | None = Field(default=None, ge=0, le=1)
     """If set, the score is 1 at or above it and 0 below."""
-
-
-class SandboxLimits(ApiModel):
-    """Limits of one grading call in the sandbox worker process. A call that breaks one is an error of the
-    grader (counted by reason and scored per onError); the worker is replaced, the job goes on."""
-
-    timeout_seconds: float = Field(default=10, gt=0, le=600)
-    """Wall-clock limit per grading call; the worker is killed when a call runs longer."""
-    cpu_seconds: float = Field(default=10, gt=0, le=600)
-    """CPU-time limit per grading call."""
-    memory_mb: int = Field(default=512, ge=64, le=65536)
-    """Address-space limit of the worker process (RLIMIT_AS), in MiB."""
-    disk_mb: int = Field(default=64, ge=1, le=65536)
-    """Largest file the grader may write in its scratch folder (and the scratch folder's size where a
-    private tmpfs is used), in MiB."""
-    max_output_bytes: int = Field(default=65536, ge=1024, le=16777216)
-    """Most bytes a call may print; more is an error (output_too_large)."""
-    allow_network: bool = False
-    """Let the grader open network connections. Off: no socket can be created."""
+    limits: SandboxLimits = Field(default_factory=SandboxLimits)
+    """Time, CPU and memory limits of each comparison (allowNetwork is ignored)."""
 
 
 class PythonGrader(ApiModel):

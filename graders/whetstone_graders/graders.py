@@ -149,7 +149,7 @@ class Regex(Sandboxed):
         templates.check(spec.input)
         flags = " | ".join(_REGEX_FLAGS[f] for f in spec.flags) or "0"
         source = _REGEX_SOURCE.format(pattern=spec.pattern, flags=flags, mode=spec.mode)
-        super().__init__(name, source, SandboxLimits(), sandboxes)
+        super().__init__(name, source, spec.limits.model_copy(update={"allow_network": False}), sandboxes)
         self.spec = spec
 
     def prepare(self, sample: Sample, item: Item) -> tuple[dict[str, Any], Item]:
@@ -174,7 +174,7 @@ class Similarity(Sandboxed):
         super().__init__(
             name,
             _SIMILARITY_SOURCE + _SIMILARITY_GRADE.format(metric=spec.metric),
-            SandboxLimits(),
+            spec.limits.model_copy(update={"allow_network": False}),
             sandboxes,
         )
         self.spec = spec

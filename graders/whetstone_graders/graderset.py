@@ -12,6 +12,7 @@ import os
 import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,8 @@ class GraderSet:
         self._calls: Counter[str] = Counter()
         self._errors: Counter[tuple[str, str]] = Counter()
         self._seconds: Counter[str] = Counter()
-        self._batch = threading.local()  # settled grades of the batch being graded, by grader name
+        self._memos: dict[int, dict[str, Future[list[Grade]]]] = {}  # per batch being graded, by grader
+        self._pool = ThreadPoolExecutor(min(32, max(1, len(self.refs))), thread_name_prefix="graders")
         try:
             for name in grader_order([n for n, _ in self.refs], self.specs):
                 self._graders[name] = self._build(name, self.specs[name])
@@ -115,14 +117,24 @@ class GraderSet:
 
     def grade(self, samples: Sequence[Sample], items: Sequence[Item]) -> list[Reward]:
         """One Reward per sample: each grader's settled Grade and their weighted sum (None if any skipped).
-        Raises GraderFailed when a grader with onError: fail fails."""
+        The job's graders run at the same time (each sandboxed one has processes of its own). Raises
+        GraderFailed when a grader with onError: fail fails."""
         if len(samples) != len(items):
             raise ValueError(f"{len(samples)} samples but {len(items)} items")
-        self._batch.grades = {}
+        samples = list(samples)  # the batch's identity keys its memo of settled grades
+        with self._lock:
+            self._memos[id(samples)] = {}
         try:
-            by_grader = {name: self._settled(name, samples, items) for name, _ in self.refs}
+            if len(self.refs) == 1:
+                by_grader = {self.refs[0][0]: self._settled(self.refs[0][0], samples, items)}
+            else:
+                futures = {
+                    name: self._pool.submit(self._settled, name, samples, items) for name, _ in self.refs
+                }
+                by_grader = {name: future.result() for name, future in futures.items()}
         finally:
-            self._batch.grades = None
+            with self._lock:
+                del self._memos[id(samples)]
         rewards = []
         for i in range(len(samples)):
             grades = {name: by_grader[name][i] for name, _ in self.refs}
@@ -133,10 +145,25 @@ class GraderSet:
 
     def _settled(self, name: str, samples: Sequence[Sample], items: Sequence[Item]) -> list[Grade]:
         """The grader's grades with its onError applied, counted; once per batch even when it is both a job's
-        grader and a weighted grader's child."""
-        memo = getattr(self._batch, "grades", None)
-        if memo is not None and name in memo:
-            return memo[name]
+        grader and a weighted grader's child (the second asker waits for the first)."""
+        with self._lock:
+            memo = self._memos.get(id(samples))
+            mine = memo is not None and name not in memo
+            if mine:
+                memo[name] = Future()  # type: ignore[index]
+        if memo is not None and not mine:
+            return memo[name].result()
+        try:
+            settled = self._settle(name, samples, items)
+        except BaseException as e:
+            if mine:
+                memo[name].set_exception(e)  # type: ignore[index]
+            raise
+        if mine:
+            memo[name].set_result(settled)  # type: ignore[index]
+        return settled
+
+    def _settle(self, name: str, samples: Sequence[Sample], items: Sequence[Item]) -> list[Grade]:
         on_error = self.specs[name].on_error
         raw = self._graders[name].grade_many(samples, items)
         settled = []
@@ -159,8 +186,6 @@ class GraderSet:
             failed = next((x for x in raw if x.error and x.error != CHILD), None)
             if failed is not None:
                 raise GraderFailed(name, failed.error or "", failed.message)
-        if memo is not None:
-            memo[name] = settled
         return settled
 
     def grade_one(self, name: str, sample: Sample, item: Item) -> Grade:
@@ -175,6 +200,7 @@ class GraderSet:
             return GraderStats(dict(self._calls), dict(self._errors), dict(self._seconds), layers)
 
     def close(self) -> None:
+        self._pool.shutdown(wait=True)
         for grader in self._graders.values():
             grader.close()
         for sandbox in self._sandboxes:

@@ -109,16 +109,21 @@ class _Worker:
         self.missing: dict[str, str] = {}
         try:
             self._send({"op": "init", "source": source}, time.monotonic() + START_SECONDS)
-            hello = self._receive(time.monotonic() + START_SECONDS + limits.timeout_seconds, cpu_limit=None)
+            hello = self._receive(time.monotonic() + START_SECONDS, cpu_limit=None)
+            self._check_started(hello)
+            self.layers = tuple(str(x) for x in hello.get("layers", []))
+            self.missing = {str(k): str(v) for k, v in dict(hello.get("missing", {})).items()}
+            # The user's module-level code runs under the same limits as a call.
+            loaded = self._receive(time.monotonic() + limits.timeout_seconds, cpu_limit=limits.cpu_seconds)
+            self._check_started(loaded)
         except _Dead:
             self.stop()
             raise
-        if not hello.get("ok"):
-            self.stop()
-            error = hello.get("error") if hello.get("error") in _ERRORS else r.CRASHED
-            raise _Dead(error, str(hello.get("message", "the worker did not start")))
-        self.layers = tuple(str(x) for x in hello.get("layers", []))
-        self.missing = {str(k): str(v) for k, v in dict(hello.get("missing", {})).items()}
+
+    def _check_started(self, answer: dict[str, Any]) -> None:
+        if not answer.get("ok"):
+            error = answer.get("error") if answer.get("error") in _ERRORS else r.CRASHED
+            raise _Dead(error, str(answer.get("message", "the worker did not start")))
 
     # --- the protocol, with deadlines
 
@@ -183,12 +188,18 @@ class _Worker:
 
     def _died(self) -> _Dead:
         """The worker ended on its own during a call: say why, from how it ended."""
-        try:
-            code = self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            return self._kill(r.CRASHED, "the worker closed its output and hung")
+        deadline = time.monotonic() + 5
+        while True:  # wait4, not Popen.wait: the CPU time it used tells RLIMIT_CPU's SIGKILL from others
+            pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                return self._kill(r.CRASHED, "the worker closed its output and hung")
+            time.sleep(0.01)
+        code = self.proc.returncode = os.waitstatus_to_exitcode(status)
         self.stop()
-        if code == -signal.SIGXCPU or (code == -signal.SIGKILL and not self.killed_by_us):
+        cpu = usage.ru_utime + usage.ru_stime
+        if code == -signal.SIGXCPU or (code == -signal.SIGKILL and cpu >= self.cpu_cap - 1):
             return _Dead(r.CPU_TIME, "the worker used up its CPU-time limit")
         if code < 0:
             name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
@@ -325,10 +336,13 @@ class LocalSandbox:
         try:
             worker = _Worker(self.source, self.limits, self.requested)
         except _Dead as dead:
+            outcome = Outcome(
+                None, dead.outcome.error, r.short(f"loading the grader: {dead.outcome.message}")
+            )
             # Module-level code that does not load will not load next time either.
-            if dead.outcome.error in (r.INVALID_SOURCE, r.FORBIDDEN, r.NETWORK, r.TIMEOUT, r.MEMORY):
-                self._load_error = Outcome(None, dead.outcome.error, f"loading: {dead.outcome.message}")
-            raise
+            if outcome.error in (r.INVALID_SOURCE, r.FORBIDDEN, r.NETWORK, r.TIMEOUT, r.CPU_TIME, r.MEMORY):
+                self._load_error = outcome
+            raise _Dead(outcome.error or r.CRASHED, outcome.message or "") from None
         with self._lock:
             self.started += 1
             first = not self._layers

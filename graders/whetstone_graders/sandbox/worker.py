@@ -7,7 +7,8 @@ stdin/stdout/stderr open. Standard library only; it cannot import whetstone_grad
 Protocol (frames are a 4-byte big-endian length and UTF-8 JSON), on stdin (requests) and stdout (answers):
 
     -> {"op": "init", "source": "<python>"}
-    <- {"ok": true, "layers": [...], "missing": {"layer": "why"}}   or   {"ok": false, "error", "message"}
+    <- {"ok": true, "layers": [...], "missing": {"layer": "why"}}   (confined; or {"ok": false, ...})
+    <- {"ok": true}   or   {"ok": false, "error": "invalid_source", "message": "..."}   (the source loaded)
     -> {"op": "grade", "calls": [[sample, item], ...]}
     <- {"i": 0, "score": 0.5, "seconds": ...}  or  {"i": 0, "error": "exception", "message": "..."}
        (one answer per call, as soon as it is done)
@@ -332,6 +333,7 @@ def main() -> None:
     printed = Printed()
     printed.limit = int(limits["max_output_bytes"])
     sys.stdout = sys.stderr = printed  # type: ignore[assignment]
+    channel.send({"ok": True, "layers": layers, "missing": missing})
 
     namespace: dict = {"__name__": "grader", "__builtins__": __builtins__}
     try:
@@ -344,7 +346,7 @@ def main() -> None:
         reason = violations[0][0] if violations else "invalid_source"
         channel.send({"ok": False, "error": reason, "message": detail[:300]})
         return
-    channel.send({"ok": True, "layers": layers, "missing": missing})
+    channel.send({"ok": True})
 
     while True:
         request = channel.receive()
