@@ -211,3 +211,14 @@ def test_run_test_cases_tolerance_and_errors() -> None:
     assert report.summary() == "test case 0 expected 0, got no score (exception: KeyError: 'x')"
     weighted = spec(weighted={"graders": {"gone": 1}}, testCases=[{"sample": "x", "expectedScore": 0}])
     assert "names child 'gone', which does not exist" in (run_test_cases("w", weighted).problem or "")
+
+
+def test_a_grader_whose_code_does_not_load_is_a_problem_even_without_test_cases() -> None:
+    broken = spec(python={"source": "def grade(s, i) return 1"})
+    report = run_test_cases("broken", broken)
+    assert report.problem is not None and report.problem.startswith("RewardGrader broken does not load")
+    assert "invalid_source: loading the grader: SyntaxError" in report.problem
+    with GraderSet(
+        [("broken", 1.0), ("ok", 1.0)], {"broken": broken, "ok": spec(python={"source": "grade = max"})}
+    ) as graders:
+        assert list(graders.preload()) == ["broken"]

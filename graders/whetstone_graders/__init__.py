@@ -8,16 +8,28 @@ score`, user code in a sandbox (whetstone_graders.sandbox), and the test-case ru
 
 from .graderset import GraderSet, grader_order
 from .testcases import CaseResult, TestReport, run_test_cases
-from .types import Grade, GraderConfigError, GraderFailed, GraderStats, GradingError, Reward, Sample
+from .types import (
+    Grade,
+    GraderConfigError,
+    GraderCycle,
+    GraderFailed,
+    GraderStats,
+    GradingError,
+    MissingGrader,
+    Reward,
+    Sample,
+)
 
 __all__ = [
     "CaseResult",
     "Grade",
     "GraderConfigError",
+    "GraderCycle",
     "GraderFailed",
     "GraderSet",
     "GraderStats",
     "GradingError",
+    "MissingGrader",
     "Reward",
     "Sample",
     "TestReport",

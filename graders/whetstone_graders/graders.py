@@ -53,6 +53,10 @@ class Grader:
                 out.append(Grade(None, e.reason, e.message, time.perf_counter() - started))
         return out
 
+    def preload(self) -> str | None:
+        """Get ready to grade (start sandbox workers); None, or why this grader cannot grade at all."""
+        return None
+
     def close(self) -> None:
         """Release processes, threads and connections."""
 
@@ -117,6 +121,10 @@ class Sandboxed(Grader):
                 assert outcome.score is not None
                 results[index] = Grade(self.score(outcome.score), seconds=outcome.seconds)
         return [g for g in results if g is not None]
+
+    def preload(self) -> str | None:
+        outcome = self.sandbox.preload()
+        return None if outcome is None else f"{outcome.error}: {outcome.message}"
 
     def close(self) -> None:
         self.sandbox.close()

@@ -22,7 +22,17 @@ from whetstone_api.wire import ENV_GRADER_SECRETS, GRADER_SECRETS_DIR
 from . import graders as g
 from . import remote, templates
 from .sandbox import ALL_LAYERS, LocalSandbox, Sandbox
-from .types import CHILD, Grade, GraderConfigError, GraderFailed, GraderStats, Reward, Sample
+from .types import (
+    CHILD,
+    Grade,
+    GraderConfigError,
+    GraderCycle,
+    GraderFailed,
+    GraderStats,
+    MissingGrader,
+    Reward,
+    Sample,
+)
 
 Item = Mapping[str, Any]
 
@@ -38,10 +48,10 @@ def grader_order(names: Sequence[str], specs: Mapping[str, RewardGraderSpec]) ->
             return
         if state.get(name) == "visiting":
             cycle = " -> ".join((*path[path.index(name) :], name))
-            raise GraderConfigError(f"RewardGrader {path[-1]}: weighted graders form a cycle: {cycle}")
+            raise GraderCycle(f"RewardGrader {path[-1]}: weighted graders form a cycle: {cycle}")
         if name not in specs:
             where = f"RewardGrader {path[-1]} (weighted) names child {name!r}" if path else f"{name!r}"
-            raise GraderConfigError(f"{where}, which does not exist")
+            raise MissingGrader(f"{where}, which does not exist")
         state[name] = "visiting"
         weighted = specs[name].weighted
         for child in weighted.graders if weighted else ():
@@ -187,6 +197,12 @@ class GraderSet:
             if failed is not None:
                 raise GraderFailed(name, failed.error or "", failed.message)
         return settled
+
+    def preload(self) -> dict[str, str]:
+        """Start every sandboxed grader's workers and load its code, so the first step does not wait and a
+        grader whose code does not load is known before training: {grader: why} for those that do not."""
+        problems = {name: grader.preload() for name, grader in self._graders.items()}
+        return {name: why for name, why in problems.items() if why}
 
     def grade_one(self, name: str, sample: Sample, item: Item) -> Grade:
         """One grader's settled grade of one answer (the test-case runner uses it)."""

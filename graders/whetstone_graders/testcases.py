@@ -80,6 +80,10 @@ def run_test_cases(
         return TestReport(name, problem=str(e))
     results = []
     with graders:
+        unloadable = graders.preload()
+        if unloadable:
+            which, why = next(iter(unloadable.items()))
+            return TestReport(name, problem=f"RewardGrader {which} does not load: {why}")
         for index, case in enumerate(spec.test_cases):
             try:
                 grade = graders.grade_one(name, Sample(case.sample), case.item)

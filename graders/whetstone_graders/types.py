@@ -100,6 +100,14 @@ class GraderConfigError(ValueError):
     """The graders of a job cannot be built: a missing child, a cycle, an unreadable Secret."""
 
 
+class MissingGrader(GraderConfigError):
+    """A job or a weighted grader names a RewardGrader that does not exist."""
+
+
+class GraderCycle(GraderConfigError):
+    """Weighted graders that contain themselves."""
+
+
 @dataclass(frozen=True)
 class Sample:
     """What a grader sees as {{ sample.* }}: the model's answer."""

@@ -29,6 +29,10 @@ class Sandbox(Protocol):
         """Grade every (sample, item) pair; never raises for anything the grader's code does."""
         ...
 
+    def preload(self) -> Outcome | None:
+        """Start a worker and load the code without grading anything: None, or why it does not load."""
+        ...
+
     @property
     def layers(self) -> tuple[str, ...]:
         """The isolation layers in force (known after the first call)."""

@@ -356,6 +356,18 @@ class LocalSandbox:
             )
         return worker
 
+    def preload(self) -> Outcome | None:
+        if self._load_error is not None:
+            return self._load_error
+        with self._slots:
+            try:
+                worker = self._take()
+            except _Dead as dead:
+                return dead.outcome
+            with self._lock:
+                self._idle.append(worker)
+        return None
+
     def close(self) -> None:
         self._closed = True
         if self._pool is not None:
