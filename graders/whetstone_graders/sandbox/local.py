@@ -103,18 +103,21 @@ class _Worker:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.wfd, self.rfd = self.proc.stdin.fileno(), self.proc.stdout.fileno()
         os.set_blocking(self.wfd, False)
-        self.buffer = b""
+        self.buffer = bytearray()
+        self.read_at = 0
         self.killed_by_us = False
         self.layers: tuple[str, ...] = ()
         self.missing: dict[str, str] = {}
         try:
             self._send({"op": "init", "source": source}, time.monotonic() + START_SECONDS)
-            hello = self._receive(time.monotonic() + START_SECONDS, cpu_limit=None)
+            hello = self._receive(time.monotonic() + START_SECONDS)
             self._check_started(hello)
             self.layers = tuple(str(x) for x in hello.get("layers", []))
             self.missing = {str(k): str(v) for k, v in dict(hello.get("missing", {})).items()}
             # The user's module-level code runs under the same limits as a call.
-            loaded = self._receive(time.monotonic() + limits.timeout_seconds, cpu_limit=limits.cpu_seconds)
+            loaded = self._receive(
+                time.monotonic() + limits.timeout_seconds, limits.cpu_seconds, self._cpu_seconds()
+            )
             self._check_started(loaded)
         except _Dead:
             self.stop()
@@ -150,15 +153,20 @@ class _Worker:
             return None
         return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime + stime
 
-    def _receive(self, deadline: float, cpu_limit: float | None) -> dict[str, Any]:
-        cpu_start = self._cpu_seconds() if cpu_limit is not None else None
+    def _receive(
+        self, deadline: float, cpu_limit: float | None = None, cpu_start: float | None = None
+    ) -> dict[str, Any]:
+        """The next answer frame. While waiting for it, the worker's CPU time is read (from /proc, only once
+        a wait has lasted CPU_POLL_SECONDS) and compared with `cpu_start`, its CPU time as the call began."""
         while True:
-            if len(self.buffer) >= 4:
-                (length,) = struct.unpack(">I", self.buffer[:4])
+            start = self.read_at
+            if len(self.buffer) - start >= 4:
+                (length,) = struct.unpack_from(">I", self.buffer, start)
                 if length > MAX_ANSWER_FRAME:
                     raise self._kill(r.OUTPUT_TOO_LARGE, f"the worker answered {length} bytes")
-                if len(self.buffer) >= 4 + length:
-                    frame, self.buffer = self.buffer[4 : 4 + length], self.buffer[4 + length :]
+                if len(self.buffer) - start >= 4 + length:
+                    frame = bytes(self.buffer[start + 4 : start + 4 + length])
+                    self.read_at = start + 4 + length
                     try:
                         answer = json.loads(frame)
                     except ValueError:
@@ -175,8 +183,10 @@ class _Worker:
                 chunk = os.read(self.rfd, 65536)
                 if not chunk:
                     raise self._died()
+                del self.buffer[: self.read_at]  # drop what was parsed, then append (no copy per frame)
+                self.read_at = 0
                 self.buffer += chunk
-            elif cpu_start is not None and cpu_limit is not None:
+            elif cpu_limit is not None and cpu_start is not None:
                 used = self._cpu_seconds()
                 if used is not None and used - cpu_start > cpu_limit:
                     raise self._kill(r.CPU_TIME, f"the call used more than {cpu_limit:g} s of CPU")
@@ -213,11 +223,16 @@ class _Worker:
         worker is gone (`alive` is false)."""
         outcomes: list[Outcome] = []
         try:
+            cpu = (
+                self._cpu_seconds()
+            )  # once per batch; then each answer says how much CPU the worker had used
             self._send({"op": "grade", "calls": [[s, i] for s, i in calls]}, time.monotonic() + START_SECONDS)
             for index in range(len(calls)):
                 deadline = time.monotonic() + self.limits.timeout_seconds
-                answer = self._receive(deadline, cpu_limit=self.limits.cpu_seconds)
+                answer = self._receive(deadline, self.limits.cpu_seconds, cpu)
                 outcomes.append(self._outcome(answer, index))
+                reported = answer.get("cpu")
+                cpu = float(reported) if type(reported) in (int, float) else self._cpu_seconds()
         except _Dead as dead:
             outcomes.append(dead.outcome)
         return outcomes

@@ -10,7 +10,7 @@ Protocol (frames are a 4-byte big-endian length and UTF-8 JSON), on stdin (reque
     <- {"ok": true, "layers": [...], "missing": {"layer": "why"}}   (confined; or {"ok": false, ...})
     <- {"ok": true}   or   {"ok": false, "error": "invalid_source", "message": "..."}   (the source loaded)
     -> {"op": "grade", "calls": [[sample, item], ...]}
-    <- {"i": 0, "score": 0.5, "seconds": ...}  or  {"i": 0, "error": "exception", "message": "..."}
+    <- {"i": 0, "score": 0.5, "seconds": s, "cpu": c}  or  {"i": 0, "error": "exception", "message": "..."}
        (one answer per call, as soon as it is done)
 
 Order of the start: read the init frame, confine (confine.py: namespaces, uid, rlimits, Landlock, seccomp),
@@ -343,7 +343,10 @@ def main() -> None:
             raise TypeError("the source defines no function grade(sample, item)")
     except BaseException as e:
         detail = traceback.format_exception_only(type(e), e)[-1].strip()
-        reason = violations[0][0] if violations else "invalid_source"
+        if violations:
+            reason, detail = violations[0][0], f"sandbox refused {violations[0][1]}"
+        else:
+            reason = "invalid_source"
         channel.send({"ok": False, "error": reason, "message": detail[:300]})
         return
     channel.send({"ok": True})
@@ -355,6 +358,7 @@ def main() -> None:
         for i, (sample, item) in enumerate(request["calls"]):
             result = run_call(grade, sample, item, violations, printed)
             result["i"] = i
+            result["cpu"] = time.process_time()
             channel.send(result)
 
 
