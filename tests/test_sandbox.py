@@ -29,7 +29,7 @@ from whetstone_graders.sandbox import LocalSandbox
 FAKE_KEY = "sk-whetstone-test-fake-key-0123456789"
 LIMITS = {"timeoutSeconds": 1.5, "cpuSeconds": 30, "memoryMb": 256, "diskMb": 4, "maxOutputBytes": 65536}
 # A busy loop ends at whichever limit comes first; these make that deterministic on a loaded machine.
-LIMITS_OF = {"burns-cpu": {"cpuSeconds": 0.5, "timeoutSeconds": 30}}
+LIMITS_OF = {"burns-cpu": {"cpuSeconds": 0.5, "timeoutSeconds": 30}, "allocates": {"timeoutSeconds": 30}}
 
 
 def attacks(secret: Path, outside: Path, port: int) -> dict[str, tuple[str, str | None]]:
@@ -320,8 +320,15 @@ def probe_source(body: str) -> str:
     )
 
 
-@pytest.mark.parametrize("layers", [("namespaces", "uid", "landlock", "seccomp"), ("landlock", "seccomp")])
-def test_kernel_layers_alone_refuse_every_probe(tmp_path: Path, layers: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    "layers",
+    [
+        ("namespaces", "uid", "landlock", "seccomp"),  # root: the kernel layers
+        ("landlock", "seccomp"),  # what an unprivileged pod without user namespaces gets
+        ("audit",),  # no kernel help at all: CPython's audit hook alone (best effort)
+    ],
+)
+def test_each_set_of_layers_alone_refuses_every_probe(tmp_path: Path, layers: tuple[str, ...]) -> None:
     secret = tmp_path / "secrets" / "judge" / "token"
     secret.parent.mkdir(parents=True)
     secret.write_text(FAKE_KEY)
@@ -334,21 +341,25 @@ def test_kernel_layers_alone_refuse_every_probe(tmp_path: Path, layers: tuple[st
         "key": FAKE_KEY,
     }
     os.environ["WHETSTONE_TEST_FAKE_KEY"] = FAKE_KEY
-    results = {}
+    worked, in_force = {}, set()
     try:
         for name, body in PROBES.items():
             with LocalSandbox(probe_source(body), workers=1, layers=layers, name=name) as sandbox:
                 (outcome,) = sandbox.run([({"output_text": ""}, item)])
-                results[name] = (outcome.score, outcome.error, outcome.message)
-                in_force = sandbox.layers
+                in_force |= set(sandbox.layers)
+            # Refused: the attack's own code saw it fail (0.0), or the audit hook refused it (an error).
+            if outcome.score != 0.0 and outcome.error not in ("forbidden", "network"):
+                worked[name] = (outcome.score, outcome.error, outcome.message)
     finally:
         os.environ.pop("WHETSTONE_TEST_FAKE_KEY")
         listener.close()
-    assert "audit" not in in_force and "seccomp" in in_force
-    assert any(layer.startswith("landlock") for layer in in_force)
-    worked = {name: r for name, r in results.items() if r[0] != 0.0}
     assert worked == {}
     assert not (tmp_path / "pwned").exists()
+    if "seccomp" in layers:
+        assert "audit" not in in_force and "seccomp" in in_force
+        assert any(layer.startswith("landlock") for layer in in_force)
+    else:
+        assert in_force == {"process", "rlimits", "audit"}
 
 
 def test_signals_to_the_caller_are_refused_by_the_kernel_too() -> None:
