@@ -51,6 +51,8 @@ START_SECONDS = 20.0
 """Time a worker may take to start and confine itself, on top of the grader's own timeout for its
 module-level code (a busy 2-core machine starts Python slowly)."""
 CPU_POLL_SECONDS = 0.1
+SPLIT_SECONDS = 0.01
+"""A batch is split over several workers only when its calls are expected to take longer than this."""
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _ERRORS = set(r.REASONS)
 
@@ -295,6 +297,7 @@ class LocalSandbox:
         self._slots = threading.BoundedSemaphore(self.workers)
         self._pool: ThreadPoolExecutor | None = None
         self._load_error: Outcome | None = None
+        self._mean_seconds: float | None = None  # moving average of a call's time in the worker
         self._layers: tuple[str, ...] = ()
         self.missing: dict[str, str] = {}
         self.started = 0
@@ -312,15 +315,18 @@ class LocalSandbox:
         if not calls:
             return []
         n = min(self.workers, len(calls))
+        if self._mean_seconds is not None and self._mean_seconds * len(calls) < SPLIT_SECONDS:
+            n = 1  # cheap calls: handing half the batch to another thread costs more than it saves
         size = -(-len(calls) // n)
         chunks = [calls[i : i + size] for i in range(0, len(calls), size)]
         if len(chunks) == 1:
-            return self._run_chunk(chunks[0])
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=f"sandbox-{self.name}")
-        results: list[Outcome] = []
-        for part in self._pool.map(self._run_chunk, chunks):
-            results.extend(part)
+            results = self._run_chunk(chunks[0])
+        else:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=f"sandbox-{self.name}")
+            results = [outcome for part in self._pool.map(self._run_chunk, chunks) for outcome in part]
+        mean = sum(o.seconds for o in results) / len(results)
+        self._mean_seconds = mean if self._mean_seconds is None else 0.8 * self._mean_seconds + 0.2 * mean
         return results
 
     def _run_chunk(self, calls: list[tuple[Mapping[str, Any], Mapping[str, Any]]]) -> list[Outcome]:
