@@ -14,9 +14,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,8 @@ import pytest
 from whetstone_api.rewardgrader import RewardGraderSpec
 from whetstone_graders import GraderFailed, GraderSet, Reward, Sample
 from whetstone_graders.sandbox import LocalSandbox
+
+ROOT = Path(__file__).resolve().parent.parent
 
 FAKE_KEY = "sk-whetstone-test-fake-key-0123456789"
 LIMITS = {"timeoutSeconds": 1.5, "cpuSeconds": 30, "memoryMb": 256, "diskMb": 4, "maxOutputBytes": 65536}
@@ -369,3 +373,43 @@ def test_signals_to_the_caller_are_refused_by_the_kernel_too() -> None:
         (outcome,) = sandbox.run([({"output_text": ""}, {})])
     assert outcome.error == "forbidden"
     assert os.getpid() > 0 and signal.SIGKILL  # still here
+
+
+def test_workers_die_with_the_process_that_started_them(tmp_path: Path) -> None:
+    # A trainer killed with SIGKILL while its grader sleeps inside user code: the worker must not linger.
+    script = tmp_path / "trainer.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys, threading
+            from whetstone_api.rewardgrader import SandboxLimits
+            from whetstone_graders.sandbox import LocalSandbox
+            sandbox = LocalSandbox("import time\\ndef grade(s, i):\\n    time.sleep(600)",
+                                   SandboxLimits(timeout_seconds=600))
+            threading.Thread(target=sandbox.run, args=([({}, {})],), daemon=True).start()
+            print("grading", flush=True)
+            threading.Event().wait()
+            """
+        )
+    )
+    env = {"PYTHONPATH": os.pathsep.join(str(ROOT / d) for d in ("api", "graders")), "PATH": "/usr/bin:/bin"}
+    trainer = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, env=env, text=True)
+    assert trainer.stdout is not None and trainer.stdout.readline() == "grading\n"
+
+    def workers() -> list[int]:
+        found = []
+        for task in Path(f"/proc/{trainer.pid}/task").iterdir():
+            found += [int(p) for p in (task / "children").read_text().split()]
+        return found
+
+    deadline = time.monotonic() + 30
+    while not workers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (worker,) = workers()
+    time.sleep(0.5)  # let it get into grade()
+    trainer.kill()
+    trainer.wait()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{worker}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{worker}").exists()

@@ -47,6 +47,7 @@ MNT_DETACH = 2
 _STATVFS_TO_MS = {1: MS_RDONLY, 2: MS_NOSUID, 4: MS_NODEV, 8: MS_NOEXEC, 1024: MS_NOATIME,
                   2048: MS_NODIRATIME, 4096: MS_RELATIME}  # fmt: skip
 
+PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
@@ -204,6 +205,15 @@ def set_limits(memory_mb: int, cpu_seconds: int, file_mb: int, max_files: int) -
     # The worker itself is the uid's one process: no fork, no thread (for root it applies after drop_uid).
     both(resource.RLIMIT_NPROC, 1)
     both(resource.RLIMIT_AS, memory_mb * 1024 * 1024)
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGKILL this process when the thread that started it ends (set after drop_uid, which clears it)."""
+    import signal
+
+    _check(_libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0), "prctl(PDEATHSIG)")
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
 
 
 def no_new_privs() -> None:

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import select
 import shutil
 import signal
@@ -28,7 +29,7 @@ import threading
 import time
 import weakref
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,46 @@ def python_roots() -> list[str]:
     return sorted(p for p in stdlib | set(SYSTEM_LIBRARIES) if os.path.exists(p))
 
 
+_spawns: queue.Queue[tuple[list[str], str, Future[subprocess.Popen[bytes]]]] = queue.Queue()
+_spawner_lock = threading.Lock()
+_spawner: threading.Thread | None = None
+
+
+def _spawn(command: list[str], cwd: str) -> subprocess.Popen[bytes]:
+    """Start a worker from one long-lived thread: a worker dies with the thread that started it
+    (PR_SET_PDEATHSIG), and grading threads come and go, while this one lasts as long as the process."""
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None or not _spawner.is_alive():
+            _spawner = threading.Thread(target=_spawn_forever, name="sandbox-spawner", daemon=True)
+            _spawner.start()
+    done: Future[subprocess.Popen[bytes]] = Future()
+    _spawns.put((command, cwd, done))
+    return done.result()
+
+
+def _spawn_forever() -> None:
+    while True:
+        command, cwd, done = _spawns.get()
+        try:
+            # An empty environment, the scratch folder as working directory, no inherited descriptors beyond
+            # the pipes, its own session (so a kill reaches all of it and no terminal signal reaches it).
+            proc = subprocess.Popen(
+                command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                cwd=cwd,
+                env={},
+                close_fds=True,
+                start_new_session=True,
+            )
+        except BaseException as e:
+            done.set_exception(e)
+        else:
+            done.set_result(proc)
+
+
 class _Dead(Exception):
     """The worker cannot go on: the call it was on gets this outcome."""
 
@@ -88,20 +129,10 @@ class _Worker:
             "layers": list(layers),
             "uid_base": SANDBOX_UID_BASE,
             "cpu_cap_seconds": self.cpu_cap,
+            "parent_pid": os.getpid(),
         }
         command = [sys.executable, "-I", "-S", "-B", "-X", "utf8", str(WORKER), json.dumps(config)]
-        # An empty environment, the scratch folder as working directory, no inherited descriptors beyond the
-        # pipes, its own session (so a kill reaches all of it and no terminal signal reaches it).
-        self.proc = subprocess.Popen(
-            command,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            cwd=self.scratch,
-            env={},
-            close_fds=True,
-            start_new_session=True,
-        )
+        self.proc = _spawn(command, self.scratch)
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.wfd, self.rfd = self.proc.stdin.fileno(), self.proc.stdout.fileno()
         os.set_blocking(self.wfd, False)

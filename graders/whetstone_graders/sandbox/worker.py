@@ -282,6 +282,10 @@ def confine(config: dict) -> tuple[list[str], dict[str, str], str, list[str]]:
     elif "uid" in wanted:
         missing["uid"] = "not started as root"
     try:
+        c.die_with_parent(config["parent_pid"])
+    except OSError as e:
+        missing["die_with_parent"] = str(e)
+    try:
         c.no_new_privs()
     except OSError as e:
         missing["no_new_privs"] = str(e)
