@@ -222,3 +222,38 @@ def test_a_grader_whose_code_does_not_load_is_a_problem_even_without_test_cases(
         [("broken", 1.0), ("ok", 1.0)], {"broken": broken, "ok": spec(python={"source": "grade = max"})}
     ) as graders:
         assert list(graders.preload()) == ["broken"]
+
+
+@pytest.mark.parametrize(
+    ("rules", "violation"),
+    [
+        ("_SPEC_RULES", {"regex": {"pattern": "x"}, "stringCheck": {"reference": "y"}}),
+        ("_WEIGHTED_RULES", {"weighted": {"graders": {"a": 0, "b": 0}}}),
+        (
+            "_JUDGE_RULES",
+            {"modelJudge": {"endpoint": "http://j/v1", "model": "m", "prompt": "p", "range": [1, 1]}},
+        ),
+    ],
+)
+def test_each_rule_is_written_once_for_the_api_server_and_for_python(rules: str, violation: dict) -> None:
+    import yaml
+    from conftest import ROOT
+    from whetstone_api import rewardgrader
+
+    (rule,) = getattr(rewardgrader, rules)
+    crd = (ROOT / "crds" / "whetstone.dev_rewardgraders.yaml").read_text()
+    generated = _validations(yaml.safe_load(crd))
+    assert {"rule": rule.expression, "message": rule.message} in [
+        {"rule": v["rule"], "message": v["message"]} for v in generated
+    ]
+    with pytest.raises(ValueError, match=rule.message.replace("[", r"\[").replace("]", r"\]")):
+        spec(**violation)
+
+
+def _validations(node: object) -> list[dict]:
+    if isinstance(node, dict):
+        found = list(node.get("x-kubernetes-validations", []))
+        return found + [v for value in node.values() for v in _validations(value)]
+    if isinstance(node, list):
+        return [v for value in node for v in _validations(value)]
+    return []
