@@ -5,6 +5,7 @@ server's CEL rules reject what the Python models reject."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import kubernetes
@@ -132,4 +133,4 @@ def test_the_api_server_rejects_what_the_models_reject(
 ) -> None:
     with pytest.raises(kubernetes.client.ApiException) as e:
         create(cluster, namespace, "bad", spec)
-    assert e.value.status == 422 and message in e.value.body
+    assert e.value.status == 422 and message in json.loads(e.value.body)["message"]

@@ -33,7 +33,7 @@ spec:
 
 
 def test_the_example_graders_pass(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["grader", "test", str(EXAMPLES / "rewardgraders.yaml")]) == 0
+    assert main(["grader", "test", str(EXAMPLES / "graders" / "arithmetic.yaml")]) == 0
     out = capsys.readouterr().out
     assert "RewardGrader/arithmetic (weighted): 2/2 test cases passed" in out
     assert "ok   case 1: expected 0.5, got 0.5" in out  # numeric-distance, printed case by case
