@@ -393,6 +393,7 @@ def test_workers_die_with_the_process_that_started_them(tmp_path: Path) -> None:
         )
     )
     env = {"PYTHONPATH": os.pathsep.join(str(ROOT / d) for d in ("api", "graders")), "PATH": "/usr/bin:/bin"}
+    env["TMPDIR"] = str(tmp_path)  # a killed trainer cannot remove its workers' scratch folders
     trainer = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, env=env, text=True)
     assert trainer.stdout is not None and trainer.stdout.readline() == "grading\n"
 
