@@ -254,6 +254,12 @@ def _list(names: frozenset[str]) -> str:
     return ", ".join(f"spec.{n}" for n in sorted(names)) if names else "nothing"
 
 
+def structural_schema(model: type[ApiModel]) -> dict[str, Any]:
+    """The structural OpenAPI schema of one model."""
+    raw = model.model_json_schema(by_alias=True, schema_generator=CRDJsonSchema)
+    return _structural(raw, raw.get("$defs", {}))
+
+
 def openapi_schema(kind: ResourceKind) -> dict[str, Any]:
     raw = kind.model.model_json_schema(by_alias=True, schema_generator=CRDJsonSchema)
     defs = raw.get("$defs", {})
