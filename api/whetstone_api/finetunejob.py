@@ -6,6 +6,7 @@ the trainer, so a job the API server accepts is a job the trainer understands.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -578,7 +579,7 @@ class FineTuneJob(ApiModel):
             f"self.metadata.name.matches('{k8s.DNS_1035_LABEL}')",
             "metadata.name must be a DNS label starting with a letter (lower-case letters, digits and '-'): it "
             "names the headless Service and the trainer pods",
-            lambda j: k8s.dns_1035_problem(j.metadata.name) is None,
+            lambda j: re.match(k8s.DNS_1035_LABEL, j.metadata.name) is not None,
             field="metadata.name",
         ),
         Rule(

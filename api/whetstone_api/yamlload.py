@@ -68,10 +68,11 @@ class Document:
     key_lines: dict[Path, int] = field(default_factory=dict)
 
     def line_of(self, path: Path) -> int:
-        """The line of the deepest value along `path` that exists."""
+        """The line of the deepest field along `path` that exists: its key, or the item of a list."""
         for n in range(len(path), -1, -1):
-            if path[:n] in self.value_lines:
-                return self.value_lines[path[:n]]
+            line = self.key_lines.get(path[:n]) or self.value_lines.get(path[:n])
+            if line:
+                return line
         return self.line
 
     def key_line(self, path: Path) -> int:
