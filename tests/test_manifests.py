@@ -61,7 +61,9 @@ def test_catalogue_case(tmp_path: Path, capsys: pytest.CaptureFixture[str], case
     lines = err.splitlines()
     where = re.escape(str(path))
     if case.field is None:
-        pattern = rf"^{where}(:\d+)?: .*{re.escape(case.reason)}" if case.id in _NO_LINE else rf"^{where}:\d+: "
+        pattern = (
+            rf"^{where}(:\d+)?: .*{re.escape(case.reason)}" if case.id in _NO_LINE else rf"^{where}:\d+: "
+        )
         matching = [ln for ln in lines if re.match(pattern, ln) and case.reason in ln]
         assert matching, f"no line-numbered message with {case.reason!r}: {lines}"
         return
@@ -92,7 +94,9 @@ def test_yaml_problems_name_their_line(tmp_path: Path) -> None:
 
 def test_duplicate_key_names_both_lines(tmp_path: Path) -> None:
     path = tmp_path / "job.yaml"
-    path.write_text(dump(valid_job()).replace("    seed: 7\n", "    seed: 7\n    precision: fp32\n    seed: 8\n"))
+    path.write_text(
+        dump(valid_job()).replace("    seed: 7\n", "    seed: 7\n    precision: fp32\n    seed: 8\n")
+    )
     with pytest.raises(ManifestError) as err:
         load_resource(path)
     text = path.read_text().splitlines()
@@ -102,7 +106,11 @@ def test_duplicate_key_names_both_lines(tmp_path: Path) -> None:
 
 def test_unknown_field_points_at_its_line(tmp_path: Path) -> None:
     path = tmp_path / "job.yaml"
-    text = (EXAMPLES / "sft-tiny-reverse.yaml").read_text().replace("    seed: 7\n", "    seed: 7\n    sead: 8\n")
+    text = (
+        (EXAMPLES / "sft-tiny-reverse.yaml")
+        .read_text()
+        .replace("    seed: 7\n", "    seed: 7\n    sead: 8\n")
+    )
     path.write_text(text)
     with pytest.raises(ManifestError) as err:
         load_resource(path)
@@ -144,9 +152,16 @@ def test_defaults_fill_in() -> None:
 
 def test_typed_affinity_reaches_the_pod_as_written() -> None:
     doc = valid_job()
-    affinity = {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
-        {"weight": 10, "preference": {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}}
-    ]}}
+    affinity = {
+        "nodeAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "weight": 10,
+                    "preference": {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]},
+                }
+            ]
+        }
+    }
     doc["spec"]["affinity"] = affinity
     job = FineTuneJob.model_validate(doc)
     assert job.spec.affinity == affinity
@@ -155,7 +170,11 @@ def test_typed_affinity_reaches_the_pod_as_written() -> None:
 def test_job_name_budget_follows_the_pod_names() -> None:
     # The operator names pods with rendezvous.pod_name; the API's budget must use the same names.
     assert pod_name("job", MAX_NODES - 1) == operator_pod_name("job", MAX_NODES - 1)
-    assert max_job_name_length(1) == 56 and max_job_name_length(11) == 55 and max_job_name_length(MAX_NODES) == 53
+    assert (
+        max_job_name_length(1) == 56
+        and max_job_name_length(11) == 55
+        and max_job_name_length(MAX_NODES) == 53
+    )
 
 
 def _child_names_problems(job: dict[str, Any]) -> list[str]:

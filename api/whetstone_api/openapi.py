@@ -64,7 +64,12 @@ def _is_integer(value: Any) -> bool:
         return False
     if isinstance(value, int):
         return _INT64[0] <= value <= _INT64[1]
-    return isinstance(value, float) and math.isfinite(value) and value == int(value) and abs(value) <= _SAFE_FLOAT_INT
+    return (
+        isinstance(value, float)
+        and math.isfinite(value)
+        and value == int(value)
+        and abs(value) <= _SAFE_FLOAT_INT
+    )
 
 
 def suggestion(name: str, candidates: list[str]) -> str | None:
@@ -151,7 +156,9 @@ def _type_ok(value: Any, kind: str) -> bool:
     return True
 
 
-def _check_object(value: dict[str, Any], schema: dict[str, Any], path: Path, out: list[SchemaProblem]) -> None:
+def _check_object(
+    value: dict[str, Any], schema: dict[str, Any], path: Path, out: list[SchemaProblem]
+) -> None:
     props: dict[str, Any] = schema.get("properties", {})
     additional = schema.get("additionalProperties")
     free = schema.get("x-kubernetes-preserve-unknown-fields", False)
@@ -167,7 +174,9 @@ def _check_object(value: dict[str, Any], schema: dict[str, Any], path: Path, out
             near = suggestion(key, list(props))
             out.append(
                 SchemaProblem(
-                    (*path, key), "unknown field" + (f"; did you mean {near}?" if near else ""), unknown_field=True
+                    (*path, key),
+                    "unknown field" + (f"; did you mean {near}?" if near else ""),
+                    unknown_field=True,
                 )
             )
     for key in schema.get("required", []):
@@ -175,14 +184,18 @@ def _check_object(value: dict[str, Any], schema: dict[str, Any], path: Path, out
             out.append(SchemaProblem((*path, key), "Required value"))
     count = len(value)
     if "maxProperties" in schema and count > schema["maxProperties"]:
-        out.append(SchemaProblem(path, f"Too many: {count}: must have at most {schema['maxProperties']} items"))
+        out.append(
+            SchemaProblem(path, f"Too many: {count}: must have at most {schema['maxProperties']} items")
+        )
     if "minProperties" in schema and count < schema["minProperties"]:
         out.append(SchemaProblem(path, f"must have at least {schema['minProperties']} items"))
 
 
 def _check_array(value: list[Any], schema: dict[str, Any], path: Path, out: list[SchemaProblem]) -> None:
     if "maxItems" in schema and len(value) > schema["maxItems"]:
-        out.append(SchemaProblem(path, f"Too many: {len(value)}: must have at most {schema['maxItems']} items"))
+        out.append(
+            SchemaProblem(path, f"Too many: {len(value)}: must have at most {schema['maxItems']} items")
+        )
         return
     if "minItems" in schema and len(value) < schema["minItems"]:
         out.append(SchemaProblem(path, f"must have at least {schema['minItems']} items"))
@@ -237,4 +250,6 @@ def _check_number(value: int | float, schema: dict[str, Any], path: Path, out: l
             bad = value > limit or (exclusive and value == limit)
             words = "less than" if exclusive else "less than or equal to"
         if bad:
-            out.append(SchemaProblem(path, f"Invalid value: {_show(value)}: should be {words} {_show(limit)}"))
+            out.append(
+                SchemaProblem(path, f"Invalid value: {_show(value)}: should be {words} {_show(limit)}")
+            )

@@ -130,7 +130,9 @@ def _prescan(text: str) -> None:
         for event in yaml.parse(text, Loader=_Loader):
             events += 1
             if events > MAX_EVENTS:
-                raise YamlProblem(f"the file has more than {MAX_EVENTS} YAML nodes", event.start_mark.line + 1)
+                raise YamlProblem(
+                    f"the file has more than {MAX_EVENTS} YAML nodes", event.start_mark.line + 1
+                )
             if isinstance(event, yaml.CollectionStartEvent):
                 depth += 1
                 if depth > MAX_DEPTH:
@@ -185,8 +187,10 @@ class _Builder:
         out: dict[str, Any] = {}
         merged: list[MappingNode] = []
         for key_node, value_node in node.value:
-            if isinstance(key_node, ScalarNode) and key_node.tag == _CORE + "merge" or (
-                isinstance(key_node, ScalarNode) and key_node.tag == _PLAIN and key_node.value == "<<"
+            if (
+                isinstance(key_node, ScalarNode)
+                and key_node.tag == _CORE + "merge"
+                or (isinstance(key_node, ScalarNode) and key_node.tag == _PLAIN and key_node.value == "<<")
             ):
                 merged += _merge_sources(value_node)
                 continue
@@ -216,7 +220,9 @@ def _merge_sources(node: Node) -> list[MappingNode]:
 
 def _key(node: Node) -> str:
     if not isinstance(node, ScalarNode):
-        raise YamlProblem("a mapping key must be a plain value, not a list or a mapping", node.start_mark.line + 1)
+        raise YamlProblem(
+            "a mapping key must be a plain value, not a list or a mapping", node.start_mark.line + 1
+        )
     value = _scalar(node)
     if value is None:
         raise YamlProblem("a mapping key must not be null", node.start_mark.line + 1)

@@ -243,7 +243,7 @@ def _close_misspellings(row: dict[str, Any], known: tuple[str, ...]) -> None:
         if key in known:
             continue
         near = suggestion(key, list(known))
-        if near and near not in row:
+        if near:
             raise _Bad(f"{key}: unknown key; did you mean {near}?")
 
 
@@ -273,7 +273,9 @@ def _check_tool_calls(calls: Any, where: str) -> list[str]:
             except (ValueError, RecursionError):
                 raise _Bad(f"{at}.function.arguments is not valid JSON") from None
         if not isinstance(arguments, dict):
-            raise _Bad(f"{at}.function.arguments must be a JSON object (or its JSON text), not {_type(arguments)}")
+            raise _Bad(
+                f"{at}.function.arguments must be a JSON object (or its JSON text), not {_type(arguments)}"
+            )
     return ids
 
 
@@ -316,7 +318,9 @@ def _check_message(m: Any, where: str, *, allow_weight: bool = True) -> None:
         _string(m["tool_call_id"], f"{where}.tool_call_id", empty=False)
 
 
-def _check_messages(messages: Any, key: str = "messages", *, allow_weight: bool = True) -> list[dict[str, Any]]:
+def _check_messages(
+    messages: Any, key: str = "messages", *, allow_weight: bool = True
+) -> list[dict[str, Any]]:
     """A conversation: valid messages, system first, tool results right after the calls they answer."""
     if not isinstance(messages, list):
         raise _Bad(f"'{key}' must be a list of messages, not {_type(messages)}")
@@ -335,7 +339,9 @@ def _check_messages(messages: Any, key: str = "messages", *, allow_weight: bool 
             if call_ids is None:
                 raise _Bad(f"{where}: a tool message must follow an assistant message with tool_calls")
             if "tool_call_id" in m and call_ids and m["tool_call_id"] not in call_ids:
-                raise _Bad(f"{where}.tool_call_id {m['tool_call_id']!r} answers no call of the message before")
+                raise _Bad(
+                    f"{where}.tool_call_id {m['tool_call_id']!r} answers no call of the message before"
+                )
         elif role == "assistant" and m.get("tool_calls"):
             call_ids = [c["id"] for c in m["tool_calls"] if "id" in c]
         else:
@@ -462,7 +468,9 @@ def _check_preference(row: Any) -> None:
 
 
 def _answer_text(answer: dict[str, Any] | str) -> Any:
-    return answer if isinstance(answer, str) else (answer.get("content"), json.dumps(answer.get("tool_calls")))
+    return (
+        answer if isinstance(answer, str) else (answer.get("content"), json.dumps(answer.get("tool_calls")))
+    )
 
 
 def _check_openai_preference(row: dict[str, Any]) -> None:
