@@ -14,8 +14,8 @@ _KEY_MAX = 317
 _VALUES_MAX = 64
 _TERMS_MAX = 16
 _KEY = Field(min_length=1, max_length=_KEY_MAX, pattern=k8s.QUALIFIED_NAME)
-# Formats of list items are OpenAPI patterns with a maxLength: CEL over unbounded strings in nested lists costs
-# more than the API server's budget for a CRD.
+# Formats of list items are OpenAPI patterns with a maxLength: CEL over unbounded strings in nested lists
+# costs more than the API server's budget for a CRD.
 LabelValue = Annotated[str, Field(max_length=k8s.LABEL_VALUE_MAX, pattern=k8s.LABEL_VALUE)]
 QualifiedName = Annotated[str, Field(min_length=1, max_length=_KEY_MAX, pattern=k8s.QUALIFIED_NAME)]
 Namespace = Annotated[str, Field(min_length=1, max_length=k8s.DNS_LABEL_MAX, pattern=k8s.DNS_LABEL)]

@@ -228,12 +228,18 @@ def _names_cel(side: str) -> str:
 
 def _quantities_cel(side: str) -> str:
     q = f"string(self.{side}[k])"
-    return f"!has(self.{side}) || self.{side}.all(k, isQuantity({q}) && !quantity({q}).isLessThan(quantity('0')))"
+    return (
+        f"!has(self.{side}) || "
+        f"self.{side}.all(k, isQuantity({q}) && !quantity({q}).isLessThan(quantity('0')))"
+    )
 
 
 def _extended_cel(side: str) -> str:
     extended = f"!(k in {cel_string_list(STANDARD_RESOURCES)}) && !k.startsWith('hugepages-')"
-    return f"!has(self.{side}) || self.{side}.all(k, !({extended}) || quantity(string(self.{side}[k])).isInteger())"
+    return (
+        f"!has(self.{side}) || "
+        f"self.{side}.all(k, !({extended}) || quantity(string(self.{side}[k])).isInteger())"
+    )
 
 
 class ResourceRequirements(ApiModel):
@@ -247,15 +253,15 @@ class ResourceRequirements(ApiModel):
         for rule in (
             Rule(
                 _names_cel(side),
-                f"{side}: a resource is cpu, memory, ephemeral-storage, hugepages-<size> or an extended resource "
-                "with a domain (vendor.example/device)",
+                f"{side}: a resource is cpu, memory, ephemeral-storage, hugepages-<size> or an extended "
+                "resource with a domain (vendor.example/device)",
                 lambda r, side=side: all(_resource_name_ok(k) for k in getattr(r, side)),
                 field=side,
             ),
             Rule(
                 _quantities_cel(side),
-                f"{side}: every value must be a non-negative quantity, e.g. 500m, 2, 16Gi (write fractions as "
-                'strings: "0.5")',
+                f"{side}: every value must be a non-negative quantity, e.g. 500m, 2, 16Gi (write fractions "
+                'as strings: "0.5")',
                 lambda r, side=side: _quantities_ok(getattr(r, side)),
                 field=side,
             ),
@@ -312,8 +318,8 @@ class Toleration(ApiModel):
         Rule(
             "!has(self.key) || self.key == '' || (self.key.size() <= 317 && "
             f"self.key.matches('{k8s.QUALIFIED_NAME}'))",
-            "key must be a qualified name (an optional DNS-subdomain prefix and '/', then at most 63 letters, "
-            "digits, '-', '_' and '.')",
+            "key must be a qualified name (an optional DNS-subdomain prefix and '/', then at most 63 "
+            "letters, digits, '-', '_' and '.')",
             lambda t: not t.key or k8s.qualified_name_problem(t.key) is None,
             field="key",
         ),
@@ -331,7 +337,8 @@ class Toleration(ApiModel):
         ),
         Rule(
             f"!has(self.value) || self.value.matches('{k8s.LABEL_VALUE}')",
-            "value must be a label value (at most 63 letters, digits, '-', '_' and '.', alphanumeric at both ends)",
+            "value must be a label value (at most 63 letters, digits, '-', '_' and '.', alphanumeric at "
+            "both ends)",
             lambda t: t.value is None or k8s.label_value_problem(t.value) is None,
             field="value",
         ),

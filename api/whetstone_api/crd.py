@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from . import k8s
 from .base import API_GROUP, API_VERSION, LIST_MAP_KEYS, ApiModel, CRDJsonSchema, Rule, cel
 from .checkpoint import Checkpoint

@@ -304,8 +304,9 @@ class EmptyDirVolumeSource(ApiModel):
 
 
 USER_VOLUME_PREFIX = "user-"
-"""The operator names a user's volume user-<name> in the pod, apart from its own (job-config, scratch, and pvc-*
-for the claims of pvc:// URIs); tests/test_manifests.py checks every accepted job's pods on the real builder."""
+"""The operator names a user's volume user-<name> in the pod, apart from its own (job-config, scratch, and
+pvc-* for the claims of pvc:// URIs); tests/test_manifests.py checks the pods of accepted jobs on the real
+builder."""
 RESERVED_MOUNT_PATHS = (CONFIG_DIR, SCRATCH_DIR, PVC_ROOT, "/dev/shm")
 """Where the operator mounts the job's config, the scratch folder and the claims, and /dev/shm: no user
 volume may be mounted at, inside or above one of them."""
@@ -330,7 +331,8 @@ class TrainerVolume(ApiModel):
     LIST_MAP_KEYS = ("name",)
     RULES = (
         Rule(
-            "[has(self.persistentVolumeClaim), has(self.configMap), has(self.emptyDir)].filter(x, x).size() == 1",
+            "[has(self.persistentVolumeClaim), has(self.configMap), has(self.emptyDir)]"
+            ".filter(x, x).size() == 1",
             "exactly one of persistentVolumeClaim, configMap or emptyDir must be set",
             lambda v: sum(s is not None for s in (v.persistent_volume_claim, v.config_map, v.empty_dir)) == 1,
         ),
@@ -344,8 +346,8 @@ class TrainerVolume(ApiModel):
         Rule(
             f"!{cel_string_list(RESERVED_MOUNT_PATHS)}.exists(r, self.mountPath == r || "
             "self.mountPath.startsWith(r + '/') || r.startsWith(self.mountPath + '/'))",
-            f"mountPath must not be at, inside or above {', '.join(RESERVED_MOUNT_PATHS)}: the operator mounts "
-            "the job's config, scratch space and claims there",
+            f"mountPath must not be at, inside or above {', '.join(RESERVED_MOUNT_PATHS)}: the operator "
+            "mounts the job's config, scratch space and claims there",
             lambda v: _mount_path_clear(v.mount_path),
             field="mountPath",
         ),
@@ -577,8 +579,8 @@ class FineTuneJob(ApiModel):
     RULES = (
         Rule(
             f"self.metadata.name.matches('{k8s.DNS_1035_LABEL}')",
-            "metadata.name must be a DNS label starting with a letter (lower-case letters, digits and '-'): it "
-            "names the headless Service and the trainer pods",
+            "metadata.name must be a DNS label starting with a letter (lower-case letters, digits and "
+            "'-'): it names the headless Service and the trainer pods",
             lambda j: re.match(k8s.DNS_1035_LABEL, j.metadata.name) is not None,
             field="metadata.name",
         ),

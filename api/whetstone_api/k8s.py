@@ -90,7 +90,10 @@ def dns_subdomain_problem(value: str, what: str = "name") -> str | None:
     if len(value) > DNS_SUBDOMAIN_MAX:
         return f"{what} {value!r} is longer than {DNS_SUBDOMAIN_MAX} characters"
     if not _dns_subdomain.match(value):
-        return f"{what} {value!r} must be lower-case letters, digits, '-' and '.', starting and ending alphanumeric"
+        return (
+            f"{what} {value!r} must be lower-case letters, digits, '-' and '.', starting and ending "
+            "alphanumeric"
+        )
     return None
 
 

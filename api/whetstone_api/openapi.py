@@ -1,7 +1,7 @@
 """A value checked against a CRD's structural OpenAPI schema the way kube-apiserver checks it: strict types
 (a quoted "8" is not an integer, "true" is not a boolean), integers within int64, the server's comparison of
-integers with bounds, enums, patterns, lengths, item counts, required fields, map-list keys, and unknown fields
-refused as `kubectl apply` (strict field validation) refuses them, with a did-you-mean.
+integers with bounds, enums, patterns, lengths, item counts, required fields, map-list keys, and unknown
+fields refused as `kubectl apply` (strict field validation) refuses them, with a did-you-mean.
 
 The CEL rules (`x-kubernetes-validations`) are not evaluated here: each has its Python twin in the models'
 `RULES`. `tests/test_crds.py` also uses this module to check every default of every generated schema.

@@ -101,10 +101,7 @@ def load(data: bytes | str) -> list[Document]:
 
 
 def _decode(data: bytes | str) -> str:
-    if isinstance(data, str):
-        raw = data.encode("utf-8", "surrogatepass")
-    else:
-        raw = data
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
     if len(raw) > MAX_BYTES:
         raise YamlProblem(f"the file has {len(raw)} bytes; a manifest may have at most {MAX_BYTES} (3 MiB)")
     try:

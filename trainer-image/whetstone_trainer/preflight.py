@@ -76,8 +76,8 @@ def world_size_problems(spec: FineTuneJobSpec) -> list[str]:
     return [
         f"spec.hyperparameters.batchSize: {hp.batch_size} rows per step cannot be shared by "
         f"gradientAccumulationSteps {hp.gradient_accumulation_steps} x {world} process(es) "
-        f"(spec.nodes {spec.nodes} x {spec.processes_per_node} per node): it must be a multiple of {per_step}, "
-        "so that every rank gets the same number of rows (at least one) in every micro-batch"
+        f"(spec.nodes {spec.nodes} x {spec.processes_per_node} per node): it must be a multiple of "
+        f"{per_step}, so that every rank gets the same number of rows (at least one) in every micro-batch"
     ]
 
 
