@@ -14,8 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-from whetstone_api.yamlload import resolve_plain
+from whetstone_api import yamlload
 
 BASE: dict[str, Any] = {
     "apiVersion": "whetstone.dev/v1alpha1",
@@ -32,20 +31,8 @@ BASE: dict[str, Any] = {
 }
 
 
-class _Dumper(yaml.SafeDumper):
-    """Quotes every string that kubectl's YAML rules would read as something else (y, 1e3, 0x1F...)."""
-
-
-def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
-    style = '"' if resolve_plain(value) != value or value != value.strip() else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
-
-
-_Dumper.add_representer(str, _represent_str)
-
-
 def dump(doc: Any) -> str:
-    return yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=4096, allow_unicode=True)
+    return yamlload.dump(doc)
 
 
 Edit = Callable[[dict[str, Any]], None]

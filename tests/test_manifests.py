@@ -245,3 +245,32 @@ def test_run_refuses_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["run", str(path)]) == 1
     err = capsys.readouterr().err
     assert str(path) in err and "Traceback" not in err
+
+
+def test_dump_writes_what_kubectl_reads_back() -> None:
+    # PyYAML leaves y, n, 1e3 and 08 unquoted; Go's rules (kubectl, the trainer's loader) read them as a
+    # boolean and numbers. Manifests written by Whetstone must survive the round trip.
+    from whetstone_api import yamlload
+
+    tricky = [
+        "y",
+        "n",
+        "N",
+        "on",
+        "1e3",
+        "08",
+        "0x1F",
+        "1_000",
+        ".5",
+        "+5",
+        "1:30",
+        "2024-01-01",
+        " pad",
+        "~",
+        "",
+    ]
+    doc = {"spec": {"nodeSelector": {f"k{i}": v for i, v in enumerate(tricky)}, "n": 1.0e-4, "m": 3}}
+    (back,) = yamlload.load(yamlload.dump(doc))
+    assert back.value == doc
+    naive = yamlload.load(yaml.safe_dump(doc))[0].value["spec"]["nodeSelector"]
+    assert naive["k0"] is True and naive["k4"] == 1000  # what the naive dump would have sent

@@ -319,6 +319,30 @@ def _scalar(node: ScalarNode) -> Any:
     raise YamlProblem(f"unsupported tag {tag} (only the core YAML tags are read)", line)
 
 
+# --- writing YAML that kubectl and `load` read back as written ----------------------------------------------
+
+
+class _Dumper(yaml.SafeDumper):
+    """PyYAML quotes the strings its own rules would misread, not those Go's rules would (y, n, 1e3, 08)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = '"' if resolve_plain(value) != value or value != value.strip() else None
+    return dumper.represent_scalar(_CORE + "str", value, style=style)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
+def dump(doc: Any) -> str:
+    """YAML of `doc` that `load` (and kubectl) read back as the same values: write manifests (such as the
+    trainer's job.yaml) with this, not with yaml.safe_dump."""
+    return yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=4096, allow_unicode=True)
+
+
 # --- numbers as the API server receives them ------------------------------------------------------------
 
 
