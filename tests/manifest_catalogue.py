@@ -238,7 +238,7 @@ CATALOGUE: list[Case] = [
     ),
     Case("yaml-scalar-document", "just some text\n", None, "expected a YAML mapping"),
     Case("yaml-empty-file", "\n# nothing here\n", None, "no YAML document"),
-    Case("yaml-too-large", dump(BASE) + "# " + "x" * (3 * 1024 * 1024) + "\n", None, "at most 3145728"),
+    Case("yaml-too-large", job(put("spec.image", "x" * (3 * 1024 * 1024))), None, "at most 3145728"),
     Case("yaml-bad-merge", spec_text("  method: sft\n", "  method: sft\n  <<: 5\n"), None, "merge key"),
     ok("yaml-bom-and-crlf", "\ufeff" + dump(BASE).replace("\n", "\r\n")),
     ok("yaml-anchor-and-merge", spec_text("  hyperparameters:\n", "  hyperparameters:\n    <<: {seed: 3}\n")),
