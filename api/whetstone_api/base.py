@@ -16,7 +16,6 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic.json_schema import GenerateJsonSchema
-from pydantic_core import PydanticCustomError
 
 from . import k8s
 
@@ -64,7 +63,15 @@ class Rule:
         except ValueError:  # a value an earlier rule should have refused: this rule fails too
             pass
         message = self.message + (f" ({self.detail(model)})" if self.detail else "")
-        raise PydanticCustomError("rule", message, {"field": self.field})
+        raise RuleError(message, self.field)
+
+
+class RuleError(ValueError):
+    """A Rule that does not hold; `field` is the field it names, relative to the model that declares it."""
+
+    def __init__(self, message: str, field: str | None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 def _schema_extra(schema: dict[str, Any], cls: type) -> None:

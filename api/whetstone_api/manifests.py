@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from . import GROUP_VERSION, RESOURCE_KINDS, openapi
-from .base import ApiModel, ObjectMeta
+from .base import ApiModel, ObjectMeta, RuleError
 from .yamlload import Document, YamlProblem, load
 
 
@@ -157,7 +157,8 @@ def parse_resource(doc: dict[str, Any], where: Document | None, path: Path) -> A
 
 def _problem_of(err: Any, path: Path, line: Any) -> Problem:
     loc = tuple(err["loc"])
-    field = (err.get("ctx") or {}).get("field") if err["type"] == "rule" else None
+    error = (err.get("ctx") or {}).get("error")
+    field = error.field if isinstance(error, RuleError) else None
     if field:
         loc = (*loc, *field.split("."))
     msg = err["msg"].removeprefix("Value error, ")
