@@ -37,7 +37,7 @@ KUBECTL = str(Path(sys.executable).parent / "kubectl")
 
 def kubectl(cluster: Cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
-        [KUBECTL, "--kubeconfig", str(cluster.kubeconfig), *args], capture_output=True, text=True, timeout=120
+        [KUBECTL, "--kubeconfig", str(cluster.kubeconfig), *args], capture_output=True, text=True, timeout=400
     )
     if check:
         assert result.returncode == 0, f"kubectl {' '.join(args)}: {result.stderr}"
@@ -72,7 +72,8 @@ def wait_established(cluster: Cluster, names: list[str]) -> None:
 
 
 def delete_crds(cluster: Cluster, names: list[str]) -> None:
-    kubectl(cluster, "delete", "crd", "--ignore-not-found", "--wait=true", "--timeout=90s", *names)
+    # Slow on a loaded machine: the API server finalizes each CRD before it goes.
+    kubectl(cluster, "delete", "crd", "--ignore-not-found", "--wait=true", "--timeout=300s", *names)
 
 
 @pytest.fixture(scope="session")
@@ -86,21 +87,14 @@ def crds(cluster: Cluster) -> Iterator[list[str]]:
 
 
 def test_crds_install_and_update_with_kubectl(cluster: Cluster, tmp_path: Path) -> None:
-    """Fresh installs server-side and client-side, re-applies, an update in place, and `kubectl create`."""
+    """A fresh install with `kubectl create` and with `kubectl apply --server-side`; client-side apply over
+    it twice (nothing changes), a changed CRD applied in place, and server-side apply taking over."""
     names = crd_names()
-    for install in (
-        ["apply", "--server-side", "-f", str(CRD_DIR)],
-        ["apply", "-f", str(CRD_DIR)],
-        ["create", "-f", str(CRD_DIR)],
-    ):
-        delete_crds(cluster, names)
-        out = kubectl(cluster, *install).stdout
-        assert out.count("customresourcedefinition.apiextensions.k8s.io/") == len(names), out
-        wait_established(cluster, names)
     delete_crds(cluster, names)
+    created = kubectl(cluster, "create", "-f", str(CRD_DIR)).stdout
+    assert created.count(" created") == len(names), created
+    wait_established(cluster, names)
 
-    # Client-side apply twice (nothing changes), then a changed CRD updates in place, then server-side
-    # apply takes the CRDs over (what a user moving to the README's command does).
     kubectl(cluster, "apply", "-f", str(CRD_DIR))
     again = kubectl(cluster, "apply", "-f", str(CRD_DIR)).stdout
     assert again.count(" unchanged") == len(names), again
@@ -113,13 +107,21 @@ def test_crds_install_and_update_with_kubectl(cluster: Cluster, tmp_path: Path) 
         (changed / path.name).write_text(yaml.safe_dump(crd, sort_keys=False))
     updated = kubectl(cluster, "apply", "-f", str(changed)).stdout
     assert updated.count(" configured") == len(names), updated
-    ftj = cluster.extensions.read_custom_resource_definition("finetunejobs.whetstone.dev")
-    assert ftj.metadata.labels["whetstone.dev/e2e"] == "changed"
+    assert "(changed)" in _ftj_schema_description(cluster)
     kubectl(cluster, "apply", "--server-side", "--force-conflicts", "-f", str(CRD_DIR))
-    kubectl(cluster, "apply", "--server-side", "-f", str(CRD_DIR))
-    ftj = cluster.extensions.read_custom_resource_definition("finetunejobs.whetstone.dev")
-    assert "(changed)" not in ftj.spec.versions[0].schema.open_api_v3_schema.description
+    assert "(changed)" not in _ftj_schema_description(cluster)
+
+    delete_crds(cluster, names)
+    fresh = kubectl(cluster, "apply", "--server-side", "-f", str(CRD_DIR)).stdout
+    assert fresh.count(" serverside-applied") == len(names), fresh
     wait_established(cluster, names)
+
+
+def _ftj_schema_description(cluster: Cluster) -> str:
+    crd = cluster.api.sanitize_for_serialization(
+        cluster.extensions.read_custom_resource_definition("finetunejobs.whetstone.dev")
+    )
+    return str(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["description"])
 
 
 def test_examples_apply_with_kubectl(cluster: Cluster, crds: list[str], namespace: str) -> None:
