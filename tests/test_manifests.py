@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import EXAMPLES, valid_job
 from manifest_catalogue import CATALOGUE, NAME_53, Case, dump
-from whetstone_api import FineTuneJob, k8s
+from whetstone_api import FineTuneJob, k8s, yamlload
 from whetstone_api.finetunejob import MAX_NODES, max_job_name_length, pod_name
 from whetstone_api.manifests import ManifestError, load_resource, load_resources
 from whetstone_cli.main import main
@@ -209,9 +209,9 @@ def _child_names_problems(job: dict[str, Any]) -> list[str]:
     ids=lambda c: c.id,
 )
 def test_accepted_jobs_make_children_the_server_accepts(case: Case) -> None:
-    for doc in yaml.safe_load_all(case.text.lstrip("\ufeff")):
-        if doc.get("kind") == "FineTuneJob":
-            job = FineTuneJob.model_validate(doc).to_wire()
+    for doc in yamlload.load(case.text):
+        if doc.value.get("kind") == "FineTuneJob":
+            job = FineTuneJob.model_validate(doc.value).to_wire()
             assert _child_names_problems(job) == []
 
 
@@ -250,8 +250,6 @@ def test_run_refuses_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_dump_writes_what_kubectl_reads_back() -> None:
     # PyYAML leaves y, n, 1e3 and 08 unquoted; Go's rules (kubectl, the trainer's loader) read them as a
     # boolean and numbers. Manifests written by Whetstone must survive the round trip.
-    from whetstone_api import yamlload
-
     tricky = [
         "y",
         "n",
