@@ -172,6 +172,13 @@ def _bomb() -> str:
 
 
 NAME_53 = "n" * 53
+DUPLICATE_KEYS = (
+    "a duplicate key is refused: kubectl keeps the last value silently, whichever the author meant"
+)
+TAGS = (
+    "YAML tags other than the core ones (!!str, !!int, ...) are refused: kubectl drops them silently and "
+    "sends the bare value, which hides what the author meant (!!set, !!python/..., custom tags)"
+)
 
 CATALOGUE: list[Case] = [
     # --- the YAML itself -----------------------------------------------------------------------------------
@@ -179,15 +186,17 @@ CATALOGUE: list[Case] = [
     Case("yaml-tab-indent", spec_text("  method: sft\n", "\tmethod: sft\n"), None, "invalid YAML"),
     Case(
         "yaml-duplicate-key",
-        spec_text("  method: sft\n", "  method: sft\n  method: dpo\n"),
+        spec_text("  method: sft\n", "  method: dpo\n  method: sft\n"),
         None,
         "duplicate key 'method'",
+        stricter=DUPLICATE_KEYS,
     ),
     Case(
         "yaml-duplicate-nested-key",
         spec_text("    batchSize: 8\n", "    batchSize: 8\n    batchSize: 16\n"),
         None,
         "duplicate key 'batchSize'",
+        stricter=DUPLICATE_KEYS,
     ),
     Case("yaml-alias-bomb", _bomb(), None, "expands to more than"),
     Case(
@@ -198,7 +207,14 @@ CATALOGUE: list[Case] = [
     ),
     Case("yaml-nul-byte", spec_text("  method: sft\n", "  method: s\x00ft\n"), None, "control character"),
     Case("yaml-bell-byte", spec_text("  method: sft\n", "  method: \x07sft\n"), None, "control character"),
-    Case("yaml-invalid-utf8", spec_text("  method: sft\n", "  method: sft\n  # \udcff\n"), None, "not UTF-8"),
+    Case(
+        "yaml-invalid-utf8-in-comment",
+        spec_text("  method: sft\n", "  method: sft\n  # \udcff\n"),
+        None,
+        "not UTF-8",
+        stricter="a file that is not UTF-8 is refused whole; kubectl skips such bytes in a comment",
+    ),
+    Case("yaml-invalid-utf8", spec_text("  method: sft\n", "  method: s\udcfft\n"), None, "not UTF-8"),
     Case(
         "yaml-nan",
         spec_text("    learningRate: 0.001\n", "    learningRate: .nan\n"),
@@ -216,13 +232,21 @@ CATALOGUE: list[Case] = [
         spec_text("  method: sft\n", "  method: !!python/name:os.system sft\n"),
         None,
         "unsupported tag",
+        stricter=TAGS,
     ),
-    Case("yaml-custom-tag", spec_text("  method: sft\n", "  method: !sft sft\n"), None, "unsupported tag"),
+    Case(
+        "yaml-custom-tag",
+        spec_text("  method: sft\n", "  method: !sft sft\n"),
+        None,
+        "unsupported tag",
+        stricter=TAGS,
+    ),
     Case(
         "yaml-set-tag",
         spec_text("  fullParameter: {}\n", "  fullParameter: !!set {a}\n"),
         None,
         "unsupported tag",
+        stricter=TAGS,
     ),
     Case(
         "yaml-complex-key",
