@@ -5,6 +5,11 @@ with null, boolean `exclusiveMinimum`, `x-kubernetes-*` markers for int-or-strin
 map-like lists. This module does that conversion and adds what only a CRD has: printer columns, short names,
 the status subresource, immutability rules.
 
+Numbers: kubectl turns YAML into JSON through Go, so a whole-number float (`0.0`) reaches the API server as
+the integer `0`, and the server compares an integer with a bound truncated to an integer (a value `0` against
+`maximum: 0.5` exclusive is checked as `0 < 0`). Fractional bounds therefore become CEL rules, which compare
+numbers as doubles; `tests/test_crds.py` checks every default the way the server does.
+
 Run `python -m whetstone_api.crd crds/` (or `whetstone crds`); `tests/test_crds.py` fails when the
 files in `crds/` differ from what this produces.
 """
@@ -17,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel
-from pydantic.json_schema import GenerateJsonSchema
 
-from .base import API_GROUP, API_VERSION, ApiModel, cel
+from . import k8s
+from .base import API_GROUP, API_VERSION, LIST_MAP_KEYS, ApiModel, CRDJsonSchema, Rule, cel
 from .checkpoint import Checkpoint
 from .finetunejob import FineTuneJob
 from .rewardgrader import RewardGrader
@@ -28,10 +32,11 @@ from .trainingsession import TrainingSession
 
 CATEGORY = "whetstone"
 
-DNS_LABEL_RULE = cel(
-    "self.metadata.name.size() <= 63 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+DNS_LABEL_RULE = Rule(
+    f"self.metadata.name.size() <= {k8s.DNS_LABEL_MAX} && self.metadata.name.matches('{k8s.DNS_1035_LABEL}')",
     "metadata.name must be a DNS label (lowercase letters, digits and '-', at most 63 characters): "
-    "it names the trainer pods and the headless Service",
+    "it names the pods and the Service",
+    lambda obj: k8s.dns_1035_problem(obj.metadata.name) is None,
 )
 
 
@@ -54,7 +59,12 @@ class ResourceKind:
     columns: list[PrinterColumn]
     # Spec fields that may change after creation; every other spec field is immutable (CEL).
     mutable_spec_fields: frozenset[str] | None = None
-    root_rules: list[dict[str, str]] = field(default_factory=list)
+    # Rules on the whole object beyond the model's own RULES (for kinds whose models say nothing of names).
+    root_rules: list[Rule] = field(default_factory=list)
+
+    @property
+    def rules(self) -> list[Rule]:
+        return [*self.model.RULES, *self.root_rules]
 
 
 KINDS: list[ResourceKind] = [
@@ -82,7 +92,6 @@ KINDS: list[ResourceKind] = [
             PrinterColumn("Age", ".metadata.creationTimestamp", type="date"),
         ],
         mutable_spec_fields=frozenset({"suspend"}),
-        root_rules=[DNS_LABEL_RULE],
     ),
     ResourceKind(
         model=RewardGrader,
@@ -123,28 +132,32 @@ KINDS: list[ResourceKind] = [
             PrinterColumn("Endpoint", ".status.endpoint"),
             PrinterColumn("Age", ".metadata.creationTimestamp", type="date"),
         ],
+        root_rules=[DNS_LABEL_RULE],
     ),
 ]
 
 
-class _CRDJsonSchema(GenerateJsonSchema):
-    """Gives fields with a default_factory an explicit empty default, so the API server fills in the nested
-    defaults and `kubectl get -o yaml` shows the settings a job really runs with."""
-
-    def default_schema(self, schema: Any) -> Any:
-        factory = schema.get("default_factory")
-        if factory is not None and not schema.get("default_factory_takes_data"):
-            value = factory()
-            inner = self.generate_inner(schema["schema"])
-            if isinstance(value, BaseModel):
-                return {**inner, "default": {}}
-            if value in ([], {}):
-                return {**inner, "default": value}
-            return inner
-        return super().default_schema(schema)
+_DROP = {"title", "additionalProperties", "$defs", "const", "discriminator", LIST_MAP_KEYS}
+_BOUNDS = {
+    # JSON-schema keyword: (OpenAPI bound, exclusive, CEL operator that must hold, what the message says)
+    "minimum": ("minimum", False, ">=", "greater than or equal to"),
+    "exclusiveMinimum": ("minimum", True, ">", "greater than"),
+    "maximum": ("maximum", False, "<=", "less than or equal to"),
+    "exclusiveMaximum": ("maximum", True, "<", "less than"),
+}
 
 
-_DROP = {"title", "additionalProperties", "$defs", "const", "discriminator"}
+def _bound(key: str, value: float, node_type: str | None, out: dict[str, Any]) -> None:
+    """An OpenAPI bound, or a CEL rule where the server would truncate it (a fractional bound on a number)."""
+    bound, exclusive, op, words = _BOUNDS[key]
+    if node_type == "number" and value != int(value):
+        out.setdefault("x-kubernetes-validations", []).append(
+            cel(f"self {op} {value!r}", f"must be {words} {value!r}")
+        )
+        return
+    out[bound] = int(value) if value == int(value) else value
+    if exclusive:
+        out[f"exclusive{bound.capitalize()}"] = True
 
 
 def _structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
@@ -163,6 +176,7 @@ def _structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         types = sorted(o.get("type", "") for o in options)
         if types == ["integer", "string"]:
             out: dict[str, Any] = {"x-kubernetes-int-or-string": True}
+            out.update({k: v for o in options for k, v in o.items() if k == "maxLength"})
         elif len(options) == 1:
             out = _structural(options[0], defs)
         else:
@@ -182,10 +196,10 @@ def _structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             out["items"] = _structural(value, defs)
         elif key == "description":
             out[key] = " ".join(value.split())  # docstrings wrap; kubectl explain reflows anyway
-        elif key in ("exclusiveMinimum", "exclusiveMaximum"):
-            bound = "minimum" if key == "exclusiveMinimum" else "maximum"
-            out[bound] = value
-            out[key] = True
+        elif key in _BOUNDS:
+            _bound(key, value, schema.get("type"), out)
+        elif key == "x-kubernetes-validations":
+            out.setdefault(key, []).extend(value)
         else:
             out[key] = value
 
@@ -198,12 +212,19 @@ def _structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             out["additionalProperties"] = _structural(additional, defs)
         else:  # dict[str, Any]: a free-form object
             out["x-kubernetes-preserve-unknown-fields"] = True
-    if out.get("type") == "array" and out.get("items", {}).get("description", "").startswith(
-        "The standard Kubernetes condition"
-    ):
-        out["x-kubernetes-list-type"] = "map"
-        out["x-kubernetes-list-map-keys"] = ["type"]
+    if out.get("type") == "array":
+        keys = _list_map_keys(schema.get("items", {}), defs)
+        if keys:
+            out["x-kubernetes-list-type"] = "map"
+            out["x-kubernetes-list-map-keys"] = keys
     return out
+
+
+def _list_map_keys(items: dict[str, Any], defs: dict[str, Any]) -> list[str] | None:
+    """The map keys a list's item model declares with the LIST_MAP_KEYS marker."""
+    if "$ref" in items:
+        items = defs[items["$ref"].rsplit("/", 1)[-1]]
+    return items.get(LIST_MAP_KEYS)
 
 
 def _immutability_rules(spec: dict[str, Any], mutable: frozenset[str]) -> None:
@@ -234,8 +255,14 @@ def _list(names: frozenset[str]) -> str:
     return ", ".join(f"spec.{n}" for n in sorted(names)) if names else "nothing"
 
 
+def structural_schema(model: type[ApiModel]) -> dict[str, Any]:
+    """The structural OpenAPI schema of one model."""
+    raw = model.model_json_schema(by_alias=True, schema_generator=CRDJsonSchema)
+    return _structural(raw, raw.get("$defs", {}))
+
+
 def openapi_schema(kind: ResourceKind) -> dict[str, Any]:
-    raw = kind.model.model_json_schema(by_alias=True, schema_generator=_CRDJsonSchema)
+    raw = kind.model.model_json_schema(by_alias=True, schema_generator=CRDJsonSchema)
     defs = raw.get("$defs", {})
     props = raw["properties"]
     spec = _structural(props["spec"], defs)
@@ -256,8 +283,8 @@ def openapi_schema(kind: ResourceKind) -> dict[str, Any]:
             "status": status,
         },
     }
-    if kind.root_rules:
-        root["x-kubernetes-validations"] = kind.root_rules
+    if kind.rules:
+        root["x-kubernetes-validations"] = [r.entry() for r in kind.rules]
     return root
 
 

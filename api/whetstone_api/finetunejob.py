@@ -6,31 +6,95 @@ the trainer, so a job the API server accepts is a job the trainer understands.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, WithJsonSchema, field_validator
 
+from . import k8s
+from .affinity import Affinity
 from .base import (
     GROUP_VERSION,
+    LABEL_MAP_CEL,
     ApiModel,
     Condition,
     LocalObjectReference,
     ObjectMeta,
     Quantity,
     ResourceRequirements,
+    Rule,
     Toleration,
-    cel,
+    cel_string_list,
+    inline_schema,
+    label_map_problem,
 )
 from .reasons import JobPhase
+from .uris import CLAIM_NAME, URIError, parse_uri
+from .wire import CONFIG_DIR, PVC_ROOT, SCRATCH_DIR
 
 KIND = "FineTuneJob"
 
 Method = Literal["sft", "dpo", "rft"]
 
+MAX_NODES = 1024
+MAX_STEPS = 10**9
+"""Upper bound of step counts (steps, warm-up, intervals): far beyond any run, inside every integer type."""
+
+
+def pod_name(job: str, rank: int) -> str:
+    """The trainer pod of rank `rank` (the operator's rendezvous.pod_name; a test checks they agree)."""
+    return f"{job}-node-{rank}"
+
+
+def max_job_name_length(nodes: int) -> int:
+    """Longest job name whose pods `<name>-node-<rank>` are all DNS labels."""
+    return k8s.DNS_LABEL_MAX - len(pod_name("", nodes - 1))
+
+
+_POD_SUFFIX = pod_name("", 0).removesuffix("0")
+
+
+def _name_budget_cel() -> str:
+    """max_job_name_length(self.spec.nodes) in CEL, as arithmetic (string(int) is costly for the server)."""
+    expr = str(max_job_name_length(1))
+    for digits in range(2, len(str(MAX_NODES - 1)) + 1):
+        expr = (
+            f"self.spec.nodes > {10 ** (digits - 1)} ? {max_job_name_length(10 ** (digits - 1) + 1)} : {expr}"
+        )
+    return f"({expr})"
+
+
+def _claim_ok(uri: str) -> bool:
+    """A pvc:// URI names a valid claim and stays inside it (the operator mounts the claim)."""
+    if not uri.strip().lower().startswith("pvc://"):
+        return True
+    try:
+        parse_uri(uri)
+    except URIError:
+        return False
+    return True
+
+
+def _pvc_rules(field: str) -> tuple[Rule, ...]:
+    claim = CLAIM_NAME.pattern.removeprefix("^").removesuffix("$")
+    pvc = f"self.{field}.lowerAscii().startsWith('pvc://')"
+    return (
+        Rule(
+            f"!{pvc} || (self.{field}.matches('^[pP][vV][cC]://{claim}(/.*)?$') && "
+            f"!self.{field}.matches('^[^/]*//[^/]*/(.*/)?[.][.](/.*)?$'))",
+            "a pvc:// URI must name a claim (lower-case letters, digits, '-' and '.') and must not leave it "
+            "with '..': pvc://CLAIM/PATH",
+            lambda m: _claim_ok(getattr(m, field)),
+            field=field,
+        ),
+    )
+
 
 class ModelSpec(ApiModel):
     """Where the base model comes from."""
+
+    RULES = _pvc_rules("uri")
 
     uri: str = Field(min_length=1, max_length=4096)
     """The model: a local Hugging Face folder (a path, relative to the manifest, or file://), a .gguf file,
@@ -43,10 +107,12 @@ class ModelSpec(ApiModel):
 class DatasetSpec(ApiModel):
     """A JSONL dataset: one example per line."""
 
+    RULES = _pvc_rules("uri")
+
     uri: str = Field(min_length=1, max_length=4096)
     """The JSONL file: a path (relative to the manifest), file://, pvc://<claim>/<path> or s3://<bucket>/<key>.
     SFT reads chat rows ({"messages": [...]}), DPO preference rows, RFT prompt rows."""
-    max_examples: int | None = Field(default=None, ge=1)
+    max_examples: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     """Use only the first N examples (for quick trials)."""
 
 
@@ -85,17 +151,14 @@ class GraderRef(ApiModel):
 class RFTSpec(ApiModel):
     """Reinforcement fine-tuning: sample answers, grade them, update with a policy-gradient loss."""
 
-    model_config = ApiModel.model_config | {
-        "json_schema_extra": {
-            "x-kubernetes-validations": [
-                cel(
-                    "self.algorithm == 'grpo' || !has(self.klBeta) || self.klBeta == 0.0",
-                    "klBeta must be 0 unless algorithm is grpo (dapo and gspo-token use no KL term)",
-                    field_path=".klBeta",
-                )
-            ]
-        }
-    }
+    RULES = (
+        Rule(
+            "self.algorithm == 'grpo' || !has(self.klBeta) || self.klBeta == 0.0",
+            "klBeta must be 0 unless algorithm is grpo (dapo and gspo-token use no KL term)",
+            lambda r: r.algorithm == "grpo" or r.kl_beta == 0,
+            field="klBeta",
+        ),
+    )
 
     algorithm: Literal["grpo", "dapo", "gspo-token"] = "grpo"
     """The policy loss: grpo (clipped ratio, optional KL), dapo (clip-higher, dynamic sampling, no KL) or
@@ -114,12 +177,6 @@ class RFTSpec(ApiModel):
     """Lower clip epsilon of the ratio; unset: the algorithm's default."""
     clip_high: float | None = Field(default=None, gt=0)
     """Upper clip epsilon of the ratio; unset: the algorithm's default."""
-
-    @model_validator(mode="after")
-    def _kl_only_for_grpo(self) -> RFTSpec:
-        if self.algorithm != "grpo" and self.kl_beta != 0:
-            raise ValueError("klBeta must be 0 unless algorithm is grpo (dapo and gspo-token use no KL term)")
-        return self
 
 
 class LoRASpec(ApiModel):
@@ -146,23 +203,21 @@ class FullParameterSpec(ApiModel):
 class Hyperparameters(ApiModel):
     """The optimisation settings."""
 
-    model_config = ApiModel.model_config | {
-        "json_schema_extra": {
-            "x-kubernetes-validations": [
-                cel(
-                    # has(): the API server checks the default {} against this rule before defaulting.
-                    "!has(self.batchSize) || !has(self.gradientAccumulationSteps) || "
-                    "self.batchSize % self.gradientAccumulationSteps == 0",
-                    "gradientAccumulationSteps must divide batchSize",
-                    field_path=".gradientAccumulationSteps",
-                )
-            ]
-        }
-    }
+    RULES = (
+        Rule(
+            # has(): the API server checks the default {} against this rule before defaulting.
+            "!has(self.batchSize) || !has(self.gradientAccumulationSteps) || "
+            "self.batchSize % self.gradientAccumulationSteps == 0",
+            "gradientAccumulationSteps must divide batchSize",
+            lambda h: h.batch_size % h.gradient_accumulation_steps == 0,
+            field="gradientAccumulationSteps",
+            detail=lambda h: f"{h.gradient_accumulation_steps} does not divide {h.batch_size}",
+        ),
+    )
 
     epochs: float | None = Field(default=None, gt=0, le=1000)
     """Passes over the dataset (fractions allowed). Default 1 when maxSteps is unset."""
-    max_steps: int | None = Field(default=None, ge=1)
+    max_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     """Optimizer steps to run; overrides epochs."""
     learning_rate: float = Field(default=1e-4, gt=0, le=1)
     """Peak learning rate of AdamW."""
@@ -172,7 +227,7 @@ class Hyperparameters(ApiModel):
     """Micro-batches per optimizer step; batchSize is split into this many parts."""
     max_seq_len: int = Field(default=1024, ge=8, le=1048576)
     """Longest tokenised example (and packed row). Longer examples are rejected in validation, not cut."""
-    warmup_steps: int = Field(default=0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0, le=MAX_STEPS)
     """Steps of linear warm-up from 0 to learningRate."""
     scheduler: Literal["constant", "linear", "cosine"] = "linear"
     """Decay after warm-up: constant, linear to 0, or cosine to minLearningRateRatio."""
@@ -182,23 +237,14 @@ class Hyperparameters(ApiModel):
     """AdamW weight decay."""
     max_grad_norm: float = Field(default=1.0, ge=0)
     """Gradient clipping by global norm; 0 disables it."""
-    seed: int = Field(default=42, ge=0)
+    seed: int = Field(default=42, ge=0, le=2**32 - 1)
     """Seed of the data order, dropout and initialisation; the same seed gives the same run."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Compute precision: auto is bf16 on GPU and fp32 on CPU."""
-    eval_every_steps: int | None = Field(default=None, ge=1)
+    eval_every_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     """Compute the eval loss every N steps (and at the end); unset: at each checkpoint and at the end."""
     eval_fraction: float = Field(default=0.05, ge=0, lt=1)
     """Share of the training set held out for eval when evalDataset is unset (0: no eval)."""
-
-    @model_validator(mode="after")
-    def _accumulation_divides_batch(self) -> Hyperparameters:
-        if self.batch_size % self.gradient_accumulation_steps:
-            raise ValueError(
-                f"gradientAccumulationSteps ({self.gradient_accumulation_steps}) must divide "
-                f"batchSize ({self.batch_size})"
-            )
-        return self
 
     @property
     def micro_batch_size(self) -> int:
@@ -208,7 +254,7 @@ class Hyperparameters(ApiModel):
 class CheckpointingSpec(ApiModel):
     """When checkpoints are written and how many are kept."""
 
-    every_steps: int | None = Field(default=None, ge=1)
+    every_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     """Save a resumable checkpoint every N optimizer steps; unset: only at the end."""
     keep_last: int = Field(default=3, ge=1, le=1000)
     """Resumable checkpoints kept; older ones are pruned (the final output is always kept)."""
@@ -216,6 +262,8 @@ class CheckpointingSpec(ApiModel):
 
 class OutputSpec(ApiModel):
     """Where the result goes."""
+
+    RULES = _pvc_rules("uri")
 
     uri: str = Field(min_length=1, max_length=4096)
     """Folder for checkpoints, the final adapter or model, and metrics.jsonl: a path (relative to the
@@ -225,19 +273,29 @@ class OutputSpec(ApiModel):
 class ClaimVolumeSource(ApiModel):
     """A PersistentVolumeClaim in the job's namespace."""
 
-    claim_name: str = Field(min_length=1, max_length=253)
+    claim_name: str = Field(min_length=1, max_length=k8s.DNS_SUBDOMAIN_MAX, pattern=k8s.DNS_SUBDOMAIN)
     """Name of the claim."""
 
 
 class ConfigMapVolumeSource(ApiModel):
     """A ConfigMap in the job's namespace, its keys as files."""
 
-    name: str = Field(min_length=1, max_length=253)
+    name: str = Field(min_length=1, max_length=k8s.DNS_SUBDOMAIN_MAX, pattern=k8s.DNS_SUBDOMAIN)
     """Name of the ConfigMap."""
 
 
 class EmptyDirVolumeSource(ApiModel):
     """A scratch folder that lives as long as the pod (lost on a group restart)."""
+
+    RULES = (
+        Rule(
+            "!has(self.sizeLimit) || (isQuantity(string(self.sizeLimit)) && "
+            "!quantity(string(self.sizeLimit)).isLessThan(quantity('0')))",
+            "sizeLimit must be a non-negative quantity, e.g. 20Gi",
+            lambda e: e.size_limit is None or k8s.parse_quantity(e.size_limit) >= 0,
+            field="sizeLimit",
+        ),
+    )
 
     medium: Literal["", "Memory"] | None = None
     """Empty: the node's disk; Memory: a tmpfs."""
@@ -245,23 +303,60 @@ class EmptyDirVolumeSource(ApiModel):
     """Largest size the folder may grow to, e.g. 20Gi."""
 
 
-_ONE_VOLUME_SOURCE = cel(
-    "[has(self.persistentVolumeClaim), has(self.configMap), has(self.emptyDir)].filter(x, x).size() == 1",
-    "exactly one of persistentVolumeClaim, configMap or emptyDir must be set",
-)
+USER_VOLUME_PREFIX = "user-"
+"""The operator names a user's volume user-<name> in the pod, apart from its own (job-config, scratch, and
+pvc-* for the claims of pvc:// URIs); tests/test_manifests.py checks the pods of accepted jobs on the real
+builder."""
+RESERVED_MOUNT_PATHS = (CONFIG_DIR, SCRATCH_DIR, PVC_ROOT, "/dev/shm")
+"""Where the operator mounts the job's config, the scratch folder and the claims, and /dev/shm: no user
+volume may be mounted at, inside or above one of them."""
+_VOLUME_NAME_MAX = k8s.DNS_LABEL_MAX - len(USER_VOLUME_PREFIX)
+
+
+def _mount_path_clear(path: str) -> bool:
+    return not any(
+        path == r or path.startswith(r + "/") or r.startswith(path + "/") for r in RESERVED_MOUNT_PATHS
+    )
+
+
+def _normal_path(path: str) -> bool:
+    parts = path.split("/")
+    return path.startswith("/") and all(p not in ("", ".", "..") for p in parts[1:])
 
 
 class TrainerVolume(ApiModel):
     """An extra volume mounted into every trainer pod. Claims named by pvc:// URIs in the spec are mounted
     at $WHETSTONE_PVC_ROOT/<claim> without being listed here."""
 
-    model_config = ApiModel.model_config | {
-        "json_schema_extra": {"x-kubernetes-validations": [_ONE_VOLUME_SOURCE]}
-    }
+    LIST_MAP_KEYS = ("name",)
+    RULES = (
+        Rule(
+            "[has(self.persistentVolumeClaim), has(self.configMap), has(self.emptyDir)]"
+            ".filter(x, x).size() == 1",
+            "exactly one of persistentVolumeClaim, configMap or emptyDir must be set",
+            lambda v: sum(s is not None for s in (v.persistent_volume_claim, v.config_map, v.empty_dir)) == 1,
+        ),
+        Rule(
+            "!self.mountPath.matches('/[.][.]?(/|$)') && !self.mountPath.contains('//') && "
+            "!self.mountPath.endsWith('/')",
+            "mountPath must be a plain absolute path: no '.' or '..' parts, no '//', no trailing '/'",
+            lambda v: _normal_path(v.mount_path),
+            field="mountPath",
+        ),
+        Rule(
+            f"!{cel_string_list(RESERVED_MOUNT_PATHS)}.exists(r, self.mountPath == r || "
+            "self.mountPath.startsWith(r + '/') || r.startsWith(self.mountPath + '/'))",
+            f"mountPath must not be at, inside or above {', '.join(RESERVED_MOUNT_PATHS)}: the operator "
+            "mounts the job's config, scratch space and claims there",
+            lambda v: _mount_path_clear(v.mount_path),
+            field="mountPath",
+        ),
+    )
 
-    name: str = Field(min_length=1, max_length=50, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    """Name of the volume (unique in the job)."""
-    mount_path: str = Field(min_length=2, max_length=4096, pattern=r"^/")
+    name: str = Field(min_length=1, max_length=_VOLUME_NAME_MAX, pattern=k8s.DNS_LABEL)
+    """Name of the volume (unique in the job); in the pods it is user-<name>, so it never meets the
+    operator's own volumes."""
+    mount_path: str = Field(min_length=2, max_length=4096, pattern=r"^/[^:]*$")
     """Absolute path in the trainer container."""
     read_only: bool = False
     """Mount read-only."""
@@ -272,48 +367,60 @@ class TrainerVolume(ApiModel):
     empty_dir: EmptyDirVolumeSource | None = None
     """Mount a scratch folder per pod."""
 
-    @model_validator(mode="after")
-    def _one_source(self) -> TrainerVolume:
-        sources = [self.persistent_volume_claim, self.config_map, self.empty_dir]
-        if sum(s is not None for s in sources) != 1:
-            raise ValueError(_ONE_VOLUME_SOURCE["message"])
-        return self
+
+def _section_rules() -> tuple[Rule, ...]:
+    """Each method's settings go in the section of its name: dpo and rft need theirs, no other is allowed."""
+    rules = []
+    for section in ("dpo", "rft"):
+        rules.append(
+            Rule(
+                f"self.method != '{section}' || has(self.{section})",
+                f"spec.{section} is required when method is {section}",
+                lambda s, section=section: s.method != section or getattr(s, section) is not None,
+                field=section,
+            )
+        )
+    for section in ("sft", "dpo", "rft"):
+        rules.append(
+            Rule(
+                f"self.method == '{section}' || !has(self.{section})",
+                f"spec.{section} is only allowed when method is {section}",
+                lambda s, section=section: s.method == section or getattr(s, section) is None,
+                field=section,
+            )
+        )
+    return tuple(rules)
 
 
-_SPEC_RULES = [
-    cel(
-        "has(self.lora) != has(self.fullParameter)",
-        "exactly one of spec.lora or spec.fullParameter must be set",
-        reason="FieldValueInvalid",
-    ),
-    cel(
-        "self.method != 'dpo' || has(self.dpo)", "spec.dpo is required when method is dpo", field_path=".dpo"
-    ),
-    cel(
-        "self.method != 'rft' || has(self.rft)", "spec.rft is required when method is rft", field_path=".rft"
-    ),
-    cel(
-        "self.method == 'sft' || !has(self.sft)",
-        "spec.sft is only allowed when method is sft",
-        field_path=".sft",
-    ),
-    cel(
-        "self.method == 'dpo' || !has(self.dpo)",
-        "spec.dpo is only allowed when method is dpo",
-        field_path=".dpo",
-    ),
-    cel(
-        "self.method == 'rft' || !has(self.rft)",
-        "spec.rft is only allowed when method is rft",
-        field_path=".rft",
-    ),
-]
+LabelValue = Annotated[str, Field(max_length=k8s.LABEL_VALUE_MAX, pattern=k8s.LABEL_VALUE)]
 
 
 class FineTuneJobSpec(ApiModel):
     """What to fine-tune, on what, how, and where it runs."""
 
-    model_config = ApiModel.model_config | {"json_schema_extra": {"x-kubernetes-validations": _SPEC_RULES}}
+    RULES = (
+        Rule(
+            "has(self.lora) != has(self.fullParameter)",
+            "exactly one of spec.lora or spec.fullParameter must be set",
+            lambda s: (s.lora is None) != (s.full_parameter is None),
+            reason="FieldValueInvalid",
+        ),
+        *_section_rules(),
+        Rule(
+            LABEL_MAP_CEL.replace("self.", "self.nodeSelector.", 1),
+            "nodeSelector keys must be label keys (an optional DNS-subdomain prefix and '/', then at most 63 "
+            "letters, digits, '-', '_' and '.')",
+            lambda s: label_map_problem(s.node_selector, "nodeSelector") is None,
+            field="nodeSelector",
+            detail=lambda s: label_map_problem(s.node_selector, "nodeSelector") or "",
+        ),
+        Rule(
+            "self.volumes.all(a, self.volumes.filter(b, b.mountPath == a.mountPath).size() == 1)",
+            "volumes: every mountPath must be different",
+            lambda s: len({v.mount_path for v in s.volumes}) == len(s.volumes),
+            field="volumes",
+        ),
+    )
 
     method: Method
     """The training method: sft, dpo or rft. Its settings go in the section of the same name."""
@@ -345,15 +452,17 @@ class FineTuneJobSpec(ApiModel):
     """GPUs (nvidia.com/gpu) per pod, one training process each; 0 trains on the CPU."""
     resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
     """CPU and memory of each trainer pod."""
-    image: str | None = Field(default=None, max_length=1024)
+    image: str | None = Field(default=None, min_length=1, max_length=1024, pattern=r"^[^\s]+$")
     """Trainer image; unset: the operator's default."""
     image_pull_secrets: list[LocalObjectReference] = Field(default_factory=list, max_length=16)
     """Secrets for pulling the trainer image."""
-    node_selector: dict[str, str] = Field(default_factory=dict)
+    node_selector: dict[str, LabelValue] = Field(default_factory=dict, max_length=64)
     """Labels a node must have to run a trainer pod."""
     tolerations: list[Toleration] = Field(default_factory=list, max_length=64)
     """Taints the trainer pods tolerate (GPU pools usually taint their nodes)."""
-    affinity: dict[str, Any] | None = None
+    # Kept as the wire dict (checked by the Affinity model, which also gives the CRD its schema): the operator
+    # copies it into the pods as it is.
+    affinity: Annotated[dict[str, Any] | None, WithJsonSchema(inline_schema(Affinity))] = None
     """Pod affinity and anti-affinity, as in a pod's spec.affinity."""
     volumes: list[TrainerVolume] = Field(default_factory=list, max_length=32)
     """Extra volumes for data, models or output (PersistentVolumeClaim, ConfigMap or emptyDir), mounted in
@@ -361,29 +470,33 @@ class FineTuneJobSpec(ApiModel):
     suspend: bool = False
     """True: run no pods (running ones are deleted, checkpoints kept). Back to false resumes from the latest
     checkpoint. The only field that may change after creation."""
-    active_deadline_seconds: int | None = Field(default=None, ge=1)
+    active_deadline_seconds: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     """Fail the job when it has run this long (counted from the last start or resume)."""
     backoff_limit: int = Field(default=3, ge=0, le=1000)
     """Restarts of the whole pod group after a failure before the job fails."""
-    ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
+    ttl_seconds_after_finished: int | None = Field(default=None, ge=0, le=MAX_STEPS)
     """Delete the job (and its pods) this long after it succeeds or fails; checkpoints stay in storage."""
 
-    @model_validator(mode="after")
-    def _mirror_cel_rules(self) -> FineTuneJobSpec:
-        # The same rules as _SPEC_RULES, so local validation rejects what the API server rejects.
-        if (self.lora is None) == (self.full_parameter is None):
-            raise ValueError("exactly one of spec.lora or spec.fullParameter must be set")
-        for section in ("sft", "dpo", "rft"):
-            present = getattr(self, section) is not None
-            if present and self.method != section:
-                raise ValueError(f"spec.{section} is only allowed when method is {section}")
-            if section != "sft" and self.method == section and not present:
-                raise ValueError(f"spec.{section} is required when method is {section}")
-        return self
+    @field_validator("affinity", mode="before")
+    @classmethod
+    def _typed_affinity(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        return Affinity.model_validate(value).model_dump(by_alias=True, exclude_unset=True, mode="json")
 
     @property
     def sft_settings(self) -> SFTSpec:
         return self.sft or SFTSpec()
+
+    @property
+    def processes_per_node(self) -> int:
+        """Training processes per pod: one per GPU, one on a CPU-only pod."""
+        return max(self.gpus_per_node, 1)
+
+    @property
+    def world_size(self) -> int:
+        """Training processes over all pods."""
+        return self.nodes * self.processes_per_node
 
 
 class Progress(ApiModel):
@@ -462,6 +575,27 @@ class FineTuneJobStatus(ApiModel):
 
 class FineTuneJob(ApiModel):
     """A fine-tuning run: SFT, DPO or RFT of a base model, LoRA or full-parameter, on one or more nodes."""
+
+    RULES = (
+        Rule(
+            f"self.metadata.name.matches('{k8s.DNS_1035_LABEL}')",
+            "metadata.name must be a DNS label starting with a letter (lower-case letters, digits and "
+            "'-'): it names the headless Service and the trainer pods",
+            lambda j: re.match(k8s.DNS_1035_LABEL, j.metadata.name) is not None,
+            field="metadata.name",
+        ),
+        Rule(
+            f"self.metadata.name.size() <= {_name_budget_cel()}",
+            f"metadata.name is too long for spec.nodes: the pod names <name>{_POD_SUFFIX}<rank> must be at "
+            f"most {k8s.DNS_LABEL_MAX} characters",
+            lambda j: len(j.metadata.name) <= max_job_name_length(j.spec.nodes),
+            field="metadata.name",
+            detail=lambda j: (
+                f"{len(j.metadata.name)} characters; at most {max_job_name_length(j.spec.nodes)} "
+                f"with {j.spec.nodes} node(s)"
+            ),
+        ),
+    )
 
     api_version: Literal["whetstone.dev/v1alpha1"] = GROUP_VERSION
     """whetstone.dev/v1alpha1"""

@@ -25,23 +25,20 @@ def run(args: argparse.Namespace) -> int:
     for file in args.files:
         path = Path(file)
         try:
-            resources = [parse_resource(doc, node, path) for doc, node in load_documents(path)]
+            docs = load_documents(path)
         except ManifestError as e:
             print(e, file=sys.stderr)
             failed = True
             continue
-        for res in resources:
-            problems: list[str] = []
-            if isinstance(res, FineTuneJob) and not args.schema_only:
-                try:
-                    from whetstone_trainer.preflight import preflight
-                except ImportError as e:  # the operator image has no trainer dependencies
-                    print(
-                        f"{path}: schema valid; dataset checks need the trainer extra ({e})", file=sys.stderr
-                    )
-                    continue
-                problems = preflight(res.spec, path.resolve().parent)
-            name = f"{res.kind}/{res.metadata.name}"
+        for doc, where in docs:
+            try:
+                resource = parse_resource(doc, where, path)
+            except ManifestError as e:
+                print(e, file=sys.stderr)
+                failed = True
+                continue
+            problems = [] if args.schema_only else _preflight(resource, path)
+            name = f"{resource.kind}/{resource.metadata.name}"
             if problems:
                 failed = True
                 print(f"{path}: {name}: {len(problems)} problem(s):", file=sys.stderr)
@@ -50,3 +47,14 @@ def run(args: argparse.Namespace) -> int:
             else:
                 print(f"{path}: {name} is valid")
     return 1 if failed else 0
+
+
+def _preflight(resource: Any, path: Path) -> list[str]:
+    if not isinstance(resource, FineTuneJob):
+        return []
+    try:
+        from whetstone_trainer.preflight import preflight
+    except ImportError as e:  # the operator image has no trainer dependencies
+        print(f"{path}: schema valid; dataset checks need the trainer extra ({e})", file=sys.stderr)
+        return []
+    return preflight(resource.spec, path.resolve().parent)

@@ -1,21 +1,31 @@
 """Pre-flight validation: everything about a job that can be checked before any training, reported all at
 once. `whetstone validate` prints it; `whetstone run` and the trainer refuse to start when it finds anything.
+
+Beyond what the API server checks: the model can be reached, every dataset row has the structure of the
+method's format, the world size fits the batch (every rank gets the same, non-zero number of rows per
+micro-batch), maxSeqLen fits the model's positions, and (SFT) every example fits maxSeqLen in the model's own
+tokens. Nothing here raises for bad input.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from whetstone_api.finetunejob import FineTuneJobSpec
 
-from .data.formats import FORMAT_OF_METHOD, TemplateError, read_jsonl, tokenize_chat
-from .models.sources import ModelSourceError, check_model_source, materialise, parse_model_uri
+from .data.formats import FORMAT_OF_METHOD, DatasetReport, TemplateError, read_jsonl, tokenize_chat
+from .models.sources import ModelSource, ModelSourceError, check_model_source, materialise, parse_model_uri
 from .storage import StorageError, resolve_uri
+
+# config.json keys that hold a model's number of positions, by architecture family.
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 
 def preflight(spec: FineTuneJobSpec, base_dir: Path | None, *, check_lengths: bool = True) -> list[str]:
     """Every problem found, each naming the field, file and line it concerns. Empty: ready to train."""
-    problems: list[str] = []
+    problems: list[str] = world_size_problems(spec)
     source = None
     try:
         source = parse_model_uri(spec.base_model.uri, base_dir)
@@ -23,6 +33,8 @@ def preflight(spec: FineTuneJobSpec, base_dir: Path | None, *, check_lengths: bo
     except ModelSourceError as e:
         problems.append(f"spec.baseModel.uri: {e}")
         source = None
+    if source is not None and source.local_path is not None and source.local_path.is_dir():
+        problems += position_problems(spec, source.local_path)
 
     fmt = FORMAT_OF_METHOD[spec.method]
     datasets = [("spec.dataset", spec.dataset)]
@@ -53,30 +65,87 @@ def preflight(spec: FineTuneJobSpec, base_dir: Path | None, *, check_lengths: bo
     return problems
 
 
-def _length_problems(spec: FineTuneJobSpec, source, readable) -> list[str]:  # type: ignore[no-untyped-def]
+def world_size_problems(spec: FineTuneJobSpec) -> list[str]:
+    """Every rank must get the same, non-zero number of rows in every micro-batch, or the ranks' gradient
+    synchronisations stop matching (a hang) or a rank trains on nothing."""
+    hp = spec.hyperparameters
+    world = spec.world_size
+    per_step = hp.gradient_accumulation_steps * world
+    if hp.batch_size % per_step == 0:
+        return []
+    return [
+        f"spec.hyperparameters.batchSize: {hp.batch_size} rows per step cannot be shared by "
+        f"gradientAccumulationSteps {hp.gradient_accumulation_steps} x {world} process(es) "
+        f"(spec.nodes {spec.nodes} x {spec.processes_per_node} per node): it must be a multiple of "
+        f"{per_step}, so that every rank gets the same number of rows (at least one) in every micro-batch"
+    ]
+
+
+def model_positions(folder: Path) -> tuple[int, str] | None:
+    """The number of positions of the model in `folder` and the config key that says so, when known."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    configs = [config, config.get("text_config")]  # multimodal configs nest the language model's
+    for cfg in configs:
+        if not isinstance(cfg, dict):
+            continue
+        for key in _POSITION_KEYS:
+            value = cfg.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value, key
+    return None
+
+
+def position_problems(spec: FineTuneJobSpec, folder: Path) -> list[str]:
+    known = model_positions(folder)
+    limit = spec.hyperparameters.max_seq_len
+    if known is None or limit <= known[0]:
+        return []
+    return [
+        f"spec.hyperparameters.maxSeqLen: {limit} is more than the model's {known[0]} positions "
+        f"({known[1]} in {folder / 'config.json'})"
+    ]
+
+
+def _length_problems(spec: FineTuneJobSpec, source: ModelSource, readable: list[Any]) -> list[str]:
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(materialise(source))
+        folder = materialise(source)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     except ModelSourceError as e:
         return [f"spec.baseModel.uri: {e}"]
+    except (OSError, ValueError) as e:
+        return [f"spec.baseModel.uri: the model's tokenizer cannot be loaded: {e}"]
+    problems = [] if source.local_path is not None else position_problems(spec, folder)
     limit = spec.hyperparameters.max_seq_len
-    problems = []
     for field, path, report in readable:
-        bad = []
-        for line, row in report.rows:
-            try:
-                n = len(
-                    tokenize_chat(tokenizer, row, train_on_all_turns=spec.sft_settings.train_on_all_turns)
-                )
-            except TemplateError as e:
-                return [f"spec.baseModel.uri: {e}"]
-            if n > limit:
-                bad.append(
-                    f"  {path.name}:line {line}: {n} tokens, more than spec.hyperparameters.maxSeqLen {limit}"
-                )
+        bad = _too_long(spec, tokenizer, report, limit)
+        if isinstance(bad, str):
+            return [f"spec.baseModel.uri: {bad}"]
         if bad:
             problems.append(
-                f"{field}.uri: {len(bad)} example(s) too long (they would be cut):\n" + "\n".join(bad[:50])
+                f"{field}.uri: {len(bad)} example(s) too long or refused by the model's chat template:\n"
+                + "\n".join(f"  {path.name}:{b}" for b in bad[:50])
             )
     return problems
+
+
+def _too_long(spec: FineTuneJobSpec, tokenizer: Any, report: DatasetReport, limit: int) -> list[str] | str:
+    """The rows over `limit` tokens (or that the template refuses); a string when the template is unusable."""
+    bad = []
+    for line, row in report.rows:
+        try:
+            n = len(tokenize_chat(tokenizer, row, train_on_all_turns=spec.sft_settings.train_on_all_turns))
+        except TemplateError as e:
+            return str(e)
+        except Exception as e:  # noqa: BLE001 - a chat template may raise anything (jinja's raise_exception)
+            bad.append(f"line {line}: the model's chat template refused the row: {type(e).__name__}: {e}")
+            continue
+        if n > limit:
+            bad.append(f"line {line}: {n} tokens, more than spec.hyperparameters.maxSeqLen {limit}")
+    return bad
