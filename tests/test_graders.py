@@ -243,7 +243,7 @@ def test_each_rule_is_written_once_for_the_api_server_and_for_python(rules: str,
     (rule,) = getattr(rewardgrader, rules)
     crd = (ROOT / "crds" / "whetstone.dev_rewardgraders.yaml").read_text()
     generated = _validations(yaml.safe_load(crd))
-    assert {"rule": rule.expression, "message": rule.message} in [
+    assert {"rule": rule.cel, "message": rule.message} in [
         {"rule": v["rule"], "message": v["message"]} for v in generated
     ]
     with pytest.raises(ValueError, match=rule.message.replace("[", r"\[").replace("]", r"\]")):

@@ -14,13 +14,11 @@ Python, so `whetstone validate` and `whetstone grader test` reject what the API 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
-from .base import GROUP_VERSION, ApiModel, Condition, ObjectMeta, cel
+from .base import GROUP_VERSION, ApiModel, Condition, ObjectMeta, Rule
 from .reasons import GraderPhase
 
 KIND = "RewardGrader"
@@ -33,30 +31,6 @@ REMOTE_TYPES = ("http", "modelJudge")
 """Types that call a service over the network (the operator does not call them when it checks a grader)."""
 
 DEFAULT_TOLERANCE = 1e-6
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One validation rule, written once: the CEL expression the API server evaluates and the same rule as a
-    Python predicate, with one message for both."""
-
-    expression: str
-    message: str
-    holds: Callable[[Any], bool]
-    field_path: str | None = None
-
-    def cel(self) -> dict[str, str]:
-        return cel(self.expression, self.message, field_path=self.field_path)
-
-
-def _rules_schema(rules: list[Rule]) -> dict[str, Any]:
-    return {"json_schema_extra": {"x-kubernetes-validations": [r.cel() for r in rules]}}
-
-
-def _check(model: Any, rules: list[Rule]) -> None:
-    for rule in rules:
-        if not rule.holds(model):
-            raise ValueError(rule.message)
 
 
 class StringCheckGrader(ApiModel):
@@ -185,21 +159,21 @@ class HTTPGrader(ApiModel):
     """A Secret key sent as `Authorization: Bearer <value>`."""
 
 
-_JUDGE_RULES = [
+_JUDGE_RULES = (
     Rule(
         "self.range[0] < self.range[1]",
         "range must be [low, high] with low < high",
         lambda m: m.range[0] < m.range[1],
-        field_path=".range",
-    )
-]
+        field="range",
+    ),
+)
 
 
 class ModelJudgeGrader(ApiModel):
     """An LLM that scores the answer, through an OpenAI-compatible chat-completions endpoint. The first
     number in its reply is the score, rescaled from `range` to [0, 1]."""
 
-    model_config = ApiModel.model_config | _rules_schema(_JUDGE_RULES)
+    RULES = _JUDGE_RULES
 
     endpoint: str = Field(min_length=1, max_length=4096, pattern=r"^https?://")
     """Base URL of the API, e.g. http://judge:8000/v1 (the grader POSTs to <endpoint>/chat/completions)."""
@@ -225,20 +199,15 @@ class ModelJudgeGrader(ApiModel):
     secret: SecretKeyRef | None = None
     """A Secret key sent as `Authorization: Bearer <value>` (the API key)."""
 
-    @model_validator(mode="after")
-    def _rules(self) -> ModelJudgeGrader:
-        _check(self, _JUDGE_RULES)
-        return self
 
-
-_WEIGHTED_RULES = [
+_WEIGHTED_RULES = (
     Rule(
         "self.graders.exists(k, self.graders[k] > 0.0)",
         "at least one weight must be above 0",
         lambda m: any(w > 0 for w in m.graders.values()),
-        field_path=".graders",
-    )
-]
+        field="graders",
+    ),
+)
 
 
 class WeightedGrader(ApiModel):
@@ -246,18 +215,13 @@ class WeightedGrader(ApiModel):
     child is graded with its own settings; a child scored per its onError as skip makes this grader skip,
     as fail fails the job."""
 
-    model_config = ApiModel.model_config | _rules_schema(_WEIGHTED_RULES)
+    RULES = _WEIGHTED_RULES
 
     graders: dict[str, Annotated[float, Field(ge=0)]] = Field(min_length=1, max_length=32)
     """RewardGrader name → weight (≥ 0). Cycles and missing children are errors."""
     normalize: bool = True
     """true: the weighted mean (the weighted sum divided by the sum of the weights), so children in [0, 1]
     give a score in [0, 1]; false: the weighted sum."""
-
-    @model_validator(mode="after")
-    def _rules(self) -> WeightedGrader:
-        _check(self, _WEIGHTED_RULES)
-        return self
 
 
 class GraderTestCase(ApiModel):
@@ -277,19 +241,19 @@ def _set_types(spec: Any) -> list[str]:
     return [t for t in GRADER_TYPES if getattr(spec, _snake(t)) is not None]
 
 
-_SPEC_RULES = [
+_SPEC_RULES = (
     Rule(
         " + ".join(f"(has(self.{t}) ? 1 : 0)" for t in GRADER_TYPES) + " == 1",
         "exactly one grader type must be set: " + ", ".join(GRADER_TYPES),
         lambda s: len(_set_types(s)) == 1,
-    )
-]
+    ),
+)
 
 
 class RewardGraderSpec(ApiModel):
     """One grader: exactly one type is set, plus what happens when grading fails and the test cases."""
 
-    model_config = ApiModel.model_config | _rules_schema(_SPEC_RULES)
+    RULES = _SPEC_RULES
 
     string_check: StringCheckGrader | None = None
     """Compare with a reference string."""
@@ -311,11 +275,6 @@ class RewardGraderSpec(ApiModel):
     Errors are always counted, by grader and reason."""
     test_cases: list[GraderTestCase] = Field(default_factory=list, max_length=256)
     """Examples checked before the grader is marked Ready."""
-
-    @model_validator(mode="after")
-    def _rules(self) -> RewardGraderSpec:
-        _check(self, _SPEC_RULES)
-        return self
 
     @property
     def type(self) -> str:
