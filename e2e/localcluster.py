@@ -18,6 +18,7 @@ import ctypes
 import ipaddress
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -58,6 +59,10 @@ STOP_ORDER = ["pod-runner", "kwok", "kube-scheduler", "kube-controller-manager",
 
 class ClusterError(RuntimeError):
     pass
+
+
+class _PortLost(ClusterError):
+    """A component could not listen on the port chosen for it."""
 
 
 def log(message: str) -> None:
@@ -215,10 +220,38 @@ def write_kubeconfig(path: Path, server: str, pki: Path) -> None:
 # --- processes --------------------------------------------------------------------------------------------
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_taken_ports: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nobody listens on, below the kernel's ephemeral range.
+
+    A port from ``bind(0)`` lies in the ephemeral range, where any outgoing connection (the API server's
+    own connections to etcd) can take it between our check and the component's listen: CI lost
+    kube-controller-manager's port that way. Ports below the range are only taken by listeners.
+    """
+    low, _ = _ephemeral_range()
+    start = max(1024, low - 16384)
+    for _ in range(1000):
+        port = random.randrange(start, low)
+        if port in _taken_ports:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _taken_ports.add(port)
+        return port
+    raise ClusterError(f"no free port in {start}..{low}")
 
 
 def _die_with_parent() -> None:
@@ -454,6 +487,17 @@ class LocalCluster:
             raise ClusterError(f"missing binaries {missing}; run e2e/tools/build.sh")
 
         remove_stale_state_dirs()
+        for attempt in range(1, 4):
+            try:
+                return self._up_once(bins, timeout)
+            except _PortLost as e:
+                # Another process may still win a port between our check and the listen; new ports then.
+                if attempt == 3:
+                    raise ClusterError(str(e)) from e
+                log(f"a component lost its port ({e}); starting again on other ports")
+        raise AssertionError("unreachable")
+
+    def _up_once(self, bins: Binaries, timeout: float) -> ClusterState:
         state_dir = Path(tempfile.mkdtemp(prefix=STATE_DIR_PREFIX))
         ports = {name: free_port() for name in ("etcd", "etcd-peer", "apiserver", "kcm", "scheduler")}
         server = f"https://127.0.0.1:{ports['apiserver']}"
@@ -477,10 +521,16 @@ class LocalCluster:
         self.state.save()
         try:
             self._start_all(bins, nodes, timeout)
-        except BaseException:
+        except BaseException as e:
             log(f"start failed; logs are in {self.state.logs_dir}")
             self._print_log_tails()
+            lost_port = isinstance(e, ClusterError) and any(
+                "address already in use" in f.read_text(errors="replace")
+                for f in self.state.logs_dir.glob("*.log")
+            )
             self.down(keep_logs=True)
+            if lost_port:
+                raise _PortLost(str(e)) from e
             raise
         return self.state
 

@@ -11,7 +11,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import kubernetes
 import pytest
 import yaml
 from helpers import RUNNER_TOLERATION, Cluster, wait_for
-from localcluster import RUNNER_NODE_LABEL, SOURCE_DIRS
+from localcluster import RUNNER_NODE_LABEL, SOURCE_DIRS, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 Json = dict[str, Any]
@@ -42,12 +41,6 @@ __all__ = [
     "tiny_job",
     "free_port",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
