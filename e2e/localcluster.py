@@ -457,11 +457,17 @@ class LocalCluster:
         attached: bool = False,
         python: str | None = None,
         with_runner: bool = True,
+        audit_log: Path | None = None,
+        audit_users: Sequence[str] = (),
     ) -> None:
         self.cluster_dir = Path(cluster_dir).resolve()
         self.attached = attached
         self.python = python or sys.executable
         self.with_runner = with_runner
+        # Optional: the API server writes one JSON line per request there (bench/operator_scale.py counts
+        # an operator's calls by its user).
+        self.audit_log = audit_log
+        self.audit_users = list(audit_users)  # only these users' requests (all when empty)
         self.state: ClusterState | None = None
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -595,6 +601,7 @@ class LocalCluster:
                 "--enable-priority-and-fairness=false",
                 "--profiling=false",
                 "--v=1",
+                *self._audit_flags(d),
             ],
         )
         ctx = self.ssl_context()
@@ -689,6 +696,28 @@ class LocalCluster:
             self._check_alive,
         )
         write_kubeconfig(self.kubeconfig, st.api_server, pki)
+
+    def _audit_flags(self, state_dir: Path) -> list[str]:
+        if self.audit_log is None:
+            return []
+        policy = state_dir / "audit-policy.yaml"
+        rule: dict[str, Any] = {"level": "Metadata"}
+        if self.audit_users:
+            rule["users"] = self.audit_users
+        body = {
+            "apiVersion": "audit.k8s.io/v1",
+            "kind": "Policy",
+            "omitStages": ["RequestReceived", "ResponseStarted"],
+            "rules": [rule, {"level": "None"}],
+        }
+        policy.write_text(yaml.safe_dump(body))
+        return [
+            f"--audit-policy-file={policy}",
+            f"--audit-log-path={self.audit_log}",
+            "--audit-log-format=json",
+            "--audit-log-mode=batch",
+            "--audit-log-batch-max-wait=1s",
+        ]
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         assert self.state is not None

@@ -23,13 +23,16 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from whetstone_api import API_GROUP, API_VERSION
 from whetstone_api import reasons as R
 from whetstone_api.rewardgrader import REMOTE_TYPES, RewardGraderSpec
 from whetstone_graders import GraderConfigError, MissingGrader, run_test_cases
 from whetstone_graders.graderset import grader_order
+
+if TYPE_CHECKING:  # the checker itself is pure; the kubernetes client comes with the operator
+    from .kube import Kube
 
 Json = dict[str, Any]
 Key = tuple[str, str]
@@ -166,23 +169,12 @@ def event_of(old: Json | None, v: Verdict) -> tuple[str, str, str] | None:
     return ("Normal" if v.phase != FAILED else "Warning", v.reason, v.message)
 
 
-def _default_api() -> Any:
-    import kubernetes
-
-    configuration = kubernetes.client.Configuration()
-    try:
-        kubernetes.config.load_incluster_config(client_configuration=configuration)
-    except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config(client_configuration=configuration)
-    return kubernetes.client.ApiClient(configuration)
-
-
 class GraderChecker:
     """The RewardGraders seen on the watch, a queue of those to check, and the threads that check them."""
 
     def __init__(
         self,
-        api: Callable[[], Any] = _default_api,
+        api: Callable[[], Kube] | None = None,
         threads: int = 2,
         leading: Callable[[], bool] = lambda: True,
         check: Callable[[Json, Mapping[str, Json]], Verdict] = verdict,
@@ -277,50 +269,23 @@ class GraderChecker:
 
     # --- acting on the API server
 
-    def api(self) -> Any:
+    def api(self) -> Kube:
         if self._api is None:
+            if self._api_factory is None:
+                raise RuntimeError("GraderChecker needs an api factory to write statuses")
             self._api = self._api_factory()
         return self._api
 
     def _write_status(self, key: Key, status: Json) -> Json | None:
-        import kubernetes
-
-        custom = kubernetes.client.CustomObjectsApi(self.api())
-        try:
-            return custom.patch_namespaced_custom_object_status(
-                API_GROUP, API_VERSION, key[0], PLURAL, key[1], {"status": status}
-            )
-        except kubernetes.client.ApiException as e:
-            if e.status == 404:
-                return None
-            raise
+        return self.api().patch_grader_status(key[0], key[1], status)
 
     def _post_event(self, obj: Json, event_type: str, reason: str, message: str) -> None:
-        import kubernetes
+        from kubernetes.client.rest import ApiException
 
         meta = obj["metadata"]
-        now = rfc3339(datetime.now(UTC))
-        body = {
-            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-            "involvedObject": {
-                "apiVersion": f"{API_GROUP}/{API_VERSION}",
-                "kind": "RewardGrader",
-                "name": meta["name"],
-                "namespace": meta["namespace"],
-                "uid": meta.get("uid"),
-                "resourceVersion": meta.get("resourceVersion"),
-            },
-            "type": event_type,
-            "reason": reason,
-            "message": message[:1024],
-            "source": {"component": "whetstone-operator"},
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        }
         try:
-            kubernetes.client.CoreV1Api(self.api()).create_namespaced_event(meta["namespace"], body)
-        except kubernetes.client.ApiException as e:  # an Event is worth a log line, not a retry
+            self.api().create_event(obj, "RewardGrader", event_type, reason, message, "grader-checker")
+        except ApiException as e:  # an Event is worth a log line, not a retry
             LOG.warning(
                 "RewardGrader %s/%s: could not post an Event: %s", meta["namespace"], meta["name"], e.reason
             )
