@@ -37,14 +37,15 @@ def exact_match(answers: list[str], references: list[str]) -> float:
     return sum(a.strip() == r.strip() for a, r in zip(answers, references, strict=True)) / len(references)
 
 
-def load_trained(final: Path, base_uri: str, base_dir: Path | None) -> tuple[Any, Any]:
-    """The model a job produced: a full model folder, or the base model with the job's LoRA adapter."""
+def load_trained(final: Path, base_folder: Path) -> tuple[Any, Any]:
+    """The model a job produced: a full model folder, or the base model (its materialised folder) with the
+    job's LoRA adapter."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(final)
     if (final / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base, _ = load_model_and_tokenizer(base_uri, base_dir)
+        base, _ = load_model_and_tokenizer(str(base_folder))
         return PeftModel.from_pretrained(base, final), tokenizer
     return AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32), tokenizer
