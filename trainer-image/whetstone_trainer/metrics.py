@@ -55,6 +55,7 @@ PREFERENCE_ACCURACY = Metric(
     "Share of the step's pairs whose chosen reward exceeds the rejected (ties count half)",
 )
 EVAL_PREFERENCE_ACCURACY = Metric("eval_preference_accuracy", "Preference accuracy on held-out pairs")
+EVAL_DPO_REWARD_MARGIN = Metric("eval_dpo_reward_margin", "Mean implicit reward margin on held-out pairs")
 EVAL_CHOICE_ACCURACY = Metric(
     "eval_choice_accuracy",
     "Share of held-out pairs where the policy gives the chosen answer more log-probability",
