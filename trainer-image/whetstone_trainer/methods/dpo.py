@@ -123,7 +123,9 @@ def train(
             precomputed[name] = [merged[j] for j in range(len(pairs))]
         trained_model.train()
 
-    def reference(which: str, index: list[int], pairs: list[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
+    def reference(
+        which: str, index: list[int], pairs: list[PreferencePair]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if spec.lora is None:
             ref = torch.tensor([precomputed[which][j] for j in index], device=rt.device)
             return ref[:, 0], ref[:, 1]
