@@ -38,7 +38,7 @@ import yaml
 E2E_DIR = Path(__file__).resolve().parent
 REPO_ROOT = E2E_DIR.parent
 # The project's source folders, as if the image had the project installed.
-SOURCE_DIRS = [REPO_ROOT / d for d in ("api", "cli", "operator", "trainer-image")]
+SOURCE_DIRS = [REPO_ROOT / d for d in ("api", "cli", "graders", "operator", "trainer-image")]
 BUILD_SCRIPT = E2E_DIR / "tools" / "build.sh"
 NODES_FILE = E2E_DIR / "kwok" / "nodes.yaml"
 STAGES_FILE = E2E_DIR / "kwok" / "stages.yaml"

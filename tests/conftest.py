@@ -13,7 +13,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "manifests" / "examples"
 # The project's source folders (pyproject's pythonpath), for tests that start a fresh interpreter.
-SOURCE_DIRS = [ROOT / d for d in ("api", "cli", "operator", "trainer-image")]
+SOURCE_DIRS = [ROOT / d for d in ("api", "cli", "graders", "operator", "trainer-image")]
 
 
 @pytest.fixture(scope="session", autouse=True)

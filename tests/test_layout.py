@@ -1,6 +1,8 @@
 """The import rules of the design card, checked on the source: the contract (whetstone_api) imports nothing of
-ours and nothing but pydantic and yaml; the operator imports the contract, never the trainer or torch; the
-trainer never imports the operator or the CLI; the CLI reaches the operator and the trainer only lazily."""
+ours and nothing but pydantic and yaml; the operator imports the contract (and the graders), never the trainer
+or torch; the graders import only the contract and the standard library (their sandbox worker only the
+standard library); the trainer never imports the operator or the CLI; the CLI reaches the operator and the
+trainer only lazily."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from conftest import ROOT, SOURCE_DIRS
 PACKAGES = {
     "whetstone_api": ROOT / "api" / "whetstone_api",
     "whetstone_cli": ROOT / "cli" / "whetstone_cli",
+    "whetstone_graders": ROOT / "graders" / "whetstone_graders",
     "whetstone_operator": ROOT / "operator" / "whetstone_operator",
     "whetstone_trainer": ROOT / "trainer-image" / "whetstone_trainer",
 }
@@ -53,6 +56,7 @@ def test_the_contract_imports_only_pydantic_and_yaml() -> None:
 def test_the_operator_imports_the_contract_never_the_trainer() -> None:
     allowed = {
         "whetstone_api",
+        "whetstone_graders",
         "whetstone_operator",
         "kopf",
         "kubernetes",
@@ -61,6 +65,26 @@ def test_the_operator_imports_the_contract_never_the_trainer() -> None:
         "yaml",
     }
     assert offenders("whetstone_operator", allowed) == {}
+
+
+def test_the_graders_import_only_the_contract_and_the_standard_library() -> None:
+    assert offenders("whetstone_graders", {"whetstone_api", "whetstone_graders"}) == {}
+
+
+def test_what_runs_in_the_sandbox_imports_only_the_standard_library() -> None:
+    # worker.py and confine.py run in a clean interpreter; similarity.py is sent to it as source.
+    folder = PACKAGES["whetstone_graders"]
+    for path in (
+        folder / "sandbox" / "worker.py",
+        folder / "sandbox" / "confine.py",
+        folder / "similarity.py",
+    ):
+        tree = ast.parse(path.read_text())
+        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {
+            n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+        }
+        assert names <= STDLIB | {"__future__"}, (path.name, names - STDLIB)
 
 
 def test_the_trainer_never_imports_the_operator_or_the_cli() -> None:
@@ -86,6 +110,10 @@ def test_the_cli_reaches_operator_and_trainer_only_lazily() -> None:
             ("torch", "transformers", "whetstone_trainer"),
         ),
         ("import whetstone_api.crd, whetstone_api.manifests, whetstone_api.wire", ("torch", "kopf")),
+        (
+            "import whetstone_graders, whetstone_operator.graders",
+            ("torch", "kopf", "kubernetes", "whetstone_trainer", "whetstone_cli"),
+        ),
     ],
 )
 def test_what_importing_pulls_in(code: str, forbidden: tuple[str, ...]) -> None:

@@ -83,3 +83,25 @@ READY: Final = "Ready"
 """RewardGrader: every test case scored as expected. TrainingSession: the service answers."""
 GraderPhase = Literal["Pending", "Ready", "Failed"]
 SessionPhase = Literal["Pending", "Ready", "Suspended", "Failed"]
+
+# --- RewardGrader condition (graders helper's section) ---------------------------------------------------
+# One condition, Ready, True or False; its reason says why. The phase follows: Ready, Failed, or Pending.
+
+COND_GRADER_READY: Final = READY
+"""RewardGrader condition type: the grader may be used by a job (status.observedGeneration tells for which
+spec)."""
+REASON_TEST_CASES_PASSED: Final = "TestCasesPassed"
+"""Ready: every test case scored as expected (status.testCasesPassed of status.testCasesTotal)."""
+REASON_NO_TEST_CASES: Final = "NoTestCases"
+"""Ready: the grader is valid and loads, and has no test cases to run."""
+REASON_REMOTE_UNTESTED: Final = "RemoteGraderUntested"
+"""Ready: an http or modelJudge grader (or a weighted grader using one): valid, but its test cases are not run
+by the operator, which neither calls user-given URLs nor reads Secrets; `whetstone grader test` runs them."""
+REASON_TEST_CASE_FAILED: Final = "TestCaseFailed"
+"""Failed: a test case scored otherwise; the message names the first such case, its expected and its score."""
+REASON_INVALID_SPEC: Final = "InvalidSpec"
+"""Failed: the spec cannot grade: it does not validate, a template is malformed, the code does not load, or
+weighted graders form a cycle."""
+REASON_CHILD_MISSING: Final = "ChildMissing"
+"""Pending: a weighted grader names a RewardGrader that does not exist (yet); checked again when it
+appears."""

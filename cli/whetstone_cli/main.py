@@ -3,6 +3,7 @@
 whetstone validate FILE.yaml...        check resources and their datasets; exit 1 on any problem
 whetstone run FILE.yaml [--output DIR] run a FineTuneJob here, no cluster
 whetstone models NAME --output DIR     write a bundled model as an ordinary HF folder
+whetstone grader test FILE.yaml...     run the testCases of the RewardGraders in the files
 whetstone crds [DIR]                   regenerate the CustomResourceDefinitions
 whetstone operator [--port N] [-n NS]  run the operator against the current kubeconfig
 """
@@ -12,9 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import crds, models, operator, run, validate
+from . import crds, grader, models, operator, run, validate
 
-SUBCOMMANDS = (validate, run, models, crds, operator)
+SUBCOMMANDS = (validate, run, models, crds, operator, grader)
 
 
 def build_parser() -> argparse.ArgumentParser:

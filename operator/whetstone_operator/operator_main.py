@@ -34,6 +34,7 @@ def _api_client() -> Any:
 def run_operator(config: OperatorConfig) -> None:
     import kopf
 
+    from . import graders
     from .handlers import Reconciler, register
     from .metrics import OperatorMetrics, serve
 
@@ -44,6 +45,7 @@ def run_operator(config: OperatorConfig) -> None:
     metrics = OperatorMetrics()
     state: dict[str, Any] = {"metrics": metrics}
     register(registry, config, state)
+    graders.register(registry)  # RewardGraders: checked (test cases in sandbox processes), status set
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> Any:

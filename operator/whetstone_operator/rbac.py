@@ -31,6 +31,9 @@ RULES: list[dict[str, Any]] = [
     # One Checkpoint per saved checkpoint; pruned ones are deleted.
     {"apiGroups": [API_GROUP], "resources": ["checkpoints"], "verbs": ["get", "list", "create", "delete"]},
     {"apiGroups": [API_GROUP], "resources": ["checkpoints/status"], "verbs": ["patch"]},
+    # RewardGraders: watched; their status says whether their test cases pass (operator/graders.py).
+    {"apiGroups": [API_GROUP], "resources": ["rewardgraders"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [API_GROUP], "resources": ["rewardgraders/status"], "verbs": ["get", "patch"]},
     # The trainer pods: watched (index of pods by job), created per attempt, deleted on restart or suspend.
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "delete"]},
     {"apiGroups": [""], "resources": ["services", "configmaps"], "verbs": ["create"]},
