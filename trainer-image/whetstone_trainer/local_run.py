@@ -33,7 +33,8 @@ class ProgressBar:
         )
 
     def on_step(self, m: dict[str, Any]) -> None:
-        post = {"loss": f"{m['loss']:.4f}", "tok/s": f"{m.get('tokens_per_second') or 0:.0f}"}
+        post = {"loss": f"{m['loss']:.4f}" if m.get("loss") is not None else "-"}
+        post["tok/s"] = f"{m.get('tokens_per_second') or 0:.0f}"
         for key, label in (
             ("reward_mean", "reward"),
             ("preference_accuracy", "acc"),

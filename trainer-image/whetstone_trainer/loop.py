@@ -152,11 +152,16 @@ class TargetLogprobs:
 
 
 def target_logprobs(
-    model: torch.nn.Module, batch: Batch, device: torch.device, with_entropy: bool = False
+    model: torch.nn.Module,
+    batch: Batch,
+    device: torch.device,
+    with_entropy: bool = False,
+    temperature: float = 1.0,
 ) -> TargetLogprobs:
     """One forward over the batch; only positions whose next token is a target go through the output head
     (`logits_to_keep` as a mask): with prompts masked that is most of the sequence, and the vocabulary
-    projection is the widest matmul there is. The [B, T, V] logits never exist."""
+    projection is the widest matmul there is. The [B, T, V] logits never exist. `temperature` divides the
+    logits first (RFT: the distribution the sampler drew from)."""
     ids = batch.input_ids.to(device)
     weights = batch.weights.to(device)
     keep = torch.zeros_like(ids, dtype=torch.bool)
@@ -167,6 +172,8 @@ def target_logprobs(
     if logits.dim() == 3:  # a model that ignores mask-shaped logits_to_keep
         logits = logits[keep]
     targets = ids[:, 1:][keep[:, :-1]]
+    if temperature != 1.0:
+        logits = logits.float() / temperature
     entropy = None
     if with_entropy:
         with torch.no_grad():
@@ -219,11 +226,13 @@ def plan_steps(items: int, batch_size: int, hp: Hyperparameters) -> tuple[int, i
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per step, written by rank 0. A resumed run first drops the lines
-    logged after its checkpoint, so every step appears once."""
+    """metrics.jsonl (or another JSON-lines file with a "step" in every line), written by rank 0. A resumed
+    run first drops the lines logged after its checkpoint, so every step appears once."""
 
-    def __init__(self, output: Path, world: distributed.World, start_step: int) -> None:
-        self.path = output / "metrics.jsonl"
+    def __init__(
+        self, output: Path, world: distributed.World, start_step: int, name: str = "metrics.jsonl"
+    ) -> None:
+        self.path = output / name
         self.world = world
         if not world.is_main:
             return

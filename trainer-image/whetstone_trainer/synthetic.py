@@ -25,6 +25,21 @@ def add(rng: random.Random) -> tuple[str, str]:
     return f"{a}+{b}=", str(a + b)
 
 
+def repeat(rng: random.Random) -> tuple[str, str]:
+    d = rng.choice("0123456789")
+    return f"Repeat {d}", d
+
+
+def even(rng: random.Random) -> tuple[str, str]:
+    d = rng.randint(0, 9)
+    return f"Is {d} even?", "yes" if d % 2 == 0 else "no"
+
+
+def odd(rng: random.Random) -> tuple[str, str]:
+    d = rng.randint(0, 9)
+    return f"Is {d} odd?", "yes" if d % 2 else "no"
+
+
 def copy(rng: random.Random) -> tuple[str, str]:
     s = _digits(rng, 3, 8)
     return f"Copy {s}", s
@@ -110,6 +125,9 @@ def json_extract(rng: random.Random) -> tuple[str, str]:
 TASKS: dict[str, Task] = {
     "reverse": reverse,
     "add": add,
+    "repeat": repeat,
+    "even": even,
+    "odd": odd,
     "copy": copy,
     "json-answer": json_answer,
     "json-extract": json_extract,

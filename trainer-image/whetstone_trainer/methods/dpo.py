@@ -58,9 +58,13 @@ def answer_logps(
     return values[:b], values[b:], -(sums[:b] / counts[:b])
 
 
+# |margin| below TIE is a tie: float noise between two forwards of the same weights decides nothing.
+TIE = 1e-6
+
+
 def _ties_half(x: torch.Tensor) -> torch.Tensor:
-    """1 where x > 0, ½ where x == 0, 0 below: an untrained policy scores chance, not 0."""
-    return (x > 0).float() + 0.5 * (x == 0).float()
+    """1 where x > 0, ½ for a tie, 0 below: an untrained policy scores chance, not 0."""
+    return (x > TIE).float() + 0.5 * (x.abs() <= TIE).float()
 
 
 @contextlib.contextmanager
