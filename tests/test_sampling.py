@@ -171,3 +171,22 @@ def test_bad_requests_are_refused(tiny: tuple[Any, Any]) -> None:
         sample(model, [[1, 2]], SamplingParams(max_tokens=2, stop_strings=("x",)))
     with pytest.raises(ValueError, match="at least one token"):
         sample(model, [[]], SamplingParams(max_tokens=2))
+
+
+def test_a_generator_per_prompt_makes_its_samples_independent_of_the_batch(tiny: tuple[Any, Any]) -> None:
+    model, tokenizer = tiny
+    a, b, c = (
+        tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("Copy 123", "Copy 456", "Copy 789")
+    )
+    assert len(a) == len(b) == len(c)
+    params = SamplingParams(max_tokens=8, temperature=1.0)
+
+    def gens(*seeds: int) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    with_b = sample(model, [a, b], params, n=3, generator=gens(1, 2))
+    with_c = sample(model, [a, c], params, n=3, generator=gens(1, 3))
+    assert [x.tokens for x in with_b[0]] == [x.tokens for x in with_c[0]]
+    assert [x.tokens for x in with_b[1]] != [x.tokens for x in with_c[1]]
+    with pytest.raises(ValueError, match="2 generators for 3 prompts"):
+        sample(model, [a, b, c], params, generator=gens(1, 2))

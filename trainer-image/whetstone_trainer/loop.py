@@ -254,7 +254,7 @@ class MetricsLog:
 
 class Checkpoints:
     """Save and resume everything a run needs to continue as if never stopped: weights, optimizer, scheduler,
-    RNG (python, torch, and the method's own generators), the data cursor and the method's state."""
+    RNG (python, torch) and the data cursor."""
 
     def __init__(
         self,
@@ -266,12 +266,10 @@ class Checkpoints:
         fingerprint: str,
         keep_last: int,
         observer: Observer,
-        generators: dict[str, torch.Generator] | None = None,
     ) -> None:
         self.output, self.rt, self.model = output, rt, model
         self.optimizer, self.scheduler = optimizer, scheduler
         self.fingerprint, self.keep_last, self.observer = fingerprint, keep_last, observer
-        self.generators = generators or {}
 
     def resume(self) -> TrainerState | None:
         """Load the latest checkpoint into the model, optimizer and scheduler; None on a fresh start. Refuses
@@ -279,9 +277,7 @@ class Checkpoints:
         path = latest_checkpoint(self.output)
         if path is None:
             return None
-        state = load_checkpoint(
-            path, self.rt.world, self.model, self.optimizer, self.scheduler, self.generators
-        )
+        state = load_checkpoint(path, self.rt.world, self.model, self.optimizer, self.scheduler)
         if state.dataset_fingerprint != self.fingerprint:
             raise DatasetError(
                 f"{path}: the checkpoint was written for different training data "
@@ -311,7 +307,6 @@ class Checkpoints:
             self.scheduler,
             state,
             self.keep_last,
-            self.generators,
         )
         self.observer.on_checkpoint(step, path, pruned)
 

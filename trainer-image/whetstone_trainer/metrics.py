@@ -34,6 +34,8 @@ class Metric:
 
 # --- every method
 STEP = Metric("step", "Optimizer steps done (RFT: rollout steps)")
+EPOCH = Metric("epoch", "Passes over the training data so far (fractional)")
+ELAPSED = Metric("elapsed_seconds", "Seconds since this process started training")
 TOTAL_STEPS = Metric("total_steps", "Steps planned")
 LOSS = Metric("loss", "Training loss of the latest step")
 EVAL_LOSS = Metric("eval_loss", "Latest loss on the held-out set")
@@ -74,7 +76,11 @@ KL = Metric("kl", "Mean k3 estimate of KL(policy || reference) per completion to
 CLIP_FRACTION = Metric("clip_fraction", "Share of completion tokens where the ratio clip binds")
 ENTROPY = Metric("entropy", "Mean entropy of the policy at completion tokens (nats)")
 FILTERED_GROUP_RATE = Metric("filtered_group_rate", "Share of sampled groups with zero reward variance")
+GROUPS_SAMPLED = Metric("groups_sampled", "Prompt groups sampled in the step, refill rounds included")
 GROUPS_TRAINED = Metric("groups_trained", "Prompt groups trained on in the step (the effective batch)")
+REFILL_ROUNDS = Metric("refill_rounds", "Extra sampling rounds the step took to refill its batch")
+SAMPLES = Metric("samples", "Answers sampled in the step")
+SKIPPED_SAMPLES = Metric("skipped_samples", "Answers a grader skipped (onError: skip): not trained")
 RESPONSE_LENGTH_MEAN = Metric("response_length_mean", "Mean completion length in tokens")
 RESPONSE_LENGTH_MAX = Metric("response_length_max", "Longest completion of the step in tokens")
 TRUNCATION_RATE = Metric("truncation_rate", "Share of completions cut at maxCompletionTokens")

@@ -31,8 +31,8 @@ def repeat(rng: random.Random) -> tuple[str, str]:
 
 
 def even(rng: random.Random) -> tuple[str, str]:
-    d = rng.randint(0, 9)
-    return f"Is {d} even?", "yes" if d % 2 == 0 else "no"
+    n = rng.randint(0, 99)
+    return f"Is {n} even?", "yes" if n % 2 == 0 else "no"
 
 
 def odd(rng: random.Random) -> tuple[str, str]:

@@ -17,9 +17,10 @@ rft.miniBatches optimizer steps, of the clipped loss of rft.algorithm (methods/l
 frozen reference when klBeta > 0 (LoRA: adapters disabled; full-parameter: a frozen copy). Answers cut at
 maxCompletionTokens are left out of the loss with overlong filtering (DAPO).
 
-Exact resume: weights, optimizer, scheduler, every RNG including the sampler's generator, and the cursor
-(prompts consumed, refill rounds included) are checkpointed, so a resumed run samples and scores what the
-uninterrupted run would have.
+Exact resume: weights, optimizer, scheduler, the torch and python RNG and the cursor (prompts consumed, refill
+rounds included) are checkpointed. The sampler draws each prompt's answers from a generator seeded with the
+job's seed and the prompt's position in the stream, so its state is a function of the cursor: a resumed run
+samples and scores what the uninterrupted run would have, and so does a run on another number of ranks.
 """
 
 from __future__ import annotations
@@ -172,7 +173,6 @@ def train(
             + "; ".join(f"{name}: {why}" for name, why in not_loading.items())
         )
     params = sampling_params(rft, tokenizer)
-    generator = torch.Generator().manual_seed(hp.seed * 7919 + rt.world.rank)
 
     steps_per_epoch, total_steps = loop.plan_steps(len(prompts), hp.batch_size, hp)
     updates_per_step = rft.update_epochs * rft.mini_batches
@@ -190,7 +190,6 @@ def train(
         digest.hexdigest()[:16],
         spec.checkpointing.keep_last,
         observer,
-        generators={"sampler": generator},
     )
     resumed = checkpoints.resume()
     start_step = resumed.step if resumed else 0
@@ -221,7 +220,9 @@ def train(
                     params,
                     n=G,
                     tokenizer=tokenizer,
-                    generator=generator,
+                    # Each prompt's own generator, seeded by its place in the stream: its samples depend on
+                    # neither the rank nor the batch, and a resumed run redraws them from the cursor.
+                    generator=[torch.Generator().manual_seed(hp.seed * 1_000_003 + p) for p in positions],
                 )
             texts = [[tokenizer.decode(c.tokens, skip_special_tokens=True) for c in group] for group in out]
             rewards = graders.grade(

@@ -11,7 +11,9 @@ How a call runs:
 Randomness: one uniform number per running row per step, drawn from `generator` (or a fresh one seeded with
 `params.seed`, or torch's global generator), turned into a token by inverse-CDF over the filtered
 distribution. The generator may live on another device than the model; the same generator state gives the
-same completions.
+same completions. `generator` may also be one generator per prompt: a prompt's samples then depend only on
+its own generator, not on which other prompts share the batch (RFT seeds one per prompt of its stream, so a
+rank samples a prompt exactly as a single process would).
 
 `Completion.logprobs` are the log-probabilities of the sampled tokens under softmax(logits / temperature) over
 the *full* vocabulary, before top-k / top-p truncation: the behaviour policy the RFT trainer recomputes with
@@ -89,8 +91,24 @@ def _device_of(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _uniform(rows: int, generator: Generators, row_prompts: list[int]) -> torch.Tensor:
+    """One U(0, 1) draw per running row, in float64, on the CPU or the generator's device."""
+    if generator is None:
+        return torch.rand(rows, dtype=torch.float64)
+    if isinstance(generator, torch.Generator):
+        return torch.rand(rows, generator=generator, device=generator.device, dtype=torch.float64)
+    draws = [
+        torch.rand(1, generator=generator[p], device=generator[p].device, dtype=torch.float64)
+        for p in row_prompts
+    ]
+    return torch.cat([d.cpu() for d in draws])
+
+
 def _choose(
-    logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+    logits_BV: torch.Tensor, params: SamplingParams, generator: Generators, row_prompts: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The next token of each row and its log-prob (see the module docstring for which log-prob)."""
     if params.temperature == 0:
@@ -114,11 +132,7 @@ def _choose(
         filtered = filtered.masked_fill(drop, float("-inf"))
     probs = torch.softmax(filtered, -1)
     cdf = probs.cumsum(-1)
-    if generator is not None:
-        u = torch.rand(probs.shape[0], generator=generator, device=generator.device, dtype=torch.float64)
-    else:
-        u = torch.rand(probs.shape[0], dtype=torch.float64)
-    u = u.to(probs.device, cdf.dtype)[:, None] * cdf[:, -1:]
+    u = _uniform(probs.shape[0], generator, row_prompts).to(probs.device, cdf.dtype)[:, None] * cdf[:, -1:]
     # The first index whose cumulative probability exceeds u: never a token with probability 0.
     tokens_B = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_max(vocab - 1)
     return tokens_B, logp_BV.gather(-1, tokens_B[:, None])[:, 0]
@@ -169,15 +183,22 @@ def sample(
     params: SamplingParams,
     n: int = 1,
     tokenizer: Any = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> list[list[Completion]]:
-    """`n` completions of each prompt (token ids): result[i][j] is sample j of prompt i."""
+    """`n` completions of each prompt (token ids): result[i][j] is sample j of prompt i. `generator`: one for
+    the call, or one per prompt (see the module docstring)."""
     if n < 1:
         raise ValueError(f"n must be at least 1, not {n}")
     if params.stop_strings and tokenizer is None:
         raise ValueError("stop strings need the tokenizer to decode completions")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    if (
+        generator is not None
+        and not isinstance(generator, torch.Generator)
+        and len(generator) != len(prompts)
+    ):
+        raise ValueError(f"{len(generator)} generators for {len(prompts)} prompts")
     if not prompts:
         return []
     if generator is None and params.seed is not None and params.temperature > 0:
@@ -197,7 +218,7 @@ def _sample(
     params: SamplingParams,
     n: int,
     tokenizer: Any,
-    generator: torch.Generator | None,
+    generator: Generators,
     device: torch.device,
 ) -> list[list[Completion]]:
     cache_kwarg = _cache_kwarg(model)
@@ -220,7 +241,7 @@ def _sample(
     window = max((len(s) for s in params.stop_strings), default=0) + _STOP_WINDOW_SLACK
 
     for step in range(params.max_tokens):
-        chosen, chosen_lp = _choose(logits, params, generator)
+        chosen, chosen_lp = _choose(logits, params, generator, [row // n for row in running])
         still: list[int] = []  # batch rows that go on
         for b, (row, tok, lp) in enumerate(zip(running, chosen.tolist(), chosen_lp.tolist(), strict=True)):
             tokens[row].append(tok)
