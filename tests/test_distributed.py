@@ -118,3 +118,50 @@ def test_dpo_two_processes_with_one_pair_each_follow_one_process_with_two(tmp_pa
     assert _metrics_of(tmp_path / "two")[-1]["eval_preference_accuracy"] == pytest.approx(
         _metrics_of(tmp_path / "one")[-1]["eval_preference_accuracy"]
     )
+
+
+@pytest.mark.slow
+def test_rft_two_processes_sample_grade_and_update_as_one(tmp_path: Path) -> None:
+    # Each prompt's answers come from a generator seeded by its place in the prompt stream, so the rank that
+    # samples it does not matter; the groups are gathered, and the loss is normalised over the whole batch.
+    rows = [{"messages": [{"role": "user", "content": f"Say something about {i}"}]} for i in range(16)]
+    write_jsonl(rows, tmp_path / "train.jsonl")
+    doc = valid_job()
+    doc["spec"].update(
+        method="rft",
+        rft={
+            "graders": [{"name": "length"}],
+            "samplesPerPrompt": 4,
+            "maxCompletionTokens": 3,
+            "klBeta": 0.05,
+            "miniBatches": 2,
+            "zeroVarianceGroups": "refill",
+        },
+    )
+    doc["spec"]["dataset"]["uri"] = "train.jsonl"
+    doc["spec"].pop("evalDataset")
+    doc["spec"]["hyperparameters"] = {
+        "maxSteps": 3,
+        "batchSize": 4,
+        "maxSeqLen": 64,
+        "learningRate": 1e-3,
+        "seed": 5,
+        "evalFraction": 0,
+    }
+    doc["spec"]["checkpointing"] = {"everySteps": 2}
+    grader = {
+        "apiVersion": "whetstone.dev/v1alpha1",
+        "kind": "RewardGrader",
+        "metadata": {"name": "length"},
+        "spec": {
+            "python": {"source": "def grade(sample, item):\n    return len(sample['output_text']) % 2\n"}
+        },
+    }
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump_all([doc, grader]))
+    _train(job, tmp_path / "one", 1)
+    _train(job, tmp_path / "two", 2)
+    a, b = _metrics_of(tmp_path / "one"), _metrics_of(tmp_path / "two")
+    assert [m["reward_mean"] for m in a] == [m["reward_mean"] for m in b]
+    assert [m["groups_sampled"] for m in a] == [m["groups_sampled"] for m in b]
+    _same_run(tmp_path / "one", tmp_path / "two", ("loss", "kl", "entropy", "advantage_std"), atol=1e-4)

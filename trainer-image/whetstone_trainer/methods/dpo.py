@@ -112,6 +112,7 @@ def train(
 
     # --- reference log-probs of full-parameter jobs: now, while the weights are the base's
     precomputed: dict[str, list[tuple[float, float]]] = {}
+    t_ref = time.perf_counter()
     if spec.lora is None:
         trained_model.eval()
         for name, pairs in (("train", train_pairs), ("eval", eval_pairs)):
@@ -126,6 +127,7 @@ def train(
             merged = {k: v for part in rt.world.gather(values) for k, v in part.items()}
             precomputed[name] = [merged[j] for j in range(len(pairs))]
         trained_model.train()
+    reference_seconds = time.perf_counter() - t_ref
 
     def reference(
         which: str, index: list[int], pairs: list[PreferencePair]
@@ -274,6 +276,7 @@ def train(
         "train_pairs": len(train_pairs),
         "eval_pairs": len(eval_pairs),
         "reference": "precomputed" if spec.lora is None else "adapters disabled",
+        "reference_seconds": reference_seconds,
         "final_loss": last.get("loss"),
         "final_preference_accuracy": last.get("preference_accuracy"),
         "final_eval_loss": evals.get("eval_loss"),
