@@ -16,6 +16,7 @@ from whetstone_trainer.sampling import (
     default_stop_token_ids,
     prompt_logprobs,
     sample,
+    sampler,
 )
 
 
@@ -38,7 +39,14 @@ def _full_logits(model: Any, prompt: list[int], completion: list[int]) -> torch.
     return logits[len(prompt) - 1 : len(prompt) + len(completion) - 1]
 
 
-def test_greedy_equals_transformers_generate(tiny: tuple[Any, Any]) -> None:
+@pytest.fixture(params=[True, False], ids=["llama-decode", "model-forward"])
+def decode_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Both ways the sampler decodes: the Llama-family step of sampling/decode.py, and model(...)."""
+    monkeypatch.setattr(sampler, "FAST_DECODE", request.param)
+    return request.param
+
+
+def test_greedy_equals_transformers_generate(tiny: tuple[Any, Any], decode_path: bool) -> None:
     model, tokenizer = tiny
     stops = default_stop_token_ids(tokenizer)
     prompts = _prompts(tokenizer)
@@ -60,7 +68,7 @@ def test_greedy_equals_transformers_generate(tiny: tuple[Any, Any]) -> None:
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_logprobs_are_the_full_vocabulary_logprobs_at_the_temperature(
-    tiny: tuple[Any, Any], temperature: float
+    tiny: tuple[Any, Any], temperature: float, decode_path: bool
 ) -> None:
     model, tokenizer = tiny
     prompts = _prompts(tokenizer)
@@ -141,7 +149,7 @@ def test_top_k_and_top_p_only_pick_allowed_tokens(tiny: tuple[Any, Any], top_k: 
     assert seen == len(prompts) * 3 * 10
 
 
-def test_a_left_padded_batch_equals_each_prompt_alone(tiny: tuple[Any, Any]) -> None:
+def test_a_left_padded_batch_equals_each_prompt_alone(tiny: tuple[Any, Any], decode_path: bool) -> None:
     model, tokenizer = tiny
     prompts = _prompts(tokenizer)
     assert len({len(p) for p in prompts}) > 1  # different lengths: the short ones are padded

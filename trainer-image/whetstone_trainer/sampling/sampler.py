@@ -35,7 +35,10 @@ from typing import Any, Literal
 
 import torch
 
+from . import decode
+
 FinishReason = Literal["stop", "length"]
+FAST_DECODE = True  # tests switch it off to check the generic path
 # A stop string ends within the newest token, but a few tokens may decode to nothing on their own (the
 # pieces of a multi-byte character): look this many tokens further back than the string is long.
 _STOP_WINDOW_SLACK = 8
@@ -233,6 +236,13 @@ def _sample(
         mask = mask.repeat_interleave(n, 0)
         next_pos = next_pos.repeat_interleave(n, 0)
     rows = len(prompts) * n
+    # Llama-family models decode through decode.py (a preallocated cache, no per-call machinery); anything
+    # else, the training service's wrappers included, is called as model(...).
+    fast = (
+        decode.Decoder(model, cache, mask, mask.shape[1] + params.max_tokens)
+        if FAST_DECODE and decode.supported(model)
+        else None
+    )
     tokens: list[list[int]] = [[] for _ in range(rows)]
     logprobs: list[list[float]] = [[] for _ in range(rows)]
     finish: list[FinishReason | None] = [None] * rows
@@ -258,9 +268,16 @@ def _sample(
             break
         if len(still) < len(running):
             keep = torch.tensor(still, device=device)
-            cache.batch_select_indices(keep)
+            if fast is not None:
+                fast.keep(keep)
+            else:
+                cache.batch_select_indices(keep)
             chosen, mask, next_pos = chosen[keep], mask[keep], next_pos[keep]
             running = [running[b] for b in still]
+        if fast is not None:
+            logits = fast.step(chosen, next_pos)
+            next_pos = next_pos + 1
+            continue
         mask = torch.cat([mask, mask.new_ones((len(running), 1))], dim=1)
         out = model(
             input_ids=chosen[:, None],
