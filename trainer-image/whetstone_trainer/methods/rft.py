@@ -269,18 +269,20 @@ def train(
             keep_rate, need = len(kept) / len(sampled), hp.batch_size - len(kept)
             count = min(4 * hp.batch_size, math.ceil(need / keep_rate) if keep_rate else hp.batch_size)
 
-    def score_before_update(parts: list[list[Sequence]]) -> float:
-        """Old log-probs (and the reference's, for the KL) of this rank's answers, once, before the first
-        update; returns Σ |sampler − trainer| log-prob over their tokens (the inference mismatch)."""
+    def score_before_update(parts: list[list[Sequence]], old: bool) -> float:
+        """Old log-probs (when several updates follow: with one, the update's own forward gives them) and
+        the reference's (for the KL) of this rank's answers, once, before the first update; returns
+        Σ |sampler − trainer| log-prob over their tokens (the inference mismatch) when it scored them."""
         drift = 0.0
         trained_model.eval()
         with torch.no_grad():
             for part in parts:
-                with rt.autocast():
-                    old = sequence_logprobs(trained_model, part)
-                for s, values in zip(part, _split(old), strict=True):
-                    s.old_logprobs = values
-                    drift += float((values.cpu() - torch.tensor(s.sampler_logprobs)).abs().sum())
+                if old:
+                    with rt.autocast():
+                        scored = sequence_logprobs(trained_model, part)
+                    for s, values in zip(part, _split(scored), strict=True):
+                        s.old_logprobs = values
+                        drift += float((values.cpu() - torch.tensor(s.sampler_logprobs)).abs().sum())
                 if rft.kl_beta > 0:
                     off = trained_model.disable_adapter() if frozen is None else contextlib.nullcontext()
                     with off, rt.autocast():  # type: ignore[attr-defined]
@@ -308,7 +310,9 @@ def train(
             t1 = time.perf_counter()
             minis = [seqs[i :: rft.mini_batches] for i in range(rft.mini_batches)]
             mine = [m[rt.world.rank :: rt.world.size] for m in minis]
-            drift = score_before_update([m[i : i + micro] for m in mine for i in range(0, len(m), micro)])
+            on_policy = rft.update_epochs * rft.mini_batches == 1
+            parts_all = [m[i : i + micro] for m in mine for i in range(0, len(m), micro)]
+            drift = score_before_update(parts_all, old=not on_policy)
             scored = float(sum(len(s.sampler_logprobs) for m in mine for s in m))
             sums = torch.zeros(STATS + 2, dtype=torch.float64)  # the policy stats, tokens forwarded, steps
             for _pass in range(rft.update_epochs):
@@ -335,7 +339,9 @@ def train(
                     loop.clip_and_step(trained_model, optimizer, scheduler, hp.max_grad_norm)
                     sums[STATS + 1] += 1 / rt.world.size
             update_seconds = time.perf_counter() - t1
-            loss_sum, clipped, kl_sum, entropy_sum, tokens, forwarded, opt_steps = (
+            if on_policy:  # the update's forward scored the answers: its drift is the mismatch
+                drift = float(sums[5])
+            loss_sum, clipped, kl_sum, entropy_sum, tokens, _drift, forwarded, opt_steps = (
                 rt.world.sum(float(v)) for v in sums
             )
 
@@ -402,7 +408,7 @@ def train(
     return loop.finish(output, rt, summary, observer)
 
 
-STATS = 5  # what policy_loss reports: loss, clipped tokens, Σ kl, Σ entropy, completion tokens
+STATS = 6  # what policy_loss reports: loss, clipped tokens, Σ kl, Σ entropy, completion tokens, Σ drift
 
 
 def training_sequences(
@@ -437,10 +443,11 @@ def policy_loss(
     t: loop.TargetLogprobs, part: list[Sequence], rft: RFTSpec, aggregation: str, normaliser: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The algorithm's loss of a micro-batch (its share of the mini-batch's, see losses.aggregate) and its
-    statistics: loss, tokens where the clip binds, Σ k3 KL, Σ entropy, completion tokens."""
+    statistics: loss, tokens where the clip binds, Σ k3 KL, Σ entropy, completion tokens, Σ |sampler − these|
+    log-probs. Without old log-probs (one update per batch) the old policy is this forward's, detached."""
     clip_low, clip_high = rft.clip_range
     lp, mask = t.padded()
-    old = _padded([s.old_logprobs for s in part], lp)
+    old = lp.detach() if part[0].old_logprobs is None else _padded([s.old_logprobs for s in part], lp)
     adv = torch.tensor([s.advantage for s in part], device=lp.device, dtype=lp.dtype)[:, None].expand_as(lp)
     if rft.algorithm == "gspo-token":
         terms = gspo_token_terms(lp, old, adv, mask, 1 - clip_low, 1 + clip_high)
@@ -458,11 +465,10 @@ def policy_loss(
         r = ratio.detach()
         clipped = (((r < 1 - clip_low) & (adv < 0)) | ((r > 1 + clip_high) & (adv > 0))) & mask
         entropy = t.entropy.sum() if t.entropy is not None else torch.zeros(())
-        stats = (
-            torch.stack([loss.detach(), clipped.sum(), (kl.detach() * mask).sum(), entropy, mask.sum()])
-            .to(torch.float64)
-            .cpu()
-        )
+        sampler = _padded([torch.tensor(s.sampler_logprobs) for s in part], lp)
+        drift = ((lp.detach() - sampler).abs() * mask).sum()
+        values = [loss.detach(), clipped.sum(), (kl.detach() * mask).sum(), entropy, mask.sum(), drift]
+        stats = torch.stack(values).to(torch.float64).cpu()
     return loss, stats
 
 

@@ -179,7 +179,7 @@ def _hit_stop_string(tokenizer: Any, tokens: list[int], stops: tuple[str, ...], 
     return any(s in tail for s in stops)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample(
     model: Any,
     prompts: Sequence[Sequence[int]],
