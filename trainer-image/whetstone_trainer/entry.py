@@ -170,14 +170,11 @@ def train(
 def permanent_errors() -> tuple[type[Exception], ...]:
     """Errors a restart cannot fix: bad data (a resume on other data included) and a grader with
     onError: fail that failed."""
+    from whetstone_graders import GraderConfigError, GraderFailed
+
     from .data.formats import DatasetError
 
-    errors: tuple[type[Exception], ...] = (DatasetError, JobRefused)
-    try:
-        from whetstone_graders import GraderConfigError, GraderFailed
-    except ImportError:  # an image without the graders package runs SFT and DPO only
-        return errors
-    return (*errors, GraderFailed, GraderConfigError)
+    return (DatasetError, JobRefused, GraderFailed, GraderConfigError)
 
 
 def train_job(
