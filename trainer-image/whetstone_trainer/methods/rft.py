@@ -12,7 +12,8 @@ replaced by groups of further prompts until the batch is full, at most rft.maxRe
 rewards (plus DAPO's soft overlong punishment) minus their mean, over their standard deviation.
 
 The update: the log-probs of the kept answers under the current weights (the "old" policy, at the sampling
-temperature) are computed once before the first update; then rft.updateEpochs passes, each of
+temperature) are computed once before the first update (with a single update per batch, that update's own
+forward gives them, detached: one pass less, the same numbers); then rft.updateEpochs passes, each of
 rft.miniBatches optimizer steps, of the clipped loss of rft.algorithm (methods/losses.py) with a k3 KL to the
 frozen reference when klBeta > 0 (LoRA: adapters disabled; full-parameter: a frozen copy). Answers cut at
 maxCompletionTokens are left out of the loss with overlong filtering (DAPO).
@@ -42,6 +43,7 @@ from .. import loop
 from ..data.formats import TokenizedExample
 from ..data.packing import Row, collate, epoch_order
 from ..data.tokenize import tokenize_prompt
+from ..distributed import World
 from ..optim import build_optimizer, build_scheduler
 from ..sampling import SamplingParams, default_stop_token_ids, sample
 from .losses import aggregate, group_advantages, gspo_token_terms, kl_k3, ppo_terms, soft_overlong_penalty
@@ -98,12 +100,12 @@ def evaluate_rewards(
     rt: loop.Runtime | None = None,
     seed: int = 0,
 ) -> EvalResult:
-    """One answer per held-out prompt at rft.evalTemperature (0: greedy), graded: the mean reward and pass
-    rate over all ranks (each rank takes its share of the prompts)."""
+    """One answer per held-out prompt at rft.evalTemperature (0: greedy), graded: the mean reward (a sample a
+    grader skipped scores 0 here) and pass rate over all ranks, each rank taking its share of the prompts."""
     rft = inputs.spec.rft
     assert rft is not None
-    rank, size = (rt.world.rank, rt.world.size) if rt else (0, 1)
-    mine = rows[rank::size]
+    world = rt.world if rt else World()
+    mine = rows[world.rank :: world.size]
     params = sampling_params(rft, tokenizer, rft.eval_temperature)
     own = graders is None
     graders = graders or grader_set(inputs)
@@ -129,11 +131,8 @@ def evaluate_rewards(
     finally:
         if own:
             graders.close()
-    world = rt.world if rt else None
-    n = world.sum(len(totals)) if world else len(totals)
-    total = world.sum(sum(totals)) if world else sum(totals)
-    passed = sum(t >= rft.pass_threshold for t in totals)
-    passed = world.sum(passed) if world else passed
+    n = world.sum(len(totals))
+    total, passed = world.sum(sum(totals)), world.sum(sum(t >= rft.pass_threshold for t in totals))
     return EvalResult(total / n if n else float("nan"), passed / n if n else float("nan"), samples)
 
 
@@ -174,7 +173,7 @@ def train(
         )
     params = sampling_params(rft, tokenizer)
 
-    steps_per_epoch, total_steps = loop.plan_steps(len(prompts), hp.batch_size, hp)
+    _steps_per_epoch, total_steps = loop.plan_steps(len(prompts), hp.batch_size, hp)
     updates_per_step = rft.update_epochs * rft.mini_batches
     optimizer = build_optimizer(trained_model, hp)
     scheduler = build_scheduler(optimizer, total_steps * updates_per_step, hp)
