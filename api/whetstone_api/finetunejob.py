@@ -127,16 +127,33 @@ class SFTSpec(ApiModel):
 
 
 class DPOSpec(ApiModel):
-    """Direct preference optimisation on {input, preferred_output, non_preferred_output} rows."""
+    """Direct preference optimisation on preference rows: {input: {messages}, preferred_output: [message],
+    non_preferred_output: [message]} (OpenAI) or {prompt, chosen, rejected} (TRL; message lists or text).
+    hyperparameters.batchSize counts pairs. The reference is the frozen base model: with lora the same model
+    with its adapters disabled, with fullParameter log-probs computed once before training."""
+
+    RULES = (
+        Rule(
+            "!has(self.labelSmoothing) || self.labelSmoothing == 0.0 || !has(self.lossType) || "
+            "self.lossType == 'sigmoid' || self.lossType == 'robust'",
+            "labelSmoothing is only used by lossType sigmoid and robust",
+            lambda d: d.label_smoothing == 0 or d.loss_type in ("sigmoid", "robust"),
+            field="labelSmoothing",
+        ),
+    )
 
     beta: float = Field(default=0.1, gt=0, le=10)
-    """Strength of the KL constraint to the reference model."""
+    """Strength of the KL constraint to the reference model (the implicit reward is beta × the log-ratio);
+    IPO's tau. Typical 0.05 to 0.5."""
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
-    """The preference loss: sigmoid (DPO), ipo, hinge (SLiC) or robust (noise-robust DPO)."""
+    """The preference loss: sigmoid (DPO, arXiv:2305.18290), ipo (arXiv:2310.12036; per-token mean
+    log-probs), hinge (SLiC, arXiv:2305.10425) or robust (noise-robust DPO, arXiv:2403.00409)."""
     label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
-    """Assumed share of flipped preference labels (cDPO / robust DPO)."""
+    """Assumed share of flipped preference labels, in [0, 0.5): conservative DPO with sigmoid, robust DPO
+    with robust."""
     rpo_alpha: float | None = Field(default=None, ge=0)
-    """Weight of an extra NLL term on the preferred answer (RPO); unset: none."""
+    """Weight of an extra NLL term on the preferred answer (RPO, arXiv:2404.19733): the loss adds
+    rpoAlpha × the chosen answer's mean token NLL. Unset: none."""
 
 
 class GraderRef(ApiModel):
@@ -148,8 +165,20 @@ class GraderRef(ApiModel):
     """Weight of this grader's score in the weighted sum."""
 
 
+RFTAlgorithm = Literal["grpo", "dapo", "gspo-token"]
+RFT_DEFAULT_CLIP: dict[str, tuple[float, float]] = {
+    "grpo": (0.2, 0.2),
+    "dapo": (0.2, 0.28),
+    "gspo-token": (3e-4, 4e-4),
+}
+"""(clipLow, clipHigh) of each algorithm when unset: PPO's 0.2, DAPO's clip-higher, GSPO's tiny range."""
+
+
 class RFTSpec(ApiModel):
-    """Reinforcement fine-tuning: sample answers, grade them, update with a policy-gradient loss."""
+    """Reinforcement fine-tuning: every step samples samplesPerPrompt answers to hyperparameters.batchSize
+    prompts from the current weights, grades them with the RewardGraders, and updates with a clipped
+    policy-gradient loss on group-normalised advantages (reward minus the group's mean, over its standard
+    deviation). Rows: {messages: [..., user message], ...fields the graders read as item.<field>}."""
 
     RULES = (
         Rule(
@@ -158,25 +187,107 @@ class RFTSpec(ApiModel):
             lambda r: r.algorithm == "grpo" or r.kl_beta == 0,
             field="klBeta",
         ),
+        Rule(
+            "!has(self.overlongBufferTokens) || !has(self.maxCompletionTokens) || "
+            "self.overlongBufferTokens < self.maxCompletionTokens",
+            "overlongBufferTokens must be smaller than maxCompletionTokens",
+            lambda r: r.overlong_buffer_tokens is None or r.overlong_buffer_tokens < r.max_completion_tokens,
+            field="overlongBufferTokens",
+        ),
     )
 
-    algorithm: Literal["grpo", "dapo", "gspo-token"] = "grpo"
-    """The policy loss: grpo (clipped ratio, optional KL), dapo (clip-higher, dynamic sampling, no KL) or
-    gspo-token (sequence-level ratio)."""
+    algorithm: RFTAlgorithm = "grpo"
+    """The policy loss. grpo (arXiv:2402.03300): PPO clip 0.2/0.2, optional k3 KL to the frozen reference,
+    sample-level aggregation. dapo (arXiv:2503.14476): clip-higher 0.2/0.28, token-level aggregation,
+    overlong filtering and soft overlong punishment, zero-variance groups refilled, no KL. gspo-token
+    (arXiv:2507.18071): the length-normalised sequence ratio on every token, clip 3e-4/4e-4, no KL."""
     graders: list[GraderRef] = Field(min_length=1, max_length=16)
     """The RewardGraders whose weighted sum is the reward."""
     samples_per_prompt: int = Field(default=8, ge=2, le=256)
     """Answers sampled per prompt (the group size G)."""
     temperature: float = Field(default=1.0, gt=0, le=4)
-    """Sampling temperature of the rollouts."""
+    """Sampling temperature of the rollouts; the trainer's log-probs use the same temperature."""
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    """Nucleus sampling of the rollouts (1: off). Applied after topK."""
+    top_k: int = Field(default=0, ge=0, le=100000)
+    """Sample only among the k most likely tokens (0: off)."""
     max_completion_tokens: int = Field(default=256, ge=1, le=131072)
-    """Longest answer sampled."""
+    """Longest answer sampled; a longer one is cut and counts as truncated."""
+    stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=list, max_length=16
+    )
+    """Stop strings: an answer ends with the first one it produces (kept in the answer). The model's
+    end-of-turn token always stops."""
     kl_beta: float = Field(default=0.0, ge=0)
-    """Weight of the KL penalty to the reference (grpo only; dapo and gspo-token use none)."""
+    """Weight of the k3 KL penalty to the frozen reference, per token inside the loss (grpo only; 0: none,
+    and no reference is computed). With lora the reference is the model with adapters disabled; with
+    fullParameter a frozen copy of the base model is kept."""
     clip_low: float | None = Field(default=None, gt=0, lt=1)
-    """Lower clip epsilon of the ratio; unset: the algorithm's default."""
+    """Lower clip epsilon: the ratio is clipped below at 1 - clipLow. Unset: 0.2 (grpo, dapo), 3e-4
+    (gspo-token)."""
     clip_high: float | None = Field(default=None, gt=0)
-    """Upper clip epsilon of the ratio; unset: the algorithm's default."""
+    """Upper clip epsilon: the ratio is clipped above at 1 + clipHigh. Unset: 0.2 (grpo), 0.28 (dapo), 4e-4
+    (gspo-token)."""
+    aggregation: Literal["token-mean", "seq-mean-token-mean"] | None = None
+    """How per-token terms become the loss: token-mean (every completion token of the step weighs the same)
+    or seq-mean-token-mean (each answer's token mean, then the mean over answers). Unset: token-mean for
+    dapo, seq-mean-token-mean for grpo and gspo-token."""
+    advantage_scale: Literal["group", "none"] = "group"
+    """Divide each group's centred rewards by the group's standard deviation (group), or not (none, as Dr.
+    GRPO)."""
+    update_epochs: int = Field(default=1, ge=1, le=64)
+    """Passes over each rollout batch (TRL num_iterations, verl ppo_epochs)."""
+    mini_batches: int = Field(default=1, ge=1, le=1024)
+    """Optimizer steps per pass: the rollout batch's groups are split into this many mini-batches. With
+    more than one step per batch the ratio to the log-probs recomputed before the first update moves and
+    the clip matters."""
+    zero_variance_groups: Literal["keep", "drop", "refill"] | None = None
+    """Groups whose samples all got the same reward have zero advantages: keep them, drop them, or drop
+    them and sample more prompts until batchSize groups are left (at most maxRefillRounds more rounds).
+    Judged on the graders' reward, before overlong shaping. Unset: refill for dapo, keep otherwise."""
+    max_refill_rounds: int = Field(default=4, ge=0, le=64)
+    """Extra sampling rounds a step may take to refill its batch."""
+    overlong_filtering: bool | None = None
+    """Leave answers cut at maxCompletionTokens out of the loss (DAPO). Unset: on for dapo."""
+    overlong_buffer_tokens: int | None = Field(default=None, ge=0)
+    """DAPO's soft overlong punishment: the reward falls linearly from 0 to -1 over the last this many tokens
+    before maxCompletionTokens (0: off). Unset: a fifth of maxCompletionTokens for dapo, 0 otherwise."""
+    pass_threshold: float = 1.0
+    """A sample passes (pass_rate) when its total reward reaches this."""
+    eval_temperature: float = Field(default=0.0, ge=0, le=4)
+    """Temperature of the one answer per held-out prompt behind eval_reward_mean (0: greedy)."""
+    rollout_log_samples: int = Field(default=4, ge=0, le=1024)
+    """Samples per step written to rollouts.jsonl (prompt, answer, reward, every grader's score and
+    message)."""
+    grader_workers: int = Field(default=2, ge=1, le=64)
+    """Sandbox worker processes of each python grader."""
+
+    @property
+    def clip_range(self) -> tuple[float, float]:
+        """(clipLow, clipHigh) epsilons with the algorithm's defaults filled in."""
+        low, high = RFT_DEFAULT_CLIP[self.algorithm]
+        return (
+            self.clip_low if self.clip_low is not None else low,
+            self.clip_high if self.clip_high is not None else high,
+        )
+
+    @property
+    def aggregation_mode(self) -> str:
+        return self.aggregation or ("token-mean" if self.algorithm == "dapo" else "seq-mean-token-mean")
+
+    @property
+    def zero_variance_mode(self) -> str:
+        return self.zero_variance_groups or ("refill" if self.algorithm == "dapo" else "keep")
+
+    @property
+    def filters_overlong(self) -> bool:
+        return self.overlong_filtering if self.overlong_filtering is not None else self.algorithm == "dapo"
+
+    @property
+    def overlong_buffer(self) -> int:
+        if self.overlong_buffer_tokens is not None:
+            return self.overlong_buffer_tokens
+        return self.max_completion_tokens // 5 if self.algorithm == "dapo" else 0
 
 
 class LoRASpec(ApiModel):

@@ -36,6 +36,8 @@ class TrainerState:
     total_steps: int
     dataset_fingerprint: str
     metrics: dict[str, float] = field(default_factory=dict)
+    cursor: dict[str, Any] = field(default_factory=dict)
+    """Where the method is in its data when that is not a function of the step alone (RFT's prompt stream)."""
 
 
 def checkpoint_dir(output: Path, step: int) -> Path:

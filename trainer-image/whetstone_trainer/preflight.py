@@ -10,12 +10,15 @@ tokens. Nothing here raises for bad input.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
 
 from whetstone_api.finetunejob import FineTuneJobSpec
 
-from .data.formats import FORMAT_OF_METHOD, DatasetReport, TemplateError, read_jsonl, tokenize_chat
+from .data.formats import FORMAT_OF_METHOD, TemplateError, read_jsonl
+from .data.tokenize import example_length
 from .models.sources import ModelSource, ModelSourceError, check_model_source, materialise, parse_model_uri
 from .storage import StorageError, resolve_uri
 
@@ -23,8 +26,25 @@ from .storage import StorageError, resolve_uri
 _POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 
+@dataclass
+class Checked:
+    """What pre-flight found and read: the problems, and for a job without any, the checked rows of each
+    dataset (by field, "spec.dataset" / "spec.evalDataset") and the materialised model folder, so that
+    training reads nothing twice."""
+
+    problems: list[str]
+    rows: dict[str, list[tuple[int, dict[str, Any]]]] = dataclass_field(default_factory=dict)
+    paths: dict[str, Path] = dataclass_field(default_factory=dict)
+    model_folder: Path | None = None
+
+
 def preflight(spec: FineTuneJobSpec, base_dir: Path | None, *, check_lengths: bool = True) -> list[str]:
     """Every problem found, each naming the field, file and line it concerns. Empty: ready to train."""
+    return check_job(spec, base_dir, check_lengths=check_lengths).problems
+
+
+def check_job(spec: FineTuneJobSpec, base_dir: Path | None, *, check_lengths: bool = True) -> Checked:
+    """preflight(), keeping what it read."""
     problems: list[str] = world_size_problems(spec)
     source = None
     try:
@@ -60,9 +80,13 @@ def preflight(spec: FineTuneJobSpec, base_dir: Path | None, *, check_lengths: bo
     except StorageError as e:
         problems.append(str(e))
 
-    if check_lengths and fmt == "chat" and source is not None and readable:
-        problems += _length_problems(spec, source, readable)
-    return problems
+    checked = Checked(problems)
+    if check_lengths and source is not None and readable:
+        checked.model_folder, length_problems = _length_problems(spec, source, readable)
+        problems += length_problems
+    checked.rows = {f: report.rows for f, _path, report in readable}
+    checked.paths = {f: path for f, path, _report in readable}
+    return checked
 
 
 def world_size_problems(spec: FineTuneJobSpec) -> list[str]:
@@ -111,41 +135,44 @@ def position_problems(spec: FineTuneJobSpec, folder: Path) -> list[str]:
     ]
 
 
-def _length_problems(spec: FineTuneJobSpec, source: ModelSource, readable: list[Any]) -> list[str]:
+def _length_problems(
+    spec: FineTuneJobSpec, source: ModelSource, readable: list[Any]
+) -> tuple[Path | None, list[str]]:
     from transformers import AutoTokenizer
 
     try:
         folder = materialise(source)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except ModelSourceError as e:
-        return [f"spec.baseModel.uri: {e}"]
+        return None, [f"spec.baseModel.uri: {e}"]
     except (OSError, ValueError) as e:
-        return [f"spec.baseModel.uri: the model's tokenizer cannot be loaded: {e}"]
+        return None, [f"spec.baseModel.uri: the model's tokenizer cannot be loaded: {e}"]
     problems = [] if source.local_path is not None else position_problems(spec, folder)
     limit = spec.hyperparameters.max_seq_len
     for field, path, report in readable:
         bad = _too_long(spec, tokenizer, report, limit)
         if isinstance(bad, str):
-            return [f"spec.baseModel.uri: {bad}"]
+            return folder, [f"spec.baseModel.uri: {bad}"]
         if bad:
             problems.append(
                 f"{field}.uri: {len(bad)} example(s) too long or refused by the model's chat template:\n"
                 + "\n".join(f"  {path.name}:{b}" for b in bad[:50])
             )
-    return problems
+    return folder, problems
 
 
-def _too_long(spec: FineTuneJobSpec, tokenizer: Any, report: DatasetReport, limit: int) -> list[str] | str:
-    """The rows over `limit` tokens (or that the template refuses); a string when the template is unusable."""
+def _too_long(spec: FineTuneJobSpec, tokenizer: Any, report: Any, limit: int) -> list[str] | str:
+    """The rows whose sequences are over `limit` tokens (or that the template refuses); a string when the
+    template is unusable."""
     bad = []
     for line, row in report.rows:
         try:
-            n = len(tokenize_chat(tokenizer, row, train_on_all_turns=spec.sft_settings.train_on_all_turns))
+            n, what = example_length(spec, tokenizer, row)
         except TemplateError as e:
             return str(e)
         except Exception as e:  # noqa: BLE001 - a chat template may raise anything (jinja's raise_exception)
             bad.append(f"line {line}: the model's chat template refused the row: {type(e).__name__}: {e}")
             continue
         if n > limit:
-            bad.append(f"line {line}: {n} tokens, more than spec.hyperparameters.maxSeqLen {limit}")
+            bad.append(f"line {line}: {what}{n} tokens, more than spec.hyperparameters.maxSeqLen {limit}")
     return bad

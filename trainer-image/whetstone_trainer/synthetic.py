@@ -25,6 +25,21 @@ def add(rng: random.Random) -> tuple[str, str]:
     return f"{a}+{b}=", str(a + b)
 
 
+def repeat(rng: random.Random) -> tuple[str, str]:
+    d = rng.choice("0123456789")
+    return f"Repeat {d}", d
+
+
+def even(rng: random.Random) -> tuple[str, str]:
+    n = rng.randint(0, 99)
+    return f"Is {n} even?", "yes" if n % 2 == 0 else "no"
+
+
+def odd(rng: random.Random) -> tuple[str, str]:
+    d = rng.randint(0, 9)
+    return f"Is {d} odd?", "yes" if d % 2 else "no"
+
+
 def copy(rng: random.Random) -> tuple[str, str]:
     s = _digits(rng, 3, 8)
     return f"Copy {s}", s
@@ -110,6 +125,9 @@ def json_extract(rng: random.Random) -> tuple[str, str]:
 TASKS: dict[str, Task] = {
     "reverse": reverse,
     "add": add,
+    "repeat": repeat,
+    "even": even,
+    "odd": odd,
     "copy": copy,
     "json-answer": json_answer,
     "json-extract": json_extract,
@@ -131,3 +149,52 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def _corrupt(rng: random.Random, answer: str) -> str:
+    """A wrong answer of the same shape: the same length, at least one digit changed."""
+    digits = list(answer)
+    while "".join(digits) == answer:
+        i = rng.randrange(len(digits))
+        digits[i] = rng.choice("0123456789")
+    return "".join(digits)
+
+
+def make_preference_rows(task: str, n: int, seed: int, shape: str = "openai") -> list[dict]:
+    """Preference pairs for DPO: the task's correct answer is preferred to a corrupted one (same length, some
+    digits changed). `shape` is openai (input / preferred_output / non_preferred_output) or trl
+    (prompt / chosen / rejected, conversational)."""
+    rng = random.Random(f"{task}-pref-{seed}")
+    rows = []
+    for _ in range(n):
+        question, answer = TASKS[task](rng)
+        wrong = _corrupt(rng, answer)
+        prompt = [{"role": "user", "content": question}]
+        if shape == "openai":
+            rows.append(
+                {
+                    "input": {"messages": prompt},
+                    "preferred_output": [{"role": "assistant", "content": answer}],
+                    "non_preferred_output": [{"role": "assistant", "content": wrong}],
+                }
+            )
+        else:
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "chosen": [{"role": "assistant", "content": answer}],
+                    "rejected": [{"role": "assistant", "content": wrong}],
+                }
+            )
+    return rows
+
+
+def make_prompt_rows(task: str, n: int, seed: int) -> list[dict]:
+    """RFT prompt rows: the question as the user's message and the expected answer as a field graders read
+    ({{ item.answer }})."""
+    rng = random.Random(f"{task}-prompt-{seed}")
+    rows = []
+    for _ in range(n):
+        question, answer = TASKS[task](rng)
+        rows.append({"messages": [{"role": "user", "content": question}], "answer": answer})
+    return rows

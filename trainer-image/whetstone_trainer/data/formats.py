@@ -10,7 +10,8 @@ Formats (one JSON object per line):
   - {"input": {"messages": [...], "tools": [...]?}, "preferred_output": [assistant message],
     "non_preferred_output": [assistant message]} (OpenAI, Fireworks, Together);
   - {"prompt": str | [messages], "chosen": str | [assistant message], "rejected": str | [assistant message]}
-    (TRL; text or conversational, not mixed). `preference_pair` gives both shapes as one PreferencePair.
+    (TRL; text or conversational, not mixed; without "prompt", conversational chosen and rejected start with
+    the same prompt messages). `preference_pair` gives every shape as one PreferencePair.
 - prompt (RFT): {"messages": [..., user message], ...any fields the graders read as {{ item.<key> }}}.
 
 Reading never stops at the first bad line: every problem is collected with its line number and the field
@@ -438,9 +439,19 @@ def preference_pair(row: dict[str, Any]) -> PreferencePair:
             row["input"].get("tools"),
         )
     chosen, rejected = row["chosen"], row["rejected"]
+    if "prompt" not in row:  # implicit prompt: the messages chosen and rejected start with
+        shared = _shared_prefix(chosen, rejected)
+        return PreferencePair(chosen[:shared], chosen[shared], rejected[shared], row.get("tools"))
     if isinstance(row["prompt"], list):
         chosen, rejected = chosen[0], rejected[0]
     return PreferencePair(row["prompt"], chosen, rejected, row.get("tools"))
+
+
+def _shared_prefix(chosen: list[Any], rejected: list[Any]) -> int:
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+        shared += 1
+    return shared
 
 
 def _check_preference(row: Any) -> None:
@@ -490,6 +501,9 @@ def _check_openai_preference(row: dict[str, Any]) -> None:
 
 
 def _check_trl_preference(row: dict[str, Any]) -> None:
+    if "prompt" not in row and isinstance(row.get("chosen"), list) and isinstance(row.get("rejected"), list):
+        _check_implicit_prompt(row)
+        return
     missing = [k for k in TRL_PREFERENCE_KEYS if k not in row]
     if missing:
         raise _Bad(f"missing {', '.join(repr(k) for k in missing)}; keys found: {', '.join(sorted(row))}")
@@ -508,6 +522,29 @@ def _check_trl_preference(row: dict[str, Any]) -> None:
             _check_answer(row[key], key)
     else:
         raise _Bad(f"'prompt' must be text or a list of messages, not {_type(prompt)}")
+    if "tools" in row:
+        _check_tools(row["tools"])
+
+
+def _check_implicit_prompt(row: dict[str, Any]) -> None:
+    """TRL's conversational rows without 'prompt': chosen and rejected are whole conversations that share the
+    prompt messages and differ in the last, assistant, message."""
+    _close_misspellings(row, (*TRL_PREFERENCE_KEYS, "tools"))
+    for key in ("chosen", "rejected"):
+        _check_messages(row[key], key, allow_weight=False)
+    chosen, rejected = row["chosen"], row["rejected"]
+    shared = _shared_prefix(chosen, rejected)
+    if shared == 0:
+        raise _Bad("without 'prompt', 'chosen' and 'rejected' must start with the same prompt messages")
+    _check_prompt_messages(chosen[:shared], "chosen")
+    for key, messages in (("chosen", chosen), ("rejected", rejected)):
+        if len(messages) != shared + 1:
+            raise _Bad(
+                f"'{key}' must be the shared prompt messages and one assistant answer; it has "
+                f"{len(messages) - shared} messages after the {shared} it shares"
+            )
+        if messages[shared]["role"] != "assistant":
+            raise _Bad(f"{key}[{shared}].role must be assistant, not {messages[shared]['role']!r}")
     if "tools" in row:
         _check_tools(row["tools"])
 

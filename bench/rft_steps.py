@@ -1,0 +1,151 @@
+"""RFT steps per second of the Whetstone trainer against TRL's GRPOTrainer, side by side in one run.
+
+Same model (full-parameter), same prompts, same group size, same number of prompts per step, same maximum
+completion length, temperature 1, one optimizer step per rollout batch, no KL term, fp32 on the CPU; TRL with
+bf16 and gradient checkpointing pinned off (its defaults turn both on, even on a CPU) and generation through
+transformers (no vLLM). The reward is the same rule on both sides: 1 when the answer contains an "e" (TRL: a
+Python function in the process; Whetstone: a stringCheck RewardGrader, and, as a second figure, the same rule
+as a python RewardGrader in its sandbox worker processes). A step = sample, reward, update. Each
+configuration runs `--repeats` times, interleaved; the best time counts. Model loading and set-up are excluded
+on both sides.
+
+    python bench/rft_steps.py [--model whetstone://tiny] [--steps 8] [--prompts 8] [--group 8] [--max-new 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / d) for d in ("api", "graders", "trainer-image")]
+
+GRADERS = {
+    "string": {"stringCheck": {"reference": "e", "operation": "like"}},
+    "python": {
+        "python": {"source": "def grade(sample, item):\n    return float('e' in sample['output_text'])\n"}
+    },
+}
+
+
+def whetstone(args: argparse.Namespace, data: Path, out: Path, grader: str) -> float:
+    from whetstone_api import FineTuneJob
+    from whetstone_api.rewardgrader import RewardGraderSpec
+    from whetstone_trainer.entry import train_job
+
+    job = FineTuneJob.model_validate(
+        {
+            "apiVersion": "whetstone.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "bench"},
+            "spec": {
+                "method": "rft",
+                "baseModel": {"uri": args.model},
+                "dataset": {"uri": str(data)},
+                "rft": {
+                    "graders": [{"name": "e"}],
+                    "samplesPerPrompt": args.group,
+                    "maxCompletionTokens": args.max_new,
+                    "zeroVarianceGroups": "keep",
+                    "rolloutLogSamples": 0,
+                },
+                "fullParameter": {},
+                "hyperparameters": {
+                    "maxSteps": args.steps,
+                    "batchSize": args.prompts,
+                    "learningRate": 1e-5,
+                    "maxSeqLen": 256,
+                    "scheduler": "constant",
+                    "evalFraction": 0,
+                },
+                "output": {"uri": str(out)},
+            },
+        }
+    )
+    train_job(job, out, graders={"e": RewardGraderSpec.model_validate(GRADERS[grader])})
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    return rows[-1]["elapsed_seconds"]
+
+
+def trl(args: argparse.Namespace, data: Path, out: Path) -> float:
+    from datasets import load_dataset
+    from trl import GRPOConfig, GRPOTrainer
+    from whetstone_trainer.models.sources import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(args.model)
+
+    def contains_e(completions: list, **_: object) -> list[float]:
+        return [float("e" in (c[0]["content"] if isinstance(c, list) else c)) for c in completions]
+
+    config = GRPOConfig(
+        output_dir=str(out),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.prompts * args.group,  # TRL counts completions
+        num_generations=args.group,
+        steps_per_generation=1,
+        max_completion_length=args.max_new,
+        temperature=1.0,
+        top_k=0,
+        beta=0.0,
+        loss_type="grpo",
+        learning_rate=1e-5,
+        lr_scheduler_type="constant",
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        use_cpu=not __import__("torch").cuda.is_available(),
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    dataset = load_dataset("json", data_files=str(data))["train"].map(
+        lambda row: {"prompt": row["messages"]}, remove_columns=["messages", "answer"]
+    )
+    trainer = GRPOTrainer(
+        model=model, args=config, reward_funcs=contains_e, train_dataset=dataset, processing_class=tokenizer
+    )
+    return trainer.train().metrics["train_runtime"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="whetstone://tiny")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--max-new", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    from whetstone_trainer.synthetic import make_prompt_rows, write_jsonl
+
+    tmp = Path(tempfile.mkdtemp(prefix="whetstone-bench-rft-"))
+    data = write_jsonl(
+        make_prompt_rows("reverse", args.prompts * args.steps * 2, seed=5), tmp / "prompts.jsonl"
+    )
+    runs: dict[str, list[float]] = {"whetstone (stringCheck)": [], "whetstone (python grader)": [], "trl": []}
+    for r in range(args.repeats):
+        runs["whetstone (stringCheck)"].append(whetstone(args, data, tmp / f"ws{r}", "string"))
+        runs["whetstone (python grader)"].append(whetstone(args, data, tmp / f"wp{r}", "python"))
+        runs["trl"].append(trl(args, data, tmp / f"t{r}"))
+    best = {k: min(v) for k, v in runs.items()}
+    print(
+        f"RFT steps/s, {args.model}, {args.steps} steps of {args.prompts} prompts x {args.group} samples, "
+        f"max {args.max_new} new tokens, full-parameter, {os.cpu_count()} CPUs, best of {args.repeats}"
+    )
+    for name, seconds in best.items():
+        runs_text = ", ".join(f"{s:.2f}" for s in runs[name])
+        print(f"  {name:26s} {seconds:7.2f} s  {args.steps / seconds:6.3f} steps/s  (runs: {runs_text})")
+    for name in ("whetstone (stringCheck)", "whetstone (python grader)"):
+        print(f"ratio {name} / trl: {best['trl'] / best[name]:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
