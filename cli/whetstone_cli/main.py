@@ -5,6 +5,7 @@ whetstone run FILE.yaml [--output DIR] run a FineTuneJob here, no cluster
 whetstone models NAME --output DIR     write a bundled model as an ordinary HF folder
 whetstone crds [DIR]                   regenerate the CustomResourceDefinitions
 whetstone operator [--port N] [-n NS]  run the operator against the current kubeconfig
+whetstone serve --base-model URI       the Tinker-compatible training service, here
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import crds, models, operator, run, validate
+from . import crds, models, operator, run, serve, validate
 
-SUBCOMMANDS = (validate, run, models, crds, operator)
+SUBCOMMANDS = (validate, run, models, crds, operator, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
