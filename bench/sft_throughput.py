@@ -27,7 +27,7 @@ SEQ_LEN, BATCH, LR = 128, 16, 1e-3
 
 def whetstone_epoch(data: Path, out: Path) -> float:
     from whetstone_api import FineTuneJob
-    from whetstone_trainer.methods.sft import train_sft
+    from whetstone_trainer.entry import train_job
 
     job = FineTuneJob.model_validate(
         {
@@ -51,7 +51,7 @@ def whetstone_epoch(data: Path, out: Path) -> float:
             },
         }
     )
-    train_sft(job.spec, out)
+    train_job(job, out)
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     return rows[-1]["elapsed_seconds"]
 

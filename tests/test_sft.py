@@ -13,8 +13,8 @@ import yaml
 from conftest import EXAMPLES, valid_job
 from safetensors.torch import load_file
 from whetstone_api import FineTuneJob
+from whetstone_trainer.entry import JobRefused, train_job
 from whetstone_trainer.local_run import run_job
-from whetstone_trainer.methods.sft import train_sft
 from whetstone_trainer.synthetic import make_rows, write_jsonl
 
 
@@ -70,7 +70,7 @@ def test_full_parameter_and_lora_both_learn(
 ) -> None:
     job = _job(tmp_path, tuning, maxSteps=40, learningRate=lr, evalEverySteps=20)
     out = tmp_path / "out"
-    train_sft(job.spec, out)
+    train_job(job, out)
     evals = [m["eval_loss"] for m in _metrics(out) if m.get("eval_loss") is not None]
     first_loss = _metrics(out)[0]["loss"]
     assert evals[-1] < first_loss / drop, (first_loss, evals)
@@ -98,12 +98,12 @@ def test_resume_continues_exactly(tmp_path: Path, tuning: dict[str, Any]) -> Non
     # LoRA dropout makes the run depend on the RNG: resuming must restore it too.
     job = _job(tmp_path, tuning, maxSteps=12, learningRate=3e-3, evalEverySteps=6)
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    train_sft(job.spec, straight)
+    train_job(job, straight)
 
-    stopped = train_sft(job.spec, interrupted, stop_after_step=8)  # as if killed right after step 8
+    stopped = train_job(job, interrupted, stop_after_step=8)  # as if killed right after step 8
     assert stopped == {"stopped_at_step": 8}
     assert not (interrupted / "final").exists()
-    resumed = train_sft(job.spec, interrupted)
+    resumed = train_job(job, interrupted)
     assert resumed["resumed_from_step"] == 8
 
     a, b = _metrics(straight), _metrics(interrupted)
@@ -120,22 +120,20 @@ def test_resume_continues_exactly(tmp_path: Path, tuning: dict[str, Any]) -> Non
 def test_resume_refuses_other_data(tmp_path: Path) -> None:
     job = _job(tmp_path, {"fullParameter": {}}, maxSteps=8, learningRate=1e-3)
     out = tmp_path / "out"
-    train_sft(job.spec, out, stop_after_step=4)
+    train_job(job, out, stop_after_step=4)
     write_jsonl(make_rows("add", 300, seed=9), tmp_path / "data" / "train.jsonl")
     with pytest.raises(ValueError, match="different training data"):
-        train_sft(job.spec, out)
+        train_job(job, out)
     assert (out / "checkpoints" / "step-00000004").is_dir()  # nothing saved is lost
 
 
 def test_run_refuses_a_job_that_fails_preflight(tmp_path: Path) -> None:
-    from whetstone_trainer.local_run import PreflightFailed
-
     doc = valid_job()
     (tmp_path / "bad.jsonl").write_text('{"messages": []}\n')
     doc["spec"]["dataset"]["uri"] = "bad.jsonl"
     doc["spec"]["evalDataset"]["uri"] = "bad.jsonl"
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
-    with pytest.raises(PreflightFailed, match=r"bad.jsonl:line 1: 'messages' is empty"):
+    with pytest.raises(JobRefused, match=r"bad.jsonl:line 1: 'messages' is empty"):
         run_job(tmp_path / "job.yaml", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -1,7 +1,9 @@
 """The trainer's entry point in a pod: `torchrun ... -m whetstone_trainer train JOB.yaml --output DIR`.
 
 JOB.yaml is the FineTuneJob as the operator renders it into the ConfigMap (the same schema `kubectl apply`
-took). Every rank validates and trains; rank 0 writes checkpoints and the output.
+took), followed by the RewardGraders an RFT job names. Every rank validates and trains; rank 0 writes
+checkpoints and the output. Exit code wire.EXIT_PERMANENT: an error retrying cannot fix (bad data, a grader
+with onError: fail that failed).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import argparse
 import os
 import sys
 from pathlib import Path
+
+from whetstone_api.wire import ENV_STATUS_PORT, EXIT_PERMANENT, STATUS_PORT
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,51 +25,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--status-port",
         type=int,
-        default=int(os.environ.get("WHETSTONE_STATUS_PORT", "8080")),
+        default=int(os.environ.get(ENV_STATUS_PORT, str(STATUS_PORT))),
         help="port of /healthz, /metrics and /status on each pod's first process (-1: none)",
     )
     args = parser.parse_args(argv)
 
-    from whetstone_api import FineTuneJob
-    from whetstone_api.manifests import ManifestError, load_resource
+    from whetstone_api.manifests import ManifestError
 
-    from .data.formats import DatasetError
-    from .methods.sft import train_sft
-    from .preflight import preflight
+    from .entry import JobRefused, load_job_file, output_folder, permanent_errors, prepare, train
     from .status_server import TrainerStatus, serve
-    from .storage import resolve_uri
 
-    path = Path(args.file)
     try:
-        job = load_resource(path)
-    except ManifestError as e:
+        job_file = load_job_file(Path(args.file))
+        inputs = prepare(job_file)
+    except (ManifestError, JobRefused) as e:
         print(e, file=sys.stderr)
-        return 2
-    if not isinstance(job, FineTuneJob) or job.spec.method != "sft":
-        print(f"{path}: this trainer runs FineTuneJobs with method sft", file=sys.stderr)
-        return 2
-    base_dir = path.resolve().parent
-    problems = preflight(job.spec, base_dir)
-    if problems:
-        print(
-            f"{path}: pre-flight found {len(problems)} problem(s):\n" + "\n".join(problems), file=sys.stderr
-        )
-        return 2
-    output = (
-        Path(args.output) if args.output else resolve_uri(job.spec.output.uri, base_dir, "spec.output.uri")
-    )
+        return EXIT_PERMANENT
+    output = output_folder(job_file, Path(args.output) if args.output else None)
     status = TrainerStatus(
-        job.metadata.name, output, int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        inputs.name, output, int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     )
     if args.status_port >= 0 and os.environ.get("LOCAL_RANK", "0") == "0":
         server = serve(status, args.status_port)
-        print(f"{job.metadata.name}: status on port {server.server_address[1]}", flush=True)
+        print(f"{inputs.name}: status on port {server.server_address[1]}", flush=True)
     try:
-        train_sft(job.spec, output, base_dir, observer=status)
-    except DatasetError as e:
+        train(inputs, output, observer=status)
+    except permanent_errors() as e:
         status.fail(str(e))
         print(e, file=sys.stderr)
-        return 2
+        return EXIT_PERMANENT
     return 0
 
 

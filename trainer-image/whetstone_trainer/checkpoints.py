@@ -36,6 +36,8 @@ class TrainerState:
     total_steps: int
     dataset_fingerprint: str
     metrics: dict[str, float] = field(default_factory=dict)
+    cursor: dict[str, Any] = field(default_factory=dict)
+    """Where the method is in its data when that is not a function of the step alone (RFT's prompt stream)."""
 
 
 def checkpoint_dir(output: Path, step: int) -> Path:
@@ -60,18 +62,22 @@ def latest_checkpoint(output: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+def _rng_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    state["generators"] = {name: g.get_state() for name, g in generators.items()}
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    for name, g in generators.items():
+        if name in state.get("generators", {}):
+            g.set_state(state["generators"][name])
 
 
 def save_checkpoint(
@@ -82,8 +88,10 @@ def save_checkpoint(
     scheduler: Any,
     state: TrainerState,
     keep_last: int,
+    generators: dict[str, torch.Generator] | None = None,
 ) -> tuple[Path, list[Path]]:
     """Write a checkpoint and prune old ones. Every rank calls this; only rank 0 writes shared files.
+    `generators` (a method's own, e.g. the RFT sampler's) are saved with the rank's RNG state.
 
     Returns the checkpoint folder and the folders pruned."""
     final = checkpoint_dir(output, state.step)
@@ -92,7 +100,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     world.barrier()
-    torch.save(_rng_state(), tmp / f"rng-rank{world.rank}.pt")
+    torch.save(_rng_state(generators or {}), tmp / f"rng-rank{world.rank}.pt")
     world.barrier()
     pruned: list[Path] = []
     if world.is_main:
@@ -111,7 +119,12 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: Path, world: World, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    path: Path,
+    world: World,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    generators: dict[str, torch.Generator] | None = None,
 ) -> TrainerState:
     """Restore everything save_checkpoint wrote, in place."""
     from safetensors.torch import load_file
@@ -136,7 +149,7 @@ def load_checkpoint(
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng = path / f"rng-rank{world.rank}.pt"
     if rng.is_file():  # absent when resuming with a different world size: data order is still exact
-        _set_rng_state(torch.load(rng, weights_only=False))
+        _set_rng_state(torch.load(rng, weights_only=False), generators or {})
     return TrainerState(**json.loads((path / STATE_FILE).read_text()))
 
 

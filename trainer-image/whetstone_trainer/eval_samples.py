@@ -10,42 +10,25 @@ import torch
 
 from .data.formats import prompt_text
 from .models.sources import load_model_and_tokenizer
+from .sampling import SamplingParams, default_stop_token_ids, sample
 
 
-@torch.no_grad()
 def generate_answers(
-    model: Any, tokenizer: Any, prompts: list[list[dict[str, Any]]], max_new_tokens: int, batch_size: int = 32
+    model: Any, tokenizer: Any, prompts: list[list[dict[str, Any]]], max_new_tokens: int, batch_size: int = 64
 ) -> list[str]:
     """Greedy completions of each prompt (a list of messages), decoded without special tokens."""
-    model.eval()
-    device = next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues at the right edge
+    params = SamplingParams(
+        max_tokens=max_new_tokens, temperature=0, stop_token_ids=default_stop_token_ids(tokenizer)
+    )
     answers: list[str] = []
-    try:
-        for i in range(0, len(prompts), batch_size):
-            texts = [prompt_text(tokenizer, p) for p in prompts[i : i + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=_stop_ids(tokenizer),
-            )
-            for row in out[:, enc["input_ids"].shape[1] :]:
-                answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    finally:
-        tokenizer.padding_side = side
+    for i in range(0, len(prompts), batch_size):
+        ids = [
+            tokenizer(prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"]
+            for p in prompts[i : i + batch_size]
+        ]
+        for (completion,) in sample(model, ids, params):
+            answers.append(tokenizer.decode(completion.tokens, skip_special_tokens=True).strip())
     return answers
-
-
-def _stop_ids(tokenizer: Any) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        ids.add(im_end)
-    return sorted(i for i in ids if i is not None)
 
 
 def exact_match(answers: list[str], references: list[str]) -> float:
@@ -54,14 +37,15 @@ def exact_match(answers: list[str], references: list[str]) -> float:
     return sum(a.strip() == r.strip() for a, r in zip(answers, references, strict=True)) / len(references)
 
 
-def load_trained(final: Path, base_uri: str, base_dir: Path | None) -> tuple[Any, Any]:
-    """The model a job produced: a full model folder, or the base model with the job's LoRA adapter."""
+def load_trained(final: Path, base_folder: Path) -> tuple[Any, Any]:
+    """The model a job produced: a full model folder, or the base model (its materialised folder) with the
+    job's LoRA adapter."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(final)
     if (final / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base, _ = load_model_and_tokenizer(base_uri, base_dir)
+        base, _ = load_model_and_tokenizer(str(base_folder))
         return PeftModel.from_pretrained(base, final), tokenizer
     return AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32), tokenizer

@@ -4,17 +4,38 @@ once. `whetstone validate` prints it; `whetstone run` and the trainer refuse to 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
+from typing import Any
 
 from whetstone_api.finetunejob import FineTuneJobSpec
 
-from .data.formats import FORMAT_OF_METHOD, TemplateError, read_jsonl, tokenize_chat
+from .data.formats import FORMAT_OF_METHOD, TemplateError, read_jsonl
+from .data.tokenize import example_length
 from .models.sources import ModelSourceError, check_model_source, materialise, parse_model_uri
 from .storage import StorageError, resolve_uri
 
 
+@dataclass
+class Checked:
+    """What pre-flight found and read: the problems, and for a job without any, the checked rows of each
+    dataset (by field, "spec.dataset" / "spec.evalDataset") and the materialised model folder, so that
+    training reads nothing twice."""
+
+    problems: list[str]
+    rows: dict[str, list[tuple[int, dict[str, Any]]]] = dataclass_field(default_factory=dict)
+    paths: dict[str, Path] = dataclass_field(default_factory=dict)
+    model_folder: Path | None = None
+
+
 def preflight(spec: FineTuneJobSpec, base_dir: Path | None, *, check_lengths: bool = True) -> list[str]:
     """Every problem found, each naming the field, file and line it concerns. Empty: ready to train."""
+    return check_job(spec, base_dir, check_lengths=check_lengths).problems
+
+
+def check_job(spec: FineTuneJobSpec, base_dir: Path | None, *, check_lengths: bool = True) -> Checked:
+    """preflight(), keeping what it read."""
     problems: list[str] = []
     source = None
     try:
@@ -48,35 +69,39 @@ def preflight(spec: FineTuneJobSpec, base_dir: Path | None, *, check_lengths: bo
     except StorageError as e:
         problems.append(str(e))
 
-    if check_lengths and fmt == "chat" and source is not None and readable:
-        problems += _length_problems(spec, source, readable)
-    return problems
+    checked = Checked(problems)
+    if check_lengths and source is not None and readable:
+        checked.model_folder, length_problems = _length_problems(spec, source, readable)
+        problems += length_problems
+    checked.rows = {f: report.rows for f, _path, report in readable}
+    checked.paths = {f: path for f, path, _report in readable}
+    return checked
 
 
-def _length_problems(spec: FineTuneJobSpec, source, readable) -> list[str]:  # type: ignore[no-untyped-def]
+def _length_problems(spec: FineTuneJobSpec, source, readable) -> tuple[Path | None, list[str]]:  # type: ignore[no-untyped-def]
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(materialise(source))
+        folder = materialise(source)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     except ModelSourceError as e:
-        return [f"spec.baseModel.uri: {e}"]
+        return None, [f"spec.baseModel.uri: {e}"]
     limit = spec.hyperparameters.max_seq_len
     problems = []
     for field, path, report in readable:
         bad = []
         for line, row in report.rows:
             try:
-                n = len(
-                    tokenize_chat(tokenizer, row, train_on_all_turns=spec.sft_settings.train_on_all_turns)
-                )
+                n, what = example_length(spec, tokenizer, row)
             except TemplateError as e:
-                return [f"spec.baseModel.uri: {e}"]
+                return folder, [f"spec.baseModel.uri: {e}"]
             if n > limit:
                 bad.append(
-                    f"  {path.name}:line {line}: {n} tokens, more than spec.hyperparameters.maxSeqLen {limit}"
+                    f"  {path.name}:line {line}: {what}{n} tokens, more than "
+                    f"spec.hyperparameters.maxSeqLen {limit}"
                 )
         if bad:
             problems.append(
                 f"{field}.uri: {len(bad)} example(s) too long (they would be cut):\n" + "\n".join(bad[:50])
             )
-    return problems
+    return folder, problems

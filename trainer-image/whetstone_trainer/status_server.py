@@ -3,7 +3,7 @@
 The trainer needs no Kubernetes credentials: the operator polls rank 0's /status and turns it into the
 FineTuneJob's status and Checkpoint resources. /status is whetstone_api.wire.TrainerReport as JSON.
 
-Metric names (prefix whetstone_trainer_) are defined here and only here.
+Metric names (prefix whetstone_trainer_) are defined in metrics.py and only there.
 """
 
 from __future__ import annotations
@@ -17,33 +17,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from whetstone_api.wire import TrainerReport
 
 from .checkpoints import STATE_FILE, list_checkpoints
-
-
-class TrainerMetrics:
-    def __init__(self, job: str) -> None:
-        self.registry = CollectorRegistry()
-        labels = {"labelnames": ["job"], "registry": self.registry}
-        self.step = Gauge("whetstone_trainer_step", "Optimizer steps done", **labels).labels(job)
-        self.total_steps = Gauge("whetstone_trainer_total_steps", "Optimizer steps planned", **labels).labels(
-            job
-        )
-        self.loss = Gauge("whetstone_trainer_loss", "Training loss of the latest step", **labels).labels(job)
-        self.eval_loss = Gauge("whetstone_trainer_eval_loss", "Latest eval loss", **labels).labels(job)
-        self.tokens_per_second = Gauge(
-            "whetstone_trainer_tokens_per_second", "Training throughput of the latest step", **labels
-        ).labels(job)
-        self.tokens = Counter("whetstone_trainer_tokens", "Tokens trained on", **labels).labels(job)
-        self.checkpoints = Counter(
-            "whetstone_trainer_checkpoints_saved", "Checkpoints saved", **labels
-        ).labels(job)
-        self.pruned = Counter("whetstone_trainer_checkpoints_pruned", "Checkpoints pruned", **labels).labels(
-            job
-        )
+from .metrics import EVAL_LOSS, LOSS, REWARD_MEAN, TOKENS_PER_SECOND, TrainerMetrics
 
 
 class TrainerStatus:
@@ -88,8 +67,7 @@ class TrainerStatus:
             self.state.update(phase="Training", step=start_step, totalSteps=total_steps)
             self.state["checkpoints"] = _kept_checkpoints(self.output)
             self._first_step, self._started = start_step, time.monotonic()
-        self.metrics.step.set(start_step)
-        self.metrics.total_steps.set(total_steps)
+        self.metrics.set_progress(start_step, total_steps)
 
     def on_step(self, m: dict[str, Any]) -> None:
         done_here = m["step"] - (self._first_step or 0)
@@ -99,26 +77,24 @@ class TrainerStatus:
             self.state.update(
                 step=m["step"],
                 totalSteps=m["total_steps"],
-                epoch=m["epoch"],
-                loss=_finite(m["loss"]),
-                tokensPerSecond=_finite(m.get("tokens_per_second")),
+                epoch=m.get("epoch"),
+                loss=_finite(m.get(LOSS.key)),
+                tokensPerSecond=_finite(m.get(TOKENS_PER_SECOND.key)),
                 etaSeconds=eta,
             )
-            if m.get("eval_loss") is not None:
-                self.state["evalLoss"] = _finite(m["eval_loss"])
-        self.metrics.step.set(m["step"])
-        self.metrics.loss.set(m["loss"])
-        self.metrics.tokens.inc(m["tokens"])
-        if m.get("tokens_per_second"):
-            self.metrics.tokens_per_second.set(m["tokens_per_second"])
-        if m.get("eval_loss") is not None:
-            self.metrics.eval_loss.set(m["eval_loss"])
+            if m.get(EVAL_LOSS.key) is not None:
+                self.state["evalLoss"] = _finite(m[EVAL_LOSS.key])
+            if m.get(REWARD_MEAN.key) is not None:
+                self.state["reward"] = _finite(m[REWARD_MEAN.key])
+        self.metrics.record_step({k: v for k, v in m.items() if not isinstance(v, float) or math.isfinite(v)})
+
+    def on_grades(self, latencies: dict[str, list[float]], errors: dict[tuple[str, str], int]) -> None:
+        self.metrics.record_grades(latencies, errors)
 
     def on_checkpoint(self, step: int, path: Path, pruned: list[Path]) -> None:
         with self._lock:
             self.state["checkpoints"] = _kept_checkpoints(self.output)
-        self.metrics.checkpoints.inc()
-        self.metrics.pruned.inc(len(pruned))
+        self.metrics.record_checkpoint(len(pruned))
 
     def on_finish(self, summary: dict[str, Any]) -> None:
         with self._lock:

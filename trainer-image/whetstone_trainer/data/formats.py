@@ -5,7 +5,8 @@ Formats (one JSON object per line):
 - chat (SFT): {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str, "weight": 0|1}],
   "tools": [...]?}. The loss covers assistant turns (weight 1 by default; weight 0 switches one off).
 - preference (DPO): {"input": {"messages": [...]}, "preferred_output": [assistant message],
-  "non_preferred_output": [assistant message]}.
+  "non_preferred_output": [assistant message]}, or {"prompt", "chosen", "rejected"} as strings or message
+  lists (data/tokenize.py turns both into tokens).
 - prompt (RFT): {"messages": [..., user message], ...any fields the graders read}.
 
 Reading never stops at the first bad line: every problem is collected with its line number, so a user fixes
@@ -153,10 +154,13 @@ def _check_chat(row: Any) -> str | None:
 def _check_preference(row: Any) -> str | None:
     if not isinstance(row, dict):
         return f"expected a JSON object, got {type(row).__name__}"
+    if "input" not in row and ("chosen" in row or "rejected" in row):
+        return _check_chosen_rejected(row)
     missing = [k for k in ("input", "preferred_output", "non_preferred_output") if k not in row]
     if missing:
         return (
-            f"missing {', '.join(repr(k) for k in missing)}; keys found: {', '.join(sorted(row)) or 'none'}"
+            f"missing {', '.join(repr(k) for k in missing)} (or use prompt/chosen/rejected); keys found: "
+            f"{', '.join(sorted(row)) or 'none'}"
         )
     if not isinstance(row["input"], dict):
         return "'input' must be an object with 'messages'"
@@ -174,6 +178,43 @@ def _check_preference(row: Any) -> str | None:
             return f"'{key}[0]' must have role assistant"
     if row["preferred_output"][0].get("content") == row["non_preferred_output"][0].get("content"):
         return "preferred and non-preferred answers are identical"
+    return None
+
+
+def _check_chosen_rejected(row: dict[str, Any]) -> str | None:
+    """TRL's preference shape: prompt/chosen/rejected as strings (text) or message lists (conversational;
+    without 'prompt' the messages chosen and rejected share form the prompt)."""
+    missing = [k for k in ("chosen", "rejected") if k not in row]
+    if missing:
+        return f"missing {', '.join(repr(k) for k in missing)}; keys found: {', '.join(sorted(row))}"
+    chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
+    if isinstance(chosen, str) or isinstance(rejected, str):
+        if not (isinstance(chosen, str) and isinstance(rejected, str) and isinstance(prompt, str)):
+            return "text preference rows need 'prompt', 'chosen' and 'rejected' all as strings"
+        if not chosen or not rejected:
+            return "'chosen' and 'rejected' must not be empty"
+    else:
+        for key in ("chosen", "rejected"):
+            problem = _check_messages(row[key], key)
+            if problem:
+                return problem
+        if prompt is not None:
+            problem = _check_messages(prompt, "prompt")
+            if problem:
+                return problem
+            answers = {"chosen": chosen, "rejected": rejected}
+        else:
+            shared = 0
+            while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+                shared += 1
+            if shared == 0:
+                return "without 'prompt', 'chosen' and 'rejected' must start with the same prompt messages"
+            answers = {"chosen": chosen[shared:], "rejected": rejected[shared:]}
+        for key, answer in answers.items():
+            if any(m["role"] != "assistant" for m in answer):
+                return f"the answer in '{key}' must be assistant messages only"
+    if chosen == rejected:
+        return "chosen and rejected answers are identical"
     return None
 
 

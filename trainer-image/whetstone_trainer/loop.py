@@ -1,0 +1,352 @@
+"""What every training method shares, so that methods/sft.py, dpo.py and rft.py are each one loop read top to
+bottom: the observer that hears about the run, the process group and precision, LoRA or full-parameter set-up,
+log-probs of target tokens (the one forward every loss starts from), the SFT eval loss, metrics.jsonl,
+checkpoint save/resume and the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from whetstone_api.finetunejob import FineTuneJobSpec, Hyperparameters
+
+from . import distributed
+from .checkpoints import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .data.formats import DatasetError
+from .data.packing import Batch, Row, collate
+from .methods.losses import token_logprobs
+
+
+class Observer(Protocol):
+    """Who hears about the run: a progress bar locally, the /status endpoint in a pod."""
+
+    def on_start(self, start_step: int, total_steps: int) -> None: ...
+    def on_step(self, metrics: dict[str, Any]) -> None: ...
+    def on_grades(self, latencies: dict[str, list[float]], errors: dict[tuple[str, str], int]) -> None: ...
+    def on_checkpoint(self, step: int, path: Path, pruned: list[Path]) -> None: ...
+    def on_finish(self, summary: dict[str, Any]) -> None: ...
+
+
+class SilentObserver:
+    def on_start(self, start_step: int, total_steps: int) -> None:
+        pass
+
+    def on_step(self, metrics: dict[str, Any]) -> None:
+        pass
+
+    def on_grades(self, latencies: dict[str, list[float]], errors: dict[tuple[str, str], int]) -> None:
+        pass
+
+    def on_checkpoint(self, step: int, path: Path, pruned: list[Path]) -> None:
+        pass
+
+    def on_finish(self, summary: dict[str, Any]) -> None:
+        pass
+
+
+# --- process, device, precision -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process trains: its rank in the group, its device and the autocast dtype (None: fp32)."""
+
+    world: distributed.World
+    device: torch.device
+    dtype: torch.dtype | None
+
+    def autocast(self) -> torch.autocast:
+        """Mixed precision in `dtype`, or a no-op for plain fp32."""
+        return torch.autocast(
+            self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
+        )
+
+
+def start(spec: FineTuneJobSpec) -> Runtime:
+    """Join the process group (torchrun's env), pick the device, seed python and torch, choose precision."""
+    world = distributed.join()
+    device = torch.device(
+        world.device if world.distributed else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    random.seed(spec.hyperparameters.seed)
+    torch.manual_seed(spec.hyperparameters.seed)
+    wanted = spec.hyperparameters.precision
+    dtype = torch.bfloat16 if wanted == "bf16" or (wanted == "auto" and device.type == "cuda") else None
+    return Runtime(world, device, dtype)
+
+
+# --- model -------------------------------------------------------------------------------------------------
+
+
+def load_model(model_folder: Path) -> tuple[Any, Any]:
+    """The base model (fp32) and its tokenizer from the folder the entry gate materialised."""
+    from .models.sources import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(str(model_folder))
+
+
+def apply_tuning(model: torch.nn.Module, spec: FineTuneJobSpec) -> torch.nn.Module:
+    """LoRA adapters (the base stays frozen) or every weight trainable."""
+    if spec.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        targets: str | list[str] = spec.lora.target_modules
+        if targets == ["all-linear"]:
+            targets = "all-linear"
+        config = LoraConfig(
+            r=spec.lora.rank,
+            lora_alpha=spec.lora.alpha,
+            lora_dropout=spec.lora.dropout,
+            target_modules=targets,
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, config)
+    assert spec.full_parameter is not None
+    if spec.full_parameter.freeze_embeddings:
+        model.get_input_embeddings().requires_grad_(False)
+    return model
+
+
+def wrap_for_training(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
+    """DistributedDataParallel across ranks; the model itself on one process."""
+    if rt.world.distributed:
+        return torch.nn.parallel.DistributedDataParallel(model)
+    return model
+
+
+# --- the forward every loss starts from ---------------------------------------------------------------------
+
+
+@dataclass
+class TargetLogprobs:
+    """log p of every *target* token of a batch (a token whose weight is not 0), flattened in row-major order,
+    with the row it belongs to and its weight; `entropy` of the predicted distribution there when asked."""
+
+    logprobs: torch.Tensor  # [N]
+    weights: torch.Tensor  # [N]
+    rows: torch.Tensor  # [N] long
+    num_rows: int
+    entropy: torch.Tensor | None = None  # [N], no gradient
+
+    def per_row_sum(self, values: torch.Tensor | None = None) -> torch.Tensor:
+        """Σ over each row's targets of `values` (default: the log-probs): [B]."""
+        v = self.logprobs if values is None else values
+        return v.new_zeros(self.num_rows).index_add(0, self.rows, v)
+
+    def per_row_count(self) -> torch.Tensor:
+        return self.weights.new_zeros(self.num_rows).index_add(0, self.rows, torch.ones_like(self.weights))
+
+    def padded(self, values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The targets as [B, L] (L = most targets in a row), left-aligned, and their mask."""
+        v = self.logprobs if values is None else values
+        counts = self.per_row_count().long()
+        width = int(counts.max()) if counts.numel() else 0
+        mask = torch.arange(width, device=v.device)[None, :] < counts[:, None]
+        return v.new_zeros((self.num_rows, width)).masked_scatter(mask, v), mask
+
+
+def target_logprobs(
+    model: torch.nn.Module, batch: Batch, device: torch.device, with_entropy: bool = False
+) -> TargetLogprobs:
+    """One forward over the batch; only positions whose next token is a target go through the output head
+    (`logits_to_keep` as a mask): with prompts masked that is most of the sequence, and the vocabulary
+    projection is the widest matmul there is. The [B, T, V] logits never exist."""
+    ids = batch.input_ids.to(device)
+    weights = batch.weights.to(device)
+    keep = torch.zeros_like(ids, dtype=torch.bool)
+    keep[:, :-1] = weights[:, 1:] != 0  # position t predicts token t + 1
+    logits = model(
+        input_ids=ids, position_ids=batch.position_ids.to(device), use_cache=False, logits_to_keep=keep
+    ).logits
+    if logits.dim() == 3:  # a model that ignores mask-shaped logits_to_keep
+        logits = logits[keep]
+    targets = ids[:, 1:][keep[:, :-1]]
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            logp = torch.log_softmax(logits.float(), -1)
+            entropy = -(logp.exp() * logp).sum(-1)
+    return TargetLogprobs(
+        logprobs=token_logprobs(logits, targets),
+        weights=weights[:, 1:][keep[:, :-1]],
+        rows=keep.nonzero()[:, 0],
+        num_rows=ids.shape[0],
+        entropy=entropy,
+    )
+
+
+def token_nll_sum(model: torch.nn.Module, batch: Batch, device: torch.device) -> tuple[torch.Tensor, float]:
+    """Σ over target tokens of weight × NLL, and Σ weights (the SFT loss before its normaliser)."""
+    t = target_logprobs(model, batch, device)
+    return -(t.logprobs * t.weights).sum(), float(t.weights.sum())
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: torch.nn.Module, rows: list[Row], micro_batch: int, pad_id: int, rt: Runtime
+) -> float | None:
+    """Mean weighted token NLL over `rows`, each rank taking its share."""
+    if not rows:
+        return None
+    was_training = model.training
+    model.eval()
+    total, weight = 0.0, 0.0
+    mine = rows[rt.world.rank :: rt.world.size]
+    for i in range(0, len(mine), micro_batch):
+        with rt.autocast():
+            s, w = token_nll_sum(model, collate(mine[i : i + micro_batch], pad_id), rt.device)
+        total += float(s)
+        weight += w
+    model.train(was_training)
+    total, weight = rt.world.sum(total), rt.world.sum(weight)
+    return total / weight if weight else None
+
+
+# --- steps, metrics, checkpoints, output --------------------------------------------------------------------
+
+
+def plan_steps(items: int, batch_size: int, hp: Hyperparameters) -> tuple[int, int]:
+    """(steps per epoch, total steps): maxSteps, else epochs (default 1) over `items` in batches."""
+    steps_per_epoch = max(1, math.ceil(items / batch_size))
+    total = hp.max_steps or max(1, math.ceil((hp.epochs or 1.0) * steps_per_epoch))
+    return steps_per_epoch, total
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per step, written by rank 0. A resumed run first drops the lines
+    logged after its checkpoint, so every step appears once."""
+
+    def __init__(self, output: Path, world: distributed.World, start_step: int) -> None:
+        self.path = output / "metrics.jsonl"
+        self.world = world
+        if not world.is_main:
+            return
+        if start_step == 0 or not self.path.is_file():
+            self.path.write_text("")
+            return
+        kept = [
+            ln
+            for ln in self.path.read_text().splitlines()
+            if ln.strip() and json.loads(ln)["step"] <= start_step
+        ]
+        self.path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, metrics: dict[str, Any]) -> None:
+        if self.world.is_main:
+            with self.path.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+
+class Checkpoints:
+    """Save and resume everything a run needs to continue as if never stopped: weights, optimizer, scheduler,
+    RNG (python, torch, and the method's own generators), the data cursor and the method's state."""
+
+    def __init__(
+        self,
+        output: Path,
+        rt: Runtime,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        fingerprint: str,
+        keep_last: int,
+        observer: Observer,
+        generators: dict[str, torch.Generator] | None = None,
+    ) -> None:
+        self.output, self.rt, self.model = output, rt, model
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.fingerprint, self.keep_last, self.observer = fingerprint, keep_last, observer
+        self.generators = generators or {}
+
+    def resume(self) -> TrainerState | None:
+        """Load the latest checkpoint into the model, optimizer and scheduler; None on a fresh start. Refuses
+        (DatasetError) a checkpoint written for other training data."""
+        path = latest_checkpoint(self.output)
+        if path is None:
+            return None
+        state = load_checkpoint(
+            path, self.rt.world, self.model, self.optimizer, self.scheduler, self.generators
+        )
+        if state.dataset_fingerprint != self.fingerprint:
+            raise DatasetError(
+                f"{path}: the checkpoint was written for different training data "
+                f"(fingerprint {state.dataset_fingerprint}, now {self.fingerprint}); use a new output folder"
+            )
+        return state
+
+    def save(
+        self, step: int, total_steps: int, metrics: dict[str, Any], cursor: dict[str, Any] | None = None
+    ) -> None:
+        state = TrainerState(
+            step=step,
+            epoch=0,
+            batch_in_epoch=0,
+            total_steps=total_steps,
+            dataset_fingerprint=self.fingerprint,
+            metrics={
+                k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)
+            },
+            cursor=cursor or {},
+        )
+        path, pruned = save_checkpoint(
+            self.output,
+            self.rt.world,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            state,
+            self.keep_last,
+            self.generators,
+        )
+        self.observer.on_checkpoint(step, path, pruned)
+
+
+def save_final(
+    output: Path, rt: Runtime, model: torch.nn.Module, tokenizer: Any, spec: FineTuneJobSpec
+) -> Path:
+    """The HF-loadable result: the adapter (with BASE_MODEL naming its base) or the whole model."""
+    final = output / "final"
+    if rt.world.is_main:
+        model.save_pretrained(final)
+        tokenizer.save_pretrained(final)
+        if spec.lora is not None:
+            (final / "BASE_MODEL").write_text(spec.base_model.uri + "\n")
+    return final
+
+
+def finish(output: Path, rt: Runtime, summary: dict[str, Any], observer: Observer) -> dict[str, Any]:
+    """Write summary.json, tell the observer, leave the process group."""
+    if rt.world.is_main:
+        (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    observer.on_finish(summary)
+    distributed.leave(rt.world)
+    return summary
+
+
+def stop_early(rt: Runtime, done: int) -> dict[str, Any]:
+    """End the process as if killed right after step `done` (tests of resumption)."""
+    distributed.leave(rt.world)
+    return {"stopped_at_step": done}
+
+
+def clip_and_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, max_grad_norm: float
+) -> tuple[float, float]:
+    """Clip the gradient by global norm (0: off), step the optimizer and the schedule. Returns the norm and
+    the learning rate the step used."""
+    grad_norm = (
+        float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
+        if max_grad_norm > 0
+        else float("nan")
+    )
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr

@@ -1,0 +1,280 @@
+"""Batched sampling with a KV cache from any Hugging Face causal LM (or anything called like one).
+
+How a call runs:
+1. Prefill: the distinct prompts, left-padded to one width (the attention mask hides the padding and the
+   position ids count only real tokens, so a padded prompt sees exactly what it would see alone). Each
+   prompt is prefilled once; its cache and last logits are repeated n times for its samples.
+2. Decode: one token per running row per step. Only the last position goes through the output head
+   (`logits_to_keep=1`). A row that finishes (stop token, stop string, max tokens) leaves the batch at
+   once: its cache rows are dropped, so later steps cost only what is still running.
+
+Randomness: one uniform number per running row per step, drawn from `generator` (or a fresh one seeded with
+`params.seed`, or torch's global generator), turned into a token by inverse-CDF over the filtered
+distribution. The generator may live on another device than the model; the same generator state gives the
+same completions.
+
+`Completion.logprobs` are the log-probabilities of the sampled tokens under softmax(logits / temperature) over
+the *full* vocabulary, before top-k / top-p truncation: the behaviour policy the RFT trainer recomputes with
+the same temperature. At temperature 1 (the Tinker default) they are the model's own log-probs. Greedy
+decoding (temperature 0) reports the temperature-1 log-probs of the chosen tokens.
+
+The model is only ever called as `model(input_ids=, attention_mask=, position_ids=, cache=, use_cache=True,
+logits_to_keep=1)`, so a wrapper (the service's MoE routing capture) can stand in for it. transformers renamed
+`past_key_values` to `cache` (5.2x); the name the model's forward takes is used, looked up through PEFT and
+DDP wrappers.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+FinishReason = Literal["stop", "length"]
+# A stop string ends within the newest token, but a few tokens may decode to nothing on their own (the
+# pieces of a multi-byte character): look this many tokens further back than the string is long.
+_STOP_WINDOW_SLACK = 8
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. temperature 0 is greedy; top_k -1 (or 0) and top_p 1 switch those filters off.
+
+    top-k is applied before top-p. A stop token or stop string ends a completion with finish_reason "stop";
+    `include_stop_in_output` False drops the token that triggered the stop from tokens and logprobs.
+    `seed` seeds a generator of this call when none is passed to `sample`."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    seed: int | None = None
+    include_stop_in_output: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, not {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, not {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], not {self.top_p}")
+        if any(not s for s in self.stop_strings):
+            raise ValueError("stop strings must not be empty")
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled answer: its tokens, their log-probs (see the module docstring) and why it ended."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    finish_reason: FinishReason
+
+
+def default_stop_token_ids(tokenizer: Any) -> tuple[int, ...]:
+    """The end-of-text token and, for ChatML models, the end-of-turn token <|im_end|>."""
+    ids = {tokenizer.eos_token_id}
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return tuple(sorted(i for i in ids if i is not None))
+
+
+def _device_of(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _choose(
+    logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next token of each row and its log-prob (see the module docstring for which log-prob)."""
+    if params.temperature == 0:
+        tokens_B = logits_BV.argmax(-1)
+        logp_BV = torch.log_softmax(logits_BV, -1)
+        return tokens_B, logp_BV.gather(-1, tokens_B[:, None])[:, 0]
+    scaled = logits_BV / params.temperature
+    logp_BV = torch.log_softmax(scaled, -1)
+    filtered = scaled
+    vocab = scaled.shape[-1]
+    if 0 < params.top_k < vocab:
+        kth = torch.topk(scaled, params.top_k, dim=-1).values[:, -1:]
+        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
+    if params.top_p < 1:
+        sorted_logits, order = torch.sort(filtered, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, -1)
+        # Drop a token when the ones before it already reach top_p; the most likely token always stays.
+        drop_sorted = probs.cumsum(-1) - probs >= params.top_p
+        drop_sorted[:, 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        filtered = filtered.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(filtered, -1)
+    cdf = probs.cumsum(-1)
+    if generator is not None:
+        u = torch.rand(probs.shape[0], generator=generator, device=generator.device, dtype=torch.float64)
+    else:
+        u = torch.rand(probs.shape[0], dtype=torch.float64)
+    u = u.to(probs.device, cdf.dtype)[:, None] * cdf[:, -1:]
+    # The first index whose cumulative probability exceeds u: never a token with probability 0.
+    tokens_B = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_max(vocab - 1)
+    return tokens_B, logp_BV.gather(-1, tokens_B[:, None])[:, 0]
+
+
+def _cache_kwarg(model: Any) -> str:
+    """`cache` (transformers >= 5.2x) or `past_key_values`, whichever the innermost forward accepts."""
+    seen = model
+    for _ in range(6):
+        params = inspect.signature(type(seen).forward).parameters
+        if "cache" in params:
+            return "cache"
+        if "past_key_values" in params:
+            return "past_key_values"
+        inner = seen.get_base_model() if hasattr(seen, "get_base_model") else None
+        inner = inner or getattr(seen, "module", None) or getattr(seen, "model", None)
+        if not isinstance(inner, torch.nn.Module):
+            break
+        seen = inner
+    return "cache"
+
+
+def _returned_cache(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, ...]:
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        mask[b, width - len(p) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+def _hit_stop_string(tokenizer: Any, tokens: list[int], stops: tuple[str, ...], window: int) -> bool:
+    tail = tokenizer.decode(tokens[-window:], skip_special_tokens=False)
+    return any(s in tail for s in stops)
+
+
+@torch.no_grad()
+def sample(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    n: int = 1,
+    tokenizer: Any = None,
+    generator: torch.Generator | None = None,
+) -> list[list[Completion]]:
+    """`n` completions of each prompt (token ids): result[i][j] is sample j of prompt i."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, not {n}")
+    if params.stop_strings and tokenizer is None:
+        raise ValueError("stop strings need the tokenizer to decode completions")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if not prompts:
+        return []
+    if generator is None and params.seed is not None and params.temperature > 0:
+        generator = torch.Generator().manual_seed(params.seed)
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    try:
+        return _sample(model, prompts, params, n, tokenizer, generator, device)
+    finally:
+        model.train(was_training)
+
+
+def _sample(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    n: int,
+    tokenizer: Any,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> list[list[Completion]]:
+    cache_kwarg = _cache_kwarg(model)
+    ids, mask, positions = _left_pad(prompts, device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache = _returned_cache(out)
+    logits = out.logits[:, -1, :].float()
+    next_pos = positions[:, -1] + 1
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+        logits = logits.repeat_interleave(n, 0)
+        mask = mask.repeat_interleave(n, 0)
+        next_pos = next_pos.repeat_interleave(n, 0)
+    rows = len(prompts) * n
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    logprobs: list[list[float]] = [[] for _ in range(rows)]
+    finish: list[FinishReason | None] = [None] * rows
+    running = list(range(rows))  # the original row of each batch row
+    stop_ids = set(params.stop_token_ids)
+    window = max((len(s) for s in params.stop_strings), default=0) + _STOP_WINDOW_SLACK
+
+    for step in range(params.max_tokens):
+        chosen, chosen_lp = _choose(logits, params, generator)
+        still: list[int] = []  # batch rows that go on
+        for b, (row, tok, lp) in enumerate(zip(running, chosen.tolist(), chosen_lp.tolist(), strict=True)):
+            tokens[row].append(tok)
+            logprobs[row].append(lp)
+            if tok in stop_ids or (
+                params.stop_strings and _hit_stop_string(tokenizer, tokens[row], params.stop_strings, window)
+            ):
+                finish[row] = "stop"
+            elif step + 1 == params.max_tokens:
+                finish[row] = "length"
+            else:
+                still.append(b)
+        if not still:
+            break
+        if len(still) < len(running):
+            keep = torch.tensor(still, device=device)
+            cache.batch_select_indices(keep)
+            chosen, mask, next_pos = chosen[keep], mask[keep], next_pos[keep]
+            running = [running[b] for b in still]
+        mask = torch.cat([mask, mask.new_ones((len(running), 1))], dim=1)
+        out = model(
+            input_ids=chosen[:, None],
+            attention_mask=mask,
+            position_ids=next_pos[:, None],
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_kwarg: cache},
+        )
+        cache = _returned_cache(out)
+        logits = out.logits[:, -1, :].float()
+        next_pos = next_pos + 1
+
+    results: list[Completion] = []
+    for row in range(rows):
+        toks, lps, reason = tokens[row], logprobs[row], finish[row]
+        assert reason is not None
+        if reason == "stop" and not params.include_stop_in_output:
+            toks, lps = toks[:-1], lps[:-1]
+        results.append(Completion(toks, lps, reason))
+    return [results[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+@torch.no_grad()
+def prompt_logprobs(model: Any, tokens: Sequence[int]) -> list[float | None]:
+    """log p(token t | tokens before it) for every position of one sequence; None at position 0."""
+    if not tokens:
+        return []
+    device = _device_of(model)
+    ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+    finally:
+        model.train(was_training)
+    lp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0]
+    return [None, *lp.tolist()]
