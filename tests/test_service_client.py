@@ -222,3 +222,79 @@ def test_checkpoints_outlive_the_session(server: Server) -> None:
     assert raw(server, "/api/v1/get_info", {"model_id": tc.model_id})[0] == 404
     again = service(server).create_training_client_from_state(path).result()
     assert again.get_info().model_data.model_name == BASE
+
+
+def test_rl_loop_with_importance_sampling_raises_the_reward(server: Server) -> None:
+    """sample -> score -> importance_sampling, the cookbook's loop in miniature: the reward is the share of
+    sampled tokens below id 256 (the byte tokens, ~1/8 of the vocabulary at the start)."""
+    sc = service(server)
+    tc = sc.create_lora_training_client(base_model=BASE, rank=8, seed=0).result()
+    prompt = types.ModelInput.from_ints(tc.get_tokenizer().encode("Pick:"))
+    params = types.SamplingParams(max_tokens=4, temperature=1.0, stop=[])
+    rewards = []
+    for step_index in range(10):
+        sampler = tc.save_weights_and_get_sampling_client()
+        result = sampler.sample(prompt, 8, params, seed=step_index).result()
+        scores = np.array([np.mean(np.array(s.tokens) < 256) for s in result.sequences])
+        rewards.append(float(scores.mean()))
+        advantages = scores - scores.mean()
+        data = []
+        for seq, adv in zip(result.sequences, advantages, strict=True):
+            tokens = prompt.to_ints() + seq.tokens
+            n, p = len(tokens) - 1, len(prompt.to_ints()) - 1
+            q = np.zeros(n, np.float32)
+            q[p:] = seq.logprobs
+            a = np.zeros(n, np.float32)
+            a[p:] = adv
+            data.append(datum(tokens, logprobs=q, advantages=a))
+        tc.forward_backward(data, "importance_sampling").result()
+        tc.optim_step(types.AdamParams(learning_rate=3e-2)).result()
+    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.2, rewards
+
+
+def test_sampling_follows_saved_weights_and_keeps_older_snapshots(server: Server) -> None:
+    sc = service(server)
+    tc = sc.create_lora_training_client(base_model=BASE, rank=8, seed=0).result()
+    data = task(tc)
+    target = types.ModelInput.from_ints([*data[0].model_input.to_ints(), int(data[0].loss_fn_inputs["target_tokens"].data[-1])])
+
+    def trainer_view() -> np.ndarray:
+        return tc.forward(data[:1], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+
+    def sampler_view(sampler: tinker.SamplingClient) -> np.ndarray:
+        return np.array(sampler.compute_logprobs(target).result()[1:], dtype=np.float32)
+
+    before = tc.save_weights_and_get_sampling_client()
+    named = tc.save_weights_for_sampler("before").result().path
+    np.testing.assert_allclose(sampler_view(before), trainer_view(), atol=1e-5)
+    old = trainer_view()
+    for _ in range(4):
+        step(tc, data)
+    after = tc.save_weights_and_get_sampling_client()  # hotload: no restart, the next sample sees it
+    new = trainer_view()
+    assert not np.allclose(old, new, atol=1e-3)
+    np.testing.assert_allclose(sampler_view(after), new, atol=1e-5)
+    np.testing.assert_allclose(sampler_view(before), old, atol=1e-5)  # the older snapshot is still there
+    by_path = sc.create_sampling_client(model_path=named).result()
+    np.testing.assert_allclose(sampler_view(by_path), old, atol=1e-5)
+    sc.create_rest_client().delete_checkpoint_from_tinker_path(named).result()
+    with pytest.raises(Exception, match="404|not found"):
+        sc.create_sampling_client(model_path=named).result().compute_logprobs(target).result()
+
+
+def test_sampling_n_seeds_stops_and_logprobs(server: Server) -> None:
+    sampler = service(server).create_sampling_client(base_model=BASE).result()
+    tok = sampler.get_tokenizer()
+    prompt = types.ModelInput.from_ints(tok.encode("Reverse 123:"))
+    params = types.SamplingParams(max_tokens=6, temperature=1.0, seed=7, stop=[])
+    a = sampler.sample(prompt, 4, params).result()
+    b = sampler.sample(prompt, 4, params).result()
+    assert len(a.sequences) == 4 and len({s.sequence_id for s in a.sequences}) == 4
+    assert [s.tokens for s in a.sequences] == [s.tokens for s in b.sequences]  # same seed, same samples
+    assert all(len(s.tokens) == 6 and s.stop_reason == "length" and len(s.logprobs) == 6 for s in a.sequences)
+    # A stop token ends the sequence and stays in it.
+    first = a.sequences[0].tokens
+    stop_at = first[2]
+    stopped = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=6, temperature=1.0, seed=7, stop=[stop_at])).result()
+    seq = stopped.sequences[0]
+    assert seq.stop_reason == "stop" and seq.tokens[-1] == stop_at and seq.tokens == first[: first.index(stop_at) + 1]
