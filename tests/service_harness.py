@@ -52,8 +52,21 @@ def running_server(tmp: Path, base_model: str, *extra: str, keys: str = f"{ALICE
     log = tmp / "serve.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1", WHETSTONE_API_KEYS=keys, HF_HUB_OFFLINE="1")
     env["PYTHONPATH"] = os.pathsep.join([*map(str, SOURCE_DIRS), env.get("PYTHONPATH", "")])
-    command = [sys.executable, "-m", "whetstone_cli.main", "serve", "--base-model", base_model,
-               "--port", str(port), "--checkpoint-dir", str(tmp / "checkpoints"), "--device", "cpu", *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "whetstone_cli.main",
+        "serve",
+        "--base-model",
+        base_model,
+        "--port",
+        str(port),
+        "--checkpoint-dir",
+        str(tmp / "checkpoints"),
+        "--device",
+        "cpu",
+        *extra,
+    ]
     with log.open("wb") as out:
         proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp)
     server = Server(f"http://127.0.0.1:{port}", port, tmp / "checkpoints", log, proc)
@@ -65,7 +78,9 @@ def running_server(tmp: Path, base_model: str, *extra: str, keys: str = f"{ALICE
                     break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("whetstone serve did not start:\n" + server.log_text()[-4000:]) from None
+                    raise RuntimeError(
+                        "whetstone serve did not start:\n" + server.log_text()[-4000:]
+                    ) from None
                 time.sleep(0.2)
         yield server
     finally:

@@ -15,7 +15,6 @@ import torch
 tinker = pytest.importorskip("tinker", reason="the dev extra installs the tinker client")
 from service_harness import ALICE, BOB, Server, client_env, running_server  # noqa: E402
 from tinker import types  # noqa: E402
-
 from whetstone_trainer.methods import losses  # noqa: E402
 
 BASE = "whetstone://tiny"
@@ -52,10 +51,18 @@ def step(tc: tinker.TrainingClient, data: list[types.Datum], lr: float = 1e-2) -
     return loss
 
 
-def raw(server: Server, path: str, body: object, key: str = ALICE, headers: dict[str, str] | None = None,
-        data: bytes | None = None) -> tuple[int, dict]:
+def raw(
+    server: Server,
+    path: str,
+    body: object,
+    key: str = ALICE,
+    headers: dict[str, str] | None = None,
+    data: bytes | None = None,
+) -> tuple[int, dict]:
     request = urllib.request.Request(
-        f"{server.url}{path}", data=data if data is not None else json.dumps(body).encode(), method="POST",
+        f"{server.url}{path}",
+        data=data if data is not None else json.dumps(body).encode(),
+        method="POST",
         headers={"X-API-Key": key, "Content-Type": "application/json", **(headers or {})},
     )
     try:
@@ -95,11 +102,18 @@ def test_forward_backward_custom_matches_the_builtin_loss(server: Server) -> Non
     custom = sc.create_lora_training_client(base_model=BASE, rank=4, seed=3).result()
     data = task(builtin)
     weights = [np.linspace(-0.5, 2.0, len(d.loss_fn_inputs["weights"].data)).astype(np.float32) for d in data]
-    data = [datum([*d.model_input.to_ints(), int(d.loss_fn_inputs["target_tokens"].data[-1])], weights=w)
-            for d, w in zip(data, weights, strict=True)]
+    data = [
+        datum([*d.model_input.to_ints(), int(d.loss_fn_inputs["target_tokens"].data[-1])], weights=w)
+        for d, w in zip(data, weights, strict=True)
+    ]
 
-    def weighted_nll(batch: list[types.Datum], logprobs: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        loss = sum(losses.cross_entropy(lp, torch.tensor(d.loss_fn_inputs["weights"].data)) for d, lp in zip(batch, logprobs, strict=True))
+    def weighted_nll(
+        batch: list[types.Datum], logprobs: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = sum(
+            losses.cross_entropy(lp, torch.tensor(d.loss_fn_inputs["weights"].data))
+            for d, lp in zip(batch, logprobs, strict=True)
+        )
         return loss, {}
 
     ref = builtin.forward_backward(data, "cross_entropy").result().metrics["loss:sum"]
@@ -126,14 +140,18 @@ def test_every_builtin_and_rft_loss_matches_losses_py(server: Server) -> None:
     Q, A, M = torch.tensor(q), torch.tensor(adv), torch.tensor(mask)
     expected = {
         ("importance_sampling", ()): losses.importance_sampling_terms(lp, Q, A).sum(),
-        ("ppo", (("clip_low_threshold", 0.9), ("clip_high_threshold", 1.1))): losses.ppo_terms(lp, Q, A, 0.9, 1.1).sum(),
+        ("ppo", (("clip_low_threshold", 0.9), ("clip_high_threshold", 1.1))): losses.ppo_terms(
+            lp, Q, A, 0.9, 1.1
+        ).sum(),
         ("cispo", ()): losses.cispo_terms(lp, Q, A).sum(),
         ("dro", (("beta", 0.05),)): losses.dro_terms(lp, Q, A, 0.05).sum(),
         ("gspo", ()): losses.gspo_token_terms(lp[None], Q[None], A[None], M[None], 0.8, 1.2).sum(),
         ("grpo", ()): losses.aggregate(losses.ppo_terms(lp, Q, A)[None], M[None], "token-mean"),
         ("dapo", ()): losses.aggregate(losses.ppo_terms(lp, Q, A, 0.8, 1.28)[None], M[None], "token-mean"),
         ("gspo-token", ()): losses.aggregate(
-            losses.gspo_token_terms(lp[None], Q[None], A[None], M[None], 1 - 3e-4, 1 + 4e-4), M[None], "seq-mean-token-mean"
+            losses.gspo_token_terms(lp[None], Q[None], A[None], M[None], 1 - 3e-4, 1 + 4e-4),
+            M[None],
+            "seq-mean-token-mean",
         ),
     }
     for (name, config), value in expected.items():
@@ -174,8 +192,11 @@ def test_one_tenant_cannot_reach_anothers_models_and_checkpoints(server: Server)
 def test_a_resent_request_has_one_effect(server: Server) -> None:
     _, session = raw(server, "/api/v1/create_session", {"tags": [], "sdk_version": "0.38.0"})
     sid = session["session_id"]
-    _, created = raw(server, "/api/v1/create_model", {"session_id": sid, "model_seq_id": 0, "base_model": BASE,
-                                                     "lora_config": {"rank": 2}})
+    _, created = raw(
+        server,
+        "/api/v1/create_model",
+        {"session_id": sid, "model_seq_id": 0, "base_model": BASE, "lora_config": {"rank": 2}},
+    )
     model_id = f"{sid}:train:0"
     body = {"model_id": model_id, "seq_id": 1, "adam_params": {"learning_rate": 0.01}}
     key = {"X-Idempotency-Key": "stainless-python-retry-1"}
@@ -191,13 +212,19 @@ def test_a_resent_request_has_one_effect(server: Server) -> None:
 
 
 def test_the_service_survives_malformed_requests(server: Server) -> None:
-    request = urllib.request.Request(f"{server.url}/api/v1/create_session", data=b"{not json", method="POST",
-                                     headers={"X-API-Key": ALICE})
+    request = urllib.request.Request(
+        f"{server.url}/api/v1/create_session", data=b"{not json", method="POST", headers={"X-API-Key": ALICE}
+    )
     with pytest.raises(urllib.error.HTTPError) as bad:
         urllib.request.urlopen(request, timeout=10)
     assert bad.value.code == 400 and "JSON" in json.loads(bad.value.read())["error"]
-    _, fut = raw(server, "/api/v1/forward_backward", None, data=b"\xff\x00garbage",
-                 headers={"Content-Type": "application/x-protobuf"})
+    _, fut = raw(
+        server,
+        "/api/v1/forward_backward",
+        None,
+        data=b"\xff\x00garbage",
+        headers={"Content-Type": "application/x-protobuf"},
+    )
     _, result = raw(server, "/api/v1/retrieve_future", {"request_id": fut["request_id"]})
     assert result["category"] == "user" and "protobuf" in result["error"]
 
@@ -256,7 +283,9 @@ def test_sampling_follows_saved_weights_and_keeps_older_snapshots(server: Server
     sc = service(server)
     tc = sc.create_lora_training_client(base_model=BASE, rank=8, seed=0).result()
     data = task(tc)
-    target = types.ModelInput.from_ints([*data[0].model_input.to_ints(), int(data[0].loss_fn_inputs["target_tokens"].data[-1])])
+    target = types.ModelInput.from_ints(
+        [*data[0].model_input.to_ints(), int(data[0].loss_fn_inputs["target_tokens"].data[-1])]
+    )
 
     def trainer_view() -> np.ndarray:
         return tc.forward(data[:1], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
@@ -285,7 +314,7 @@ def test_sampling_follows_saved_weights_and_keeps_older_snapshots(server: Server
 def test_sampling_n_seeds_stops_and_logprobs(server: Server) -> None:
     sc = service(server)
     sampler = sc.create_sampling_client(base_model=BASE).result()
-    # SamplingClient.get_tokenizer loads by base-model name from the hub; the training client's names a folder.
+    # SamplingClient.get_tokenizer loads by base-model name from the hub; a training client's is a folder.
     tok = sc.create_lora_training_client(base_model=BASE, rank=2).result().get_tokenizer()
     prompt = types.ModelInput.from_ints(tok.encode("Reverse 123:"))
     params = types.SamplingParams(max_tokens=6, temperature=1.0, seed=7, stop=[])
@@ -297,6 +326,12 @@ def test_sampling_n_seeds_stops_and_logprobs(server: Server) -> None:
     # A stop token ends the sequence and stays in it.
     first = sampler.sample(prompt, 1, params).result().sequences[0].tokens
     stop_at = first[2]
-    stopped = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=6, temperature=1.0, seed=7, stop=[stop_at])).result()
+    stopped = sampler.sample(
+        prompt, 1, types.SamplingParams(max_tokens=6, temperature=1.0, seed=7, stop=[stop_at])
+    ).result()
     seq = stopped.sequences[0]
-    assert seq.stop_reason == "stop" and seq.tokens[-1] == stop_at and seq.tokens == first[: first.index(stop_at) + 1]
+    assert (
+        seq.stop_reason == "stop"
+        and seq.tokens[-1] == stop_at
+        and seq.tokens == first[: first.index(stop_at) + 1]
+    )

@@ -23,21 +23,34 @@ KEY_PREFIX = "tml-"
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the Tinker-compatible training service for one base model")
-    p.add_argument("--base-model", required=True, help="model URI: whetstone://tiny, a folder, pvc://, hf://...")
-    p.add_argument("--model-name", default=None,
-                   help="the name clients use for it (default: the URI); e.g. Qwen/Qwen3-8B for cookbook recipes "
-                        "serving whetstone://tiny-qwen3")
+    p.add_argument(
+        "--base-model", required=True, help="model URI: whetstone://tiny, a folder, pvc://, hf://..."
+    )
+    p.add_argument(
+        "--model-name",
+        default=None,
+        help="the name clients use for it (default: the URI); e.g. Qwen/Qwen3-8B for cookbook recipes "
+        "serving whetstone://tiny-qwen3",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-keys-file", type=Path, default=None, help="file with one API key per line")
-    p.add_argument("--checkpoint-dir", type=Path, default=None,
-                   help="where saved states go (default ~/.cache/whetstone/service)")
+    p.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=None,
+        help="where saved states go (default ~/.cache/whetstone/service)",
+    )
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--max-training-clients", type=int, default=4, help="per session (default 4)")
     p.add_argument("--max-sampler-snapshots", type=int, default=16, help="ephemeral snapshots kept per key")
     p.add_argument("--max-request-mb", type=int, default=64, help="largest request body (default 64 MiB)")
-    p.add_argument("--idle-timeout-seconds", type=float, default=1800.0,
-                   help="release a session's clients after this long without requests (checkpoints stay)")
+    p.add_argument(
+        "--idle-timeout-seconds",
+        type=float,
+        default=1800.0,
+        help="release a session's clients after this long without requests (checkpoints stay)",
+    )
     p.set_defaults(func=main)
 
 
@@ -55,7 +68,10 @@ def read_keys(file: Path | None) -> list[str]:
         source = ENV_API_KEYS
     bad = [i for i, k in enumerate(keys, 1) if not k.startswith(KEY_PREFIX)]
     if bad:
-        raise SystemExit(f"{source}: key #{bad[0]} does not start with {KEY_PREFIX!r} (the tinker client refuses such keys)")
+        raise SystemExit(
+            f"{source}: key #{bad[0]} does not start with {KEY_PREFIX!r} "
+            "(the tinker client refuses such keys)"
+        )
     return keys
 
 

@@ -36,6 +36,7 @@ def run_operator(config: OperatorConfig) -> None:
 
     from .handlers import Reconciler, register
     from .metrics import OperatorMetrics, serve
+    from .sessions import register as register_sessions
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # kopf logs every handler call at INFO; the story is told by whetstone.operator's lines.
@@ -44,6 +45,7 @@ def run_operator(config: OperatorConfig) -> None:
     metrics = OperatorMetrics()
     state: dict[str, Any] = {"metrics": metrics}
     register(registry, config, state)
+    register_sessions(registry, config, state)
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> Any:

@@ -34,6 +34,18 @@ RULES: list[dict[str, Any]] = [
     # The trainer pods: watched (index of pods by job), created per attempt, deleted on restart or suspend.
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "delete"]},
     {"apiGroups": [""], "resources": ["services", "configmaps"], "verbs": ["create"]},
+    # TrainingSessions: a Deployment and a Service each (scaled to 0 on suspend), status from the service;
+    # their Secret of API keys is only mounted, never read.
+    {
+        "apiGroups": [API_GROUP],
+        "resources": ["trainingsessions"],
+        "verbs": ["get", "list", "watch", "patch"],
+    },
+    {"apiGroups": [API_GROUP], "resources": ["trainingsessions/status"], "verbs": ["get", "patch"]},
+    {"apiGroups": [API_GROUP], "resources": ["trainingsessions/finalizers"], "verbs": ["update"]},
+    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "create", "patch"]},
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["get"]},
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
     # One Event per state change (kopf posts core/v1 Events).
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
     {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},

@@ -291,7 +291,8 @@ def materialise(source: ModelSource, cache_dir: Path | None = None) -> Path:
 
             moe_name = source.name
             return _build_once(
-                cache / f"{moe_name}-v{TINY_MOE_BUILDER_VERSION}", lambda out: build_tiny_moe(moe_name, out, seed=0)
+                cache / f"{moe_name}-v{TINY_MOE_BUILDER_VERSION}",
+                lambda out: build_tiny_moe(moe_name, out, seed=0),
             )
         from .tiny import build_tiny_model
 

@@ -103,8 +103,10 @@ def build_app(service: TrainingService, keys: Keys) -> web.Application:
     app[SERVICE] = service
     r = app.router
 
-    def future_endpoint(submit: Callable[[str, Any], Any], parse: Callable[[web.Request], Awaitable[Any]]) -> Handler:
-        """Submission of a → future call: idempotent by X-Idempotency-Key; a bad request is a failed future."""
+    def future_endpoint(
+        submit: Callable[[str, Any], Any], parse: Callable[[web.Request], Awaitable[Any]]
+    ) -> Handler:
+        """Submission of a → future call: idempotent by X-Idempotency-Key; a bad request fails the future."""
 
         async def handle(request: web.Request) -> web.Response:
             tenant = request[TENANT]
@@ -135,23 +137,27 @@ def build_app(service: TrainingService, keys: Keys) -> web.Application:
             raise UserError("compressed bodies are not accepted (proto_compress_fwdbwd is off)")
         return p.decode_forward_backward(await request.read())
 
-    # --- handshake and session ---------------------------------------------------------------------------
+    # --- handshake and session --------
 
     async def client_config(request: web.Request) -> web.Response:
-        return _json({
-            "pjwt_auth_enabled": False,
-            "proto_compress_fwdbwd": False,
-            "parallel_fwdbwd_chunks": True,
-            "sample_use_retrieve_futures": False,
-            "custom_loss_server_side": False,
-            "sample_join_sampling_session": False,
-        })
+        return _json(
+            {
+                "pjwt_auth_enabled": False,
+                "proto_compress_fwdbwd": False,
+                "parallel_fwdbwd_chunks": True,
+                "sample_use_retrieve_futures": False,
+                "custom_loss_server_side": False,
+                "sample_join_sampling_session": False,
+            }
+        )
 
     async def dynamic_config(request: web.Request) -> web.Response:
         return _json({"sample_cancel_enabled": False})
 
     async def create_session(request: web.Request) -> web.Response:
-        return _json(service.create_session(request[TENANT], p.parse_json(p.CreateSession, await _body(request))))
+        return _json(
+            service.create_session(request[TENANT], p.parse_json(p.CreateSession, await _body(request)))
+        )
 
     async def heartbeat(request: web.Request) -> web.Response:
         req = p.parse_json(p.SessionRef, await _body(request))
@@ -162,24 +168,32 @@ def build_app(service: TrainingService, keys: Keys) -> web.Application:
     async def finish(request: web.Request) -> web.Response:
         body = await _body(request)
         reason = (body.get("reason") or {}).get("type", "success") if isinstance(body, dict) else "success"
-        await service.finish_session(request[TENANT], request.match_info["session_id"], f"client closed: {reason}")
+        await service.finish_session(
+            request[TENANT], request.match_info["session_id"], f"client closed: {reason}"
+        )
         return _json({})
 
     async def telemetry(request: web.Request) -> web.Response:
         return _json({"status": "accepted"})
 
     async def capabilities(request: web.Request) -> web.Response:
-        return _json({"supported_models": [{
-            "model_name": service.model_name,
-            "max_context_length": service.engine.max_length,
-            "trainable": True,
-            "sampleable": True,
-        }]})
+        return _json(
+            {
+                "supported_models": [
+                    {
+                        "model_name": service.model_name,
+                        "max_context_length": service.engine.max_length,
+                        "trainable": True,
+                        "sampleable": True,
+                    }
+                ]
+            }
+        )
 
     async def healthz(request: web.Request) -> web.Response:
         return _json({"status": "ok"})
 
-    # --- training -----------------------------------------------------------------------------------------
+    # --- training --------
 
     async def get_info(request: web.Request) -> web.Response:
         req = p.parse_json(p.ModelRef, await _body(request))
@@ -202,7 +216,7 @@ def build_app(service: TrainingService, keys: Keys) -> web.Application:
             return web.Response(body=result, content_type=PROTOBUF)
         return _json(result)
 
-    # --- REST ---------------------------------------------------------------------------------------------
+    # --- REST --------
 
     async def training_run(request: web.Request) -> web.Response:
         return _json(service.training_run(request[TENANT], request.match_info["run_id"]))
@@ -244,7 +258,10 @@ def build_app(service: TrainingService, keys: Keys) -> web.Application:
     r.add_post(f"{v1}/forward_backward", future_endpoint(service.forward_backward, proto_body))
     r.add_post(f"{v1}/optim_step", future_endpoint(service.optim_step, json_of(p.OptimStep)))
     r.add_post(f"{v1}/save_weights", future_endpoint(service.save_state, json_of(p.SaveWeights)))
-    r.add_post(f"{v1}/save_weights_for_sampler", future_endpoint(service.save_for_sampler, json_of(p.SaveWeightsForSampler)))
+    r.add_post(
+        f"{v1}/save_weights_for_sampler",
+        future_endpoint(service.save_for_sampler, json_of(p.SaveWeightsForSampler)),
+    )
     r.add_post(f"{v1}/load_weights", future_endpoint(service.load_weights, json_of(p.LoadWeights)))
     r.add_post(f"{v1}/create_sampling_session", create_sampling_session)
     r.add_get(f"{v1}/samplers/{{sampler_id}}", get_sampler)
@@ -279,6 +296,12 @@ def build_app(service: TrainingService, keys: Keys) -> web.Application:
 def serve(service: TrainingService, keys: Keys, host: str, port: int) -> None:
     """Run until interrupted. One process, one base model."""
     app = build_app(service, keys)
-    LOG.info("serving %s as %r on http://%s:%d (%s)", service.engine.base_model_uri, service.model_name, host, port,
-             "any API key, one tenant per key" if keys.open else "API keys required")
+    LOG.info(
+        "serving %s as %r on http://%s:%d (%s)",
+        service.engine.base_model_uri,
+        service.model_name,
+        host,
+        port,
+        "any API key, one tenant per key" if keys.open else "API keys required",
+    )
     web.run_app(app, host=host, port=port, print=None, access_log=None, handle_signals=True)

@@ -48,7 +48,7 @@ class CheckpointStore:
     def folder(self, tenant: str, path: TinkerPath) -> Path:
         return self._run_dir(tenant, path.run_id) / path.kind / path.name
 
-    # --- runs ----------------------------------------------------------------------------------------------
+    # --- runs --------
 
     def write_run(self, tenant: str, run_id: str, run: dict[str, Any]) -> None:
         folder = self._run_dir(tenant, run_id)
@@ -67,7 +67,7 @@ class CheckpointStore:
             return []
         return sorted(p.name for p in folder.iterdir() if (p / RUN_FILE).is_file())
 
-    # --- checkpoints ---------------------------------------------------------------------------------------
+    # --- checkpoints --------
 
     def save(
         self,
@@ -113,7 +113,9 @@ class CheckpointStore:
             raise NotFound(str(path))
         return json.loads(file.read_text())
 
-    def load(self, tenant: str, path: TinkerPath, optimizer: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any] | None]:
+    def load(
+        self, tenant: str, path: TinkerPath, optimizer: bool
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any] | None]:
         meta = self.meta(tenant, path)
         folder = self.folder(tenant, path)
         weights = load_file(str(folder / WEIGHTS_FILE))

@@ -135,7 +135,7 @@ class Engine:
         self._full_sampler: torch.nn.Module | None = None
         self._full_sampler_holds: int | None = None
 
-    # --- training clients ---------------------------------------------------------------------------------
+    # --- training clients --------
 
     def _fresh_full_model(self) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
@@ -178,7 +178,9 @@ class Engine:
             model = self._fresh_full_model()
             model.requires_grad_(True)
             params = dict(sorted(model.named_parameters()))
-            state = TrainingState(model_id, shape, params, torch.optim.AdamW(list(params.values())), model=model)
+            state = TrainingState(
+                model_id, shape, params, torch.optim.AdamW(list(params.values())), model=model
+            )
         else:
             name = _adapter_name(model_id)
             self._add_adapter(name, shape, seed)
@@ -187,7 +189,11 @@ class Engine:
                 p.requires_grad_(True)
             state = TrainingState(name, shape, params, torch.optim.AdamW(list(params.values())))
         self.clients[model_id] = state
-        LOG.info("training client %s created (%s)", model_id, "full-parameter" if shape.full else f"LoRA rank {shape.rank}")
+        LOG.info(
+            "training client %s created (%s)",
+            model_id,
+            "full-parameter" if shape.full else f"LoRA rank {shape.rank}",
+        )
 
     def release_client(self, model_id: str) -> None:
         state = self.clients.pop(model_id, None)
@@ -214,21 +220,27 @@ class Engine:
         self.model.base_model.set_adapter(state.name)  # the layers' active adapter, without touching grads
         yield self.model
 
-    # --- forward / backward ---------------------------------------------------------------------------------
+    # --- forward / backward --------
 
     def _tensors(self, datum: Datum) -> dict[str, torch.Tensor]:
         out = {}
         for name, arr in datum.inputs.items():
             t = torch.from_numpy(np.array(arr, copy=True))
-            out[name] = t.to(self.device, torch.long if name in ("target_tokens", "routing") else torch.float32)
+            out[name] = t.to(
+                self.device, torch.long if name in ("target_tokens", "routing") else torch.float32
+            )
         return out
 
     def _check_datum(self, i: int, datum: Datum, tensors: dict[str, torch.Tensor], two_d: bool) -> None:
         n = int(datum.tokens.size)
         if datum.tokens.min() < 0 or datum.tokens.max() >= self.vocab_size:
-            raise UserError(f"data[{i}]: a model input token is outside the vocabulary [0, {self.vocab_size})")
+            raise UserError(
+                f"data[{i}]: a model input token is outside the vocabulary [0, {self.vocab_size})"
+            )
         if self.max_length and n > self.max_length:
-            raise UserError(f"data[{i}]: {n} input tokens, more than the model's context of {self.max_length}")
+            raise UserError(
+                f"data[{i}]: {n} input tokens, more than the model's context of {self.max_length}"
+            )
         targets = tensors.get("target_tokens")
         if targets is None:
             return
@@ -241,11 +253,18 @@ class Engine:
         routing = tensors.get("routing")
         if routing is not None:
             if not self.is_moe:
-                raise UserError(f"data[{i}]: loss_fn_inputs['routing'] given, but the base model has no experts")
+                raise UserError(
+                    f"data[{i}]: loss_fn_inputs['routing'] given, but the base model has no experts"
+                )
             moe.check_routing(self._base_module(), routing, f"data[{i}].loss_fn_inputs['routing']")
 
     def forward_backward(
-        self, model_id: str, loss_fn: str, config: dict[str, float | str], data: list[Datum], forward_only: bool
+        self,
+        model_id: str,
+        loss_fn: str,
+        config: dict[str, float | str],
+        data: list[Datum],
+        forward_only: bool,
     ) -> ForwardResult:
         state = self.clients[model_id]
         obj = check_call(loss_fn, [d.inputs for d in data], config)
@@ -259,7 +278,10 @@ class Engine:
             for batch in _micro_batches([int(d.tokens.size) for d in data], self.vocab_size):
                 ids, mask = _right_padded([data[i].tokens for i in batch], self.device)
                 routing = [tensors[i].get("routing") for i in batch]
-                with torch.set_grad_enabled(not forward_only), moe.session(model, routing, tuple(ids.shape)) as routes:
+                with (
+                    torch.set_grad_enabled(not forward_only),
+                    moe.session(model, routing, tuple(ids.shape)) as routes,
+                ):
                     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
                     batch_loss = logits.new_zeros((), dtype=torch.float32)
                     for row, i in enumerate(batch):
@@ -282,7 +304,12 @@ class Engine:
     def optim_step(self, model_id: str, adam: AdamParams) -> dict[str, float]:
         state = self.clients[model_id]
         for group in state.optimizer.param_groups:
-            group.update(lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps, weight_decay=adam.weight_decay)
+            group.update(
+                lr=adam.learning_rate,
+                betas=(adam.beta1, adam.beta2),
+                eps=adam.eps,
+                weight_decay=adam.weight_decay,
+            )
         params = [p for p in state.params.values() if p.grad is not None]
         metrics: dict[str, float] = {}
         if params:
@@ -294,7 +321,7 @@ class Engine:
         state.has_grad = False
         return metrics
 
-    # --- state ----------------------------------------------------------------------------------------------
+    # --- state --------
 
     def weights(self, model_id: str) -> dict[str, torch.Tensor]:
         """The client's trainable weights under names independent of its adapter name."""
@@ -310,18 +337,22 @@ class Engine:
     def optimizer_state(self, model_id: str) -> dict[str, Any]:
         return copy.deepcopy(self.clients[model_id].optimizer.state_dict())
 
-    def load_weights(self, model_id: str, weights: dict[str, torch.Tensor], optimizer: dict[str, Any] | None) -> None:
+    def load_weights(
+        self, model_id: str, weights: dict[str, torch.Tensor], optimizer: dict[str, Any] | None
+    ) -> None:
         state = self.clients[model_id]
         names = {(_portable(n, state.name) if not state.shape.full else n): n for n in state.params}
         if set(names) != set(weights):
-            raise UserError("the checkpoint's weights do not fit this model (saved from another base model or LoRA shape)")
+            raise UserError(
+                "the checkpoint's weights do not fit this model (saved from another base model or LoRA shape)"
+            )
         with torch.no_grad():
             for portable, name in names.items():
                 state.params[name].copy_(weights[portable].to(self.device))
         if optimizer is not None:
             state.optimizer.load_state_dict(optimizer)
 
-    # --- sampling -------------------------------------------------------------------------------------------
+    # --- sampling --------
 
     @contextmanager
     def _sampling_model(self, snapshot: Snapshot | None) -> Iterator[torch.nn.Module]:
@@ -386,7 +417,8 @@ class Engine:
             raise UserError(f"a prompt token is outside the vocabulary [0, {self.vocab_size})")
         if self.max_length and len(prompt) + max_tokens > self.max_length:
             raise UserError(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceed the model's context of {self.max_length}"
+                f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceed the model's context "
+                f"of {self.max_length}"
             )
         stop_ids: tuple[int, ...] = ()
         stop_strings: tuple[str, ...] = ()
@@ -416,8 +448,8 @@ class Engine:
             prompt_lps = prompt_logprobs(model, prompt) if want_prompt_logprobs else None
             routing = None
             if want_routing and self.is_moe:
-                # The experts of exactly the tokens a training datum feeds, under the sampler's own weights: one
-                # prefill pass over each sampled sequence (what a KV-cache sampler's prefill computes).
+                # The experts of exactly the tokens a training datum feeds, under the sampler's weights:
+                # one prefill pass over each sampled sequence (what a KV-cache sampler's prefill computes).
                 routing = [moe.route_tokens(model, prompt + c.tokens) for c in completions]
         sequences = []
         for j, c in enumerate(completions):

@@ -39,14 +39,19 @@ def check_routing(model: torch.nn.Module, routing: torch.Tensor, where: str) -> 
     rs = routers(model)
     width = sum(int(r.top_k) for r in rs)
     if routing.dim() != 2 or routing.shape[1] != width:
-        raise UserError(f"{where} must be int64 [N, {width}] (moe layers x top_k = {len(rs)} x {width // max(len(rs), 1)})")
+        raise UserError(
+            f"{where} must be int64 [N, {width}] "
+            f"(moe layers x top_k = {len(rs)} x {width // max(len(rs), 1)})"
+        )
     experts = int(rs[0].num_experts)
     if routing.numel() and (int(routing.max()) >= experts or int(routing.min()) < -1):
         raise UserError(f"{where}: expert ids must be in [0, {experts}) (or -1: not forced)")
 
 
 @contextmanager
-def session(model: torch.nn.Module, replay: Sequence[torch.Tensor | None], shape: tuple[int, int] | None = None) -> Iterator[torch.Tensor | None]:
+def session(
+    model: torch.nn.Module, replay: Sequence[torch.Tensor | None], shape: tuple[int, int] | None = None
+) -> Iterator[torch.Tensor | None]:
     """Run the model's next forward with routing recorded (and replayed where `replay` gives rows).
 
     `replay[b]` is the routing of batch row b ([n_b, width] or None); the batch is right-padded. Yields a
@@ -121,7 +126,7 @@ class _LazyRoutes:
 
 
 def route_tokens(model: torch.nn.Module, tokens: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Experts and their log router probabilities for every token of one sequence: ([T, width], [T, width])."""
+    """Experts and their log router probabilities per token of one sequence: ([T, width], [T, width])."""
     rs = routers(model)
     device = next(model.parameters()).device
     ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)

@@ -6,11 +6,11 @@ Tinker's built-ins are token-level and *summed* (tinker-protocol.md §7): cross_
 ppo, cispo, dro, gspo. The FineTuneJob's RFT losses are reachable too, under their FineTuneJob names (the
 0.38 client sends `loss_fn` as a plain string and never checks it against its Literal):
 
-| loss_fn | inputs | config (defaults) | aggregation |
-|---|---|---|---|
-| grpo | target_tokens, logprobs, advantages, sequence_ratio_mask; ref_logprobs when kl_beta > 0 | clip_low_threshold 0.8, clip_high_threshold 1.2, kl_beta 0, dual_clip, normaliser | token-mean |
-| dapo | target_tokens, logprobs, advantages, sequence_ratio_mask | clip_low_threshold 0.8, clip_high_threshold 1.28, dual_clip, normaliser | token-mean |
-| gspo-token | target_tokens, logprobs, advantages, sequence_ratio_mask | clip_low_threshold 1-3e-4, clip_high_threshold 1+4e-4, normaliser | seq-mean-token-mean |
+- `grpo`: inputs target_tokens, logprobs, advantages, sequence_ratio_mask (+ ref_logprobs when kl_beta > 0);
+  config clip_low_threshold 0.8, clip_high_threshold 1.2, kl_beta 0 (k3 KL to the reference), dual_clip,
+  normaliser; PPO-clip terms, token-mean.
+- `dapo`: the same inputs without ref_logprobs; clip 0.8 / 1.28, dual_clip, normaliser; no KL; token-mean.
+- `gspo-token`: the same inputs; clip 1-3e-4 / 1+4e-4, normaliser; seq-mean-token-mean.
 
 Means are taken over the whole request (every datum of one forward_backward chunk), not per micro-batch;
 `normaliser` overrides the denominator (token count, or sequence count for gspo-token) when one step spans
@@ -41,7 +41,7 @@ class Objective:
 
     required: tuple[str, ...]
     config_keys: tuple[str, ...]
-    datum_loss: Callable[[Tensor, Inputs, Config, "RequestStats"], Tensor]
+    datum_loss: Callable[[Tensor, Inputs, Config, RequestStats], Tensor]
     two_d_targets: bool = False
 
 
@@ -73,7 +73,9 @@ def _cross_entropy(lp: Tensor, inputs: Inputs, config: Config, stats: RequestSta
     if weights is None:
         weights = torch.ones_like(lp)
     if weights.shape != lp.shape:
-        raise UserError(f"weights has shape {list(weights.shape)}, target_tokens {list(lp.shape)}: they must match")
+        raise UserError(
+            f"weights has shape {list(weights.shape)}, target_tokens {list(lp.shape)}: they must match"
+        )
     return losses.cross_entropy(lp, weights)
 
 
@@ -99,7 +101,9 @@ def _dro(lp: Tensor, inputs: Inputs, config: Config, stats: RequestStats) -> Ten
 def _gspo(lp: Tensor, inputs: Inputs, config: Config, stats: RequestStats) -> Tensor:
     lo, hi = _clip(inputs, config, 0.8, 1.2)
     mask = inputs["sequence_ratio_mask"]
-    terms = losses.gspo_token_terms(lp[None], inputs["logprobs"][None], inputs["advantages"][None], mask[None], lo, hi)
+    terms = losses.gspo_token_terms(
+        lp[None], inputs["logprobs"][None], inputs["advantages"][None], mask[None], lo, hi
+    )
     return terms.sum()
 
 
@@ -122,7 +126,9 @@ def _grpo(lp: Tensor, inputs: Inputs, config: Config, stats: RequestStats) -> Te
     beta = _number(config, "kl_beta", 0.0)
     if beta:
         if "ref_logprobs" not in inputs:
-            raise UserError("grpo with kl_beta > 0 needs loss_fn_inputs['ref_logprobs'] (the reference's log-probs)")
+            raise UserError(
+                "grpo with kl_beta > 0 needs loss_fn_inputs['ref_logprobs'] (the reference's log-probs)"
+            )
         terms = terms + beta * losses.kl_k3(lp, inputs["ref_logprobs"])
     normaliser = _number(config, "normaliser", stats.tokens)
     return losses.aggregate(terms[None], _mask(inputs)[None], "token-mean", max(normaliser, 1.0))
@@ -130,7 +136,9 @@ def _grpo(lp: Tensor, inputs: Inputs, config: Config, stats: RequestStats) -> Te
 
 def _dapo(lp: Tensor, inputs: Inputs, config: Config, stats: RequestStats) -> Tensor:
     if config.get("kl_beta"):
-        raise UserError("dapo has no KL term: leave loss_fn_config['kl_beta'] unset (use grpo for a KL penalty)")
+        raise UserError(
+            "dapo has no KL term: leave loss_fn_config['kl_beta'] unset (use grpo for a KL penalty)"
+        )
     lo, hi = _clip(inputs, config, 0.8, 1.28)
     terms = losses.ppo_terms(lp, inputs["logprobs"], inputs["advantages"], lo, hi, _dual_clip(config))
     normaliser = _number(config, "normaliser", stats.tokens)
@@ -142,7 +150,9 @@ def _gspo_token(lp: Tensor, inputs: Inputs, config: Config, stats: RequestStats)
         raise UserError("gspo-token has no KL term: leave loss_fn_config['kl_beta'] unset")
     lo, hi = _clip(inputs, config, 1 - 3e-4, 1 + 4e-4)
     mask = _mask(inputs)
-    terms = losses.gspo_token_terms(lp[None], inputs["logprobs"][None], inputs["advantages"][None], mask[None], lo, hi)
+    terms = losses.gspo_token_terms(
+        lp[None], inputs["logprobs"][None], inputs["advantages"][None], mask[None], lo, hi
+    )
     normaliser = _number(config, "normaliser", stats.sequences)
     return losses.aggregate(terms, mask[None], "seq-mean-token-mean", max(normaliser, 1.0))
 
@@ -155,9 +165,15 @@ OBJECTIVES: dict[str, Objective] = {
     "cispo": Objective(RL_INPUTS, CLIPS, _cispo),
     "dro": Objective(RL_INPUTS, ("beta",), _dro),
     "gspo": Objective((*RL_INPUTS, "sequence_ratio_mask"), CLIPS, _gspo),
-    "grpo": Objective((*RL_INPUTS, "sequence_ratio_mask"), (*CLIPS, "kl_beta", "dual_clip", "normaliser"), _grpo),
-    "dapo": Objective((*RL_INPUTS, "sequence_ratio_mask"), (*CLIPS, "kl_beta", "dual_clip", "normaliser"), _dapo),
-    "gspo-token": Objective((*RL_INPUTS, "sequence_ratio_mask"), (*CLIPS, "kl_beta", "normaliser"), _gspo_token),
+    "grpo": Objective(
+        (*RL_INPUTS, "sequence_ratio_mask"), (*CLIPS, "kl_beta", "dual_clip", "normaliser"), _grpo
+    ),
+    "dapo": Objective(
+        (*RL_INPUTS, "sequence_ratio_mask"), (*CLIPS, "kl_beta", "dual_clip", "normaliser"), _dapo
+    ),
+    "gspo-token": Objective(
+        (*RL_INPUTS, "sequence_ratio_mask"), (*CLIPS, "kl_beta", "normaliser"), _gspo_token
+    ),
 }
 # Keys that carry data, not loss configuration, and that any loss may receive.
 PASSIVE_INPUTS = {"weights", "routing", "ref_logprobs", *CLIPS}
@@ -169,7 +185,9 @@ def objective(name: str) -> Objective:
         if name == "stable_reinforce":
             hint = " (its formula is unpublished; use importance_sampling, ppo, cispo or grpo)"
         elif name == "custom":
-            hint = " (server-side custom losses are off; forward_backward_custom runs your loss in the client)"
+            hint = (
+                " (server-side custom losses are off; forward_backward_custom runs your loss in the client)"
+            )
         raise UserError(f"unknown loss_fn {name!r}{hint}; available: {', '.join(OBJECTIVES)}")
     return OBJECTIVES[name]
 
@@ -180,7 +198,9 @@ def check_call(name: str, inputs_of_data: list[dict[str, object]], config: Confi
     for i, inputs in enumerate(inputs_of_data):
         missing = [k for k in obj.required if k not in inputs]
         if missing:
-            raise UserError(f"loss_fn {name!r}: data[{i}] lacks loss_fn_inputs {missing} (it needs {list(obj.required)})")
+            raise UserError(
+                f"loss_fn {name!r}: data[{i}] lacks loss_fn_inputs {missing} (it needs {list(obj.required)})"
+            )
     unknown = sorted(set(config) - set(obj.config_keys))
     if unknown:
         allowed = ", ".join(obj.config_keys) or "none"

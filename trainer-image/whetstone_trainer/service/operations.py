@@ -54,11 +54,13 @@ class TrainingService:
         self.sessions: dict[str, Session] = {}
         self.models: dict[str, TrainingModel] = {}
         self.samplers: dict[str, Sampler] = {}
-        self.snapshots: dict[str, OrderedDict[str, Snapshot]] = {}  # tenant -> ephemeral snapshots by sampler id
+        self.snapshots: dict[
+            str, OrderedDict[str, Snapshot]
+        ] = {}  # tenant -> ephemeral snapshots by sampler id
         self.named_snapshots: OrderedDict[tuple[str, str], Snapshot] = OrderedDict()  # (tenant, path) cache
         self.last_request_time: str | None = None
 
-    # --- lookups ------------------------------------------------------------------------------------------
+    # --- lookups --------
 
     def touch(self) -> None:
         self.last_request_time = now_iso()
@@ -89,12 +91,14 @@ class TrainingService:
         if name is not None and name not in self.names:
             raise UserError(f"this service serves {self.model_name!r}, not {name!r}")
 
-    # --- sessions -----------------------------------------------------------------------------------------
+    # --- sessions --------
 
     def create_session(self, tenant: str, req: p.CreateSession) -> dict[str, Any]:
         live = [s for s in self.sessions.values() if not s.finished]
         if len(live) >= self.limits.max_sessions:
-            raise UserError(f"the service holds its maximum of {self.limits.max_sessions} sessions; close one first")
+            raise UserError(
+                f"the service holds its maximum of {self.limits.max_sessions} sessions; close one first"
+            )
         session = Session(f"s{secrets.token_hex(8)}", tenant, user_metadata=req.user_metadata)
         self.sessions[session.session_id] = session
         LOG.info("session %s created", session.session_id)
@@ -123,8 +127,13 @@ class TrainingService:
                 self.snapshots.get(s.tenant, OrderedDict()).pop(sampler_id, None)
                 snap = sampler.snapshot
                 await self.futures.call(lambda sn=snap: self.engine.forget_snapshot(sn))
-        LOG.info("session %s released (%s): %d training clients, %d samplers; checkpoints kept",
-                 s.session_id, why, len(s.model_ids), len(s.sampler_ids))
+        LOG.info(
+            "session %s released (%s): %d training clients, %d samplers; checkpoints kept",
+            s.session_id,
+            why,
+            len(s.model_ids),
+            len(s.sampler_ids),
+        )
         s.model_ids.clear()
         s.sampler_ids.clear()
 
@@ -139,14 +148,22 @@ class TrainingService:
             if s.last_seen < cutoff and not busy:
                 await self._release(s, f"idle for more than {self.limits.idle_timeout_seconds:.0f} s")
 
-    # --- training models -----------------------------------------------------------------------------------
+    # --- training models --------
 
-    def _new_model(self, tenant: str, session: Session, model_seq_id: int, base_model: str, shape: LoraShape,
-                   user_metadata: dict[str, Any] | None) -> TrainingModel:
+    def _new_model(
+        self,
+        tenant: str,
+        session: Session,
+        model_seq_id: int,
+        base_model: str,
+        shape: LoraShape,
+        user_metadata: dict[str, Any] | None,
+    ) -> TrainingModel:
         live = [m for m in session.model_ids if m in self.models]
         if len(live) >= self.limits.max_training_clients:
             raise UserError(
-                f"session {session.session_id} holds its maximum of {self.limits.max_training_clients} training clients"
+                f"session {session.session_id} holds its maximum of {self.limits.max_training_clients} "
+                "training clients"
             )
         model_id = p.training_model_id(session.session_id, model_seq_id)
         if model_id in self.models:
@@ -219,7 +236,9 @@ class TrainingService:
         model = self.model(tenant, call.model_id)
 
         def fn() -> bytes:
-            result = self.engine.forward_backward(model.model_id, call.loss_fn, call.config, call.data, call.forward_only)
+            result = self.engine.forward_backward(
+                model.model_id, call.loss_fn, call.config, call.data, call.forward_only
+            )
             return p.encode_forward_backward_output(result.outputs, result.metrics)
 
         return self.ordering.submit(model, call.seq_id, self._work(model, fn))
@@ -244,14 +263,22 @@ class TrainingService:
         def fn() -> dict[str, Any]:
             state = self.engine.clients[model.model_id]
             meta = self._checkpoint_meta(model, state.steps, req.ttl_seconds, req.user_metadata)
-            self.store.save(tenant, path, self.engine.weights(model.model_id),
-                            self.engine.optimizer_state(model.model_id), meta, req.overwrite)
+            self.store.save(
+                tenant,
+                path,
+                self.engine.weights(model.model_id),
+                self.engine.optimizer_state(model.model_id),
+                meta,
+                req.overwrite,
+            )
             LOG.info("%s: saved state %s", model.model_id, path)
             return {"path": str(path), "type": "save_weights"}
 
         return self.ordering.submit(model, req.seq_id, self._work(model, fn))
 
-    def _checkpoint_meta(self, m: TrainingModel, step: int, ttl: int | None, meta: dict[str, Any] | None) -> dict[str, Any]:
+    def _checkpoint_meta(
+        self, m: TrainingModel, step: int, ttl: int | None, meta: dict[str, Any] | None
+    ) -> dict[str, Any]:
         return {
             "base_model": m.base_model,
             "is_lora": not m.shape.full,
@@ -282,14 +309,18 @@ class TrainingService:
 
             return self.ordering.submit(model, req.seq_id, self._work(model, named))
         if req.sampling_session_seq_id is None:
-            raise UserError("save_weights_for_sampler needs a path (named) or a sampling_session_seq_id (ephemeral)")
+            raise UserError(
+                "save_weights_for_sampler needs a path (named) or a sampling_session_seq_id (ephemeral)"
+            )
         sampler_id = p.sampler_id(session.session_id, req.sampling_session_seq_id)
 
         def ephemeral() -> dict[str, Any]:
             existing = self.samplers.get(sampler_id)
             if existing is None:
                 snap = self.engine.snapshot(model.model_id)
-                self._add_sampler(Sampler(sampler_id, tenant, self.model_name, None, snap, ephemeral=True), session)
+                self._add_sampler(
+                    Sampler(sampler_id, tenant, self.model_name, None, snap, ephemeral=True), session
+                )
             return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
 
         return self.ordering.submit(model, req.seq_id, self._work(model, ephemeral))
@@ -307,7 +338,11 @@ class TrainingService:
             if evicted is not None:
                 evicted.snapshot = None
             self.engine.forget_snapshot(old)
-            LOG.info("sampler %s: snapshot evicted (more than %d per key)", old_id, self.limits.max_sampler_snapshots)
+            LOG.info(
+                "sampler %s: snapshot evicted (more than %d per key)",
+                old_id,
+                self.limits.max_sampler_snapshots,
+            )
 
     def _trim_named(self) -> None:
         while len(self.named_snapshots) > self.limits.max_sampler_snapshots:
@@ -327,16 +362,27 @@ class TrainingService:
 
             return self.ordering.submit(model, req.seq_id, self._work(model, legacy))
         if req.session_id is None or req.model_seq_id is None:
-            raise UserError("load_weights needs model_id (load into a client) or session_id + model_seq_id (create)")
+            raise UserError(
+                "load_weights needs model_id (load into a client) or session_id + model_seq_id (create)"
+            )
         session = self.session(tenant, req.session_id)
         if req.model_seq_id in session.created_models:
             return self.futures.get(tenant, session.created_models[req.model_seq_id])
         self._check_base_model(req.base_model)
-        shape = LoraShape(int(meta.get("lora_rank") or 0) if meta.get("is_lora") else 0,
-                          bool(meta.get("train_mlp", True)), bool(meta.get("train_attn", True)),
-                          bool(meta.get("train_unembed", True)))
-        model = self._new_model(tenant, session, req.model_seq_id, self.model_name, shape,
-                                req.user_metadata if req.user_metadata is not None else meta.get("user_metadata"))
+        shape = LoraShape(
+            int(meta.get("lora_rank") or 0) if meta.get("is_lora") else 0,
+            bool(meta.get("train_mlp", True)),
+            bool(meta.get("train_attn", True)),
+            bool(meta.get("train_unembed", True)),
+        )
+        model = self._new_model(
+            tenant,
+            session,
+            req.model_seq_id,
+            self.model_name,
+            shape,
+            req.user_metadata if req.user_metadata is not None else meta.get("user_metadata"),
+        )
         future = self.futures.new(tenant, model.model_id)
         session.created_models[req.model_seq_id] = future.request_id
 
@@ -345,14 +391,19 @@ class TrainingService:
             self.engine.create_client(model.model_id, shape)
             self.engine.load_weights(model.model_id, weights, opt)
             self.engine.clients[model.model_id].steps = int(meta.get("step") or 0)
-            LOG.info("%s: created from %s%s", model.model_id, path, " with optimizer state" if req.optimizer else "")
+            LOG.info(
+                "%s: created from %s%s",
+                model.model_id,
+                path,
+                " with optimizer state" if req.optimizer else "",
+            )
             return {"path": str(path), "model_id": model.model_id, "type": "load_weights"}
 
         self.futures.run(future, work)
         self.ordering.mark_ready(model)
         return future
 
-    # --- samplers ------------------------------------------------------------------------------------------
+    # --- samplers --------
 
     async def create_sampling_session(self, tenant: str, req: p.CreateSamplingSession) -> dict[str, Any]:
         session = self.session(tenant, req.session_id)
@@ -377,13 +428,18 @@ class TrainingService:
             self.named_snapshots.move_to_end((tenant, str(path)))
             return cached
         meta = self.store.meta(tenant, path)
-        shape = LoraShape(int(meta.get("lora_rank") or 0) if meta.get("is_lora") else 0,
-                          bool(meta.get("train_mlp", True)), bool(meta.get("train_attn", True)),
-                          bool(meta.get("train_unembed", True)))
+        shape = LoraShape(
+            int(meta.get("lora_rank") or 0) if meta.get("is_lora") else 0,
+            bool(meta.get("train_mlp", True)),
+            bool(meta.get("train_attn", True)),
+            bool(meta.get("train_unembed", True)),
+        )
 
         def load() -> Snapshot:
             _, weights, _ = self.store.load(tenant, path, optimizer=False)
-            return Snapshot(shape, {k: v.to(self.engine.device) for k, v in weights.items()}, int(meta.get("step") or 0))
+            return Snapshot(
+                shape, {k: v.to(self.engine.device) for k, v in weights.items()}, int(meta.get("step") or 0)
+            )
 
         snap = await self.futures.call(load)
         self.named_snapshots[(tenant, str(path))] = snap
@@ -418,10 +474,18 @@ class TrainingService:
         sp = req.sampling_params
         max_tokens = sp.max_tokens or min(lim.max_sample_tokens, 512)
         if max_tokens > lim.max_sample_tokens:
-            raise UserError(f"max_tokens {max_tokens} exceeds this service's limit of {lim.max_sample_tokens}")
+            raise UserError(
+                f"max_tokens {max_tokens} exceeds this service's limit of {lim.max_sample_tokens}"
+            )
         if req.num_samples > lim.max_num_samples:
-            raise UserError(f"num_samples {req.num_samples} exceeds this service's limit of {lim.max_num_samples}")
-        unsupported = [k for k in ("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k") if getattr(req, k)]
+            raise UserError(
+                f"num_samples {req.num_samples} exceeds this service's limit of {lim.max_num_samples}"
+            )
+        unsupported = [
+            k
+            for k in ("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k")
+            if getattr(req, k)
+        ]
         if req.target_prompt_logprobs is not None:
             unsupported.append("target_prompt_logprobs")
         if req.prompt_logprobs_last_n is not None:
@@ -438,15 +502,24 @@ class TrainingService:
 
         def work() -> bytes:
             seqs, prompt_lps, prompt_topk = self.engine.sample(
-                snapshot, prompt, max_tokens, req.num_samples, sp.temperature, sp.top_k, sp.top_p, sp.stop,
-                sp.seed, bool(req.prompt_logprobs), want_routing,
+                snapshot,
+                prompt,
+                max_tokens,
+                req.num_samples,
+                sp.temperature,
+                sp.top_k,
+                sp.top_p,
+                sp.stop,
+                sp.seed,
+                bool(req.prompt_logprobs),
+                want_routing,
             )
             return p.encode_sample_response(seqs, prompt_lps, prompt_topk)
 
         self.futures.run(future, work)
         return future
 
-    # --- futures ----------------------------------------------------------------------------------------------
+    # --- futures --------
 
     async def retrieve(self, tenant: str, req: p.RetrieveFuture) -> Future | None:
         """The finished future, or None when it is still running after the long-poll."""
@@ -458,14 +531,23 @@ class TrainingService:
                 return None
         return future
 
-    # --- REST: runs and checkpoints ------------------------------------------------------------------------------
+    # --- REST: runs and checkpoints --------
 
     def training_run(self, tenant: str, run_id: str) -> dict[str, Any]:
         run = self.store.read_run(tenant, run_id)
         checkpoints = self.store.list(tenant, run_id)
-        last = lambda kind: next((public_checkpoint(c) for c in reversed(checkpoints) if c["checkpoint_type"] == kind), None)  # noqa: E731
+
+        def last(kind: str) -> dict[str, Any] | None:
+            return next(
+                (public_checkpoint(c) for c in reversed(checkpoints) if c["checkpoint_type"] == kind), None
+            )
+
         live = self.models.get(run_id)
-        last_request = datetime.fromtimestamp(live.last_request, UTC).isoformat() if live and live.tenant == tenant else run.get("created")
+        last_request = (
+            datetime.fromtimestamp(live.last_request, UTC).isoformat()
+            if live and live.tenant == tenant
+            else run.get("created")
+        )
         meta = run.get("user_metadata")
         return {
             "training_run_id": run_id,
@@ -490,7 +572,10 @@ class TrainingService:
 
     def list_checkpoints(self, tenant: str, run_id: str) -> dict[str, Any]:
         self.store.read_run(tenant, run_id)
-        return {"checkpoints": [public_checkpoint(c) for c in self.store.list(tenant, run_id)], "cursor": None}
+        return {
+            "checkpoints": [public_checkpoint(c) for c in self.store.list(tenant, run_id)],
+            "cursor": None,
+        }
 
     def delete_checkpoint(self, tenant: str, run_id: str, kind: str, name: str) -> None:
         path = p.parse_tinker_path(f"{p.TINKER_SCHEME}{run_id}/{kind}/{name}")
@@ -510,7 +595,7 @@ class TrainingService:
             "train_attn": meta.get("train_attn"),
         }
 
-    # --- the service's own status, for the operator -----------------------------------------------------------
+    # --- the service's own status, for the operator --------
 
     def status(self, checkpoint_limit: int = 500) -> dict[str, Any]:
         live = [m for m in self.models.values()]
@@ -521,14 +606,23 @@ class TrainingService:
             "trainingClients": len(live),
             "samplers": len(self.samplers),
             "models": [
-                {"modelId": m.model_id, "lora": not m.shape.full, "rank": m.shape.rank,
-                 "step": self.engine.clients[m.model_id].steps if m.model_id in self.engine.clients else 0}
+                {
+                    "modelId": m.model_id,
+                    "lora": not m.shape.full,
+                    "rank": m.shape.rank,
+                    "step": self.engine.clients[m.model_id].steps if m.model_id in self.engine.clients else 0,
+                }
                 for m in live[:256]
             ],
             "lastRequestTime": self.last_request_time,
             "checkpoints": [
-                {"tinkerPath": c["tinker_path"], "kind": c["checkpoint_type"], "step": int(c.get("step") or 0),
-                 "folder": c["folder"], "time": c["time"]}
+                {
+                    "tinkerPath": c["tinker_path"],
+                    "kind": c["checkpoint_type"],
+                    "step": int(c.get("step") or 0),
+                    "folder": c["folder"],
+                    "time": c["time"],
+                }
                 for c in self.store.everything(checkpoint_limit)
             ],
         }

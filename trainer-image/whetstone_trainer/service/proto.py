@@ -22,7 +22,14 @@ _F = descriptor_pb2.FieldDescriptorProto
 _Field = tuple[str, int, int, int, "str | None", "str | None"]
 OPT, REP = _F.LABEL_OPTIONAL, _F.LABEL_REPEATED
 STR, BYTES, BOOL, DOUBLE, FLOAT = _F.TYPE_STRING, _F.TYPE_BYTES, _F.TYPE_BOOL, _F.TYPE_DOUBLE, _F.TYPE_FLOAT
-I32, I64, U32, U64, MSG, ENUM = _F.TYPE_INT32, _F.TYPE_INT64, _F.TYPE_UINT32, _F.TYPE_UINT64, _F.TYPE_MESSAGE, _F.TYPE_ENUM
+I32, I64, U32, U64, MSG, ENUM = (
+    _F.TYPE_INT32,
+    _F.TYPE_INT64,
+    _F.TYPE_UINT32,
+    _F.TYPE_UINT64,
+    _F.TYPE_MESSAGE,
+    _F.TYPE_ENUM,
+)
 
 ENUMS: dict[str, list[tuple[str, int]]] = {
     "StopReason": [("STOP_REASON_STOP", 0), ("STOP_REASON_LENGTH", 1)],
@@ -159,7 +166,9 @@ MESSAGES: dict[str, list[_Field]] = {
 
 
 def _file_descriptor() -> descriptor_pb2.FileDescriptorProto:
-    fd = descriptor_pb2.FileDescriptorProto(name="whetstone_tinker_public.proto", package=PACKAGE, syntax="proto3")
+    fd = descriptor_pb2.FileDescriptorProto(
+        name="whetstone_tinker_public.proto", package=PACKAGE, syntax="proto3"
+    )
     for enum_name, values in ENUMS.items():
         enum = fd.enum_type.add(name=enum_name)
         for value_name, number in values:

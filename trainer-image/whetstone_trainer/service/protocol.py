@@ -31,7 +31,7 @@ class NotFound(LookupError):
     """A model, sampler, checkpoint or future this API key does not own (or that does not exist): 404."""
 
 
-# --- identifiers -----------------------------------------------------------------------------------------
+# --- identifiers --------
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TINKER_SCHEME = "tinker://"
@@ -69,10 +69,14 @@ class TinkerPath:
 
 def parse_tinker_path(path: str) -> TinkerPath:
     if not isinstance(path, str) or not path.startswith(TINKER_SCHEME):
-        raise UserError(f"{path!r} is not a tinker:// path (tinker://RUN/weights/NAME or .../sampler_weights/NAME)")
+        raise UserError(
+            f"{path!r} is not a tinker:// path (tinker://RUN/weights/NAME or .../sampler_weights/NAME)"
+        )
     parts = path[len(TINKER_SCHEME) :].split("/")
     if len(parts) != 3 or parts[1] not in CHECKPOINT_KINDS or not NAME.match(parts[2]) or not parts[0]:
-        raise UserError(f"{path!r} is not a tinker:// path (tinker://RUN/weights/NAME or .../sampler_weights/NAME)")
+        raise UserError(
+            f"{path!r} is not a tinker:// path (tinker://RUN/weights/NAME or .../sampler_weights/NAME)"
+        )
     return TinkerPath(parts[0], parts[1], parts[2])  # type: ignore[arg-type]
 
 
@@ -85,7 +89,7 @@ def check_name(name: str, what: str = "checkpoint name") -> str:
     return name
 
 
-# --- JSON requests ----------------------------------------------------------------------------------------
+# --- JSON requests --------
 
 
 class Request(BaseModel):
@@ -199,9 +203,13 @@ class ModelInput(Request):
         for i, chunk in enumerate(self.chunks):
             kind = chunk.get("type", "encoded_text")
             if kind != "encoded_text":
-                raise UserError(f"prompt.chunks[{i}] is a {kind!r} chunk: this service takes text tokens only")
+                raise UserError(
+                    f"prompt.chunks[{i}] is a {kind!r} chunk: this service takes text tokens only"
+                )
             tokens = chunk.get("tokens")
-            if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            if not isinstance(tokens, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in tokens
+            ):
                 raise UserError(f"prompt.chunks[{i}].tokens must be a list of integers")
             out.extend(tokens)
         return out
@@ -254,7 +262,7 @@ def parse_json(model: type[Request], body: Any) -> Any:
         raise UserError(f"invalid request field {where}: {first['msg']}") from None
 
 
-# --- forward/backward (protobuf in, protobuf out) -----------------------------------------------------------
+# --- forward/backward (protobuf in, protobuf out) --------
 
 _NP_OF_DTYPE = {proto.DTYPE_FLOAT32: np.float32, proto.DTYPE_INT64: np.int64, proto.DTYPE_INT32: np.int32}
 
@@ -329,15 +337,19 @@ def decode_forward_backward(body: bytes) -> ForwardBackwardCall:
         ids = np.concatenate(tokens).astype(np.int64) if tokens else np.zeros(0, dtype=np.int64)
         if ids.size == 0:
             raise UserError(f"data[{i}]: the model input is empty")
-        inputs = {name: _tensor(t, f"data[{i}].loss_fn_inputs[{name!r}]") for name, t in d.loss_fn_inputs.items()}
+        inputs = {
+            name: _tensor(t, f"data[{i}].loss_fn_inputs[{name!r}]") for name, t in d.loss_fn_inputs.items()
+        }
         for name, arr in inputs.items():
             if arr.ndim == 0 or arr.shape[0] != ids.size:
                 raise UserError(
-                    f"data[{i}].loss_fn_inputs[{name!r}] has shape {list(arr.shape)}; its first dimension must "
-                    f"be the input length {ids.size} (position i predicts target_tokens[i])"
+                    f"data[{i}].loss_fn_inputs[{name!r}] has shape {list(arr.shape)}; its first dimension "
+                    f"must be the input length {ids.size} (position i predicts target_tokens[i])"
                 )
         data.append(Datum(ids, inputs))
-    return ForwardBackwardCall(msg.model_id, int(msg.seq_id), msg.loss_fn, config, bool(msg.forward_only), data)
+    return ForwardBackwardCall(
+        msg.model_id, int(msg.seq_id), msg.loss_fn, config, bool(msg.forward_only), data
+    )
 
 
 def encode_forward_backward_output(outputs: list[dict[str, np.ndarray]], metrics: dict[str, float]) -> bytes:
@@ -363,7 +375,7 @@ def encode_forward_backward_output(outputs: list[dict[str, np.ndarray]], metrics
     return msg.SerializeToString()
 
 
-# --- sampling result ------------------------------------------------------------------------------------------
+# --- sampling result --------
 
 
 @dataclass

@@ -187,10 +187,14 @@ class Ordering:
             return known  # a resend: the same future, no second effect
         if seq_id < model.next_seq:
             return self.futures.failed(
-                model.tenant, f"seq_id {seq_id} of {model.model_id} was already processed and is forgotten", model.model_id
+                model.tenant,
+                f"seq_id {seq_id} of {model.model_id} was already processed and is forgotten",
+                model.model_id,
             )
         if seq_id - model.next_seq > 100_000:
-            return self.futures.failed(model.tenant, f"seq_id {seq_id} is far ahead of {model.next_seq}", model.model_id)
+            return self.futures.failed(
+                model.tenant, f"seq_id {seq_id} is far ahead of {model.next_seq}", model.model_id
+            )
         future = self.futures.new(model.tenant, model.model_id)
         model.by_seq[seq_id] = future
         while len(model.by_seq) > MAX_REMEMBERED_SEQ:
