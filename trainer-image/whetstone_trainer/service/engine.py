@@ -200,6 +200,13 @@ class Engine:
         if state is None or state.shape.full:
             return
         self.model.delete_adapter(state.name)
+        remaining = self._adapter_names()
+        if remaining:
+            # peft keeps pointing at the deleted adapter otherwise.
+            self.model.base_model.set_adapter(sorted(remaining)[0])
+        else:
+            self.model = self.model.unload()  # no adapter left: back to the bare base model
+            self._slot_loaded.clear()
         LOG.info("training client %s released", model_id)
 
     @contextmanager
