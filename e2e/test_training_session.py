@@ -17,6 +17,7 @@ from operator_fixtures import CLAIM, GROUP, VERSION, OperatorProcess, free_port
 
 tinker = pytest.importorskip("tinker", reason="the dev extra installs the tinker client")
 from tinker import types  # noqa: E402
+from whetstone_trainer.models.tiny import load_tiny_tokenizer  # noqa: E402
 
 KEY = "tml-e2e-session-key"
 
@@ -72,7 +73,8 @@ def test_training_session_serves_the_tinker_client_and_records_checkpoints(
     os.environ["TINKER_TELEMETRY"] = "0"
     sc = tinker.ServiceClient(base_url=f"http://{addresses[0]}:{port}", api_key=KEY)
     tc = sc.create_lora_training_client(base_model="whetstone://tiny", rank=4).result()
-    tokens = tc.get_tokenizer().encode("Reverse 1234: 4321")
+    # get_info names the pod's own model folder, which this process cannot see: the tiny tokenizer ships here.
+    tokens = load_tiny_tokenizer().encode("Reverse 1234: 4321")
     datum = types.Datum(
         model_input=types.ModelInput.from_ints(tokens[:-1]),
         loss_fn_inputs={

@@ -48,6 +48,7 @@ class TrainingService:
         self.store = store
         self.model_name = model_name
         self.names = {model_name, engine.base_model_uri}
+        self.named = model_name != engine.base_model_uri and ":" not in model_name
         self.limits = limits or Limits()
         self.futures = Futures()
         self.ordering = Ordering(self.futures)
@@ -216,8 +217,10 @@ class TrainingService:
             "model_data": {
                 "arch": self.engine.arch,
                 "model_name": self.model_name,
-                # A local folder (no ':', the client cuts tokenizer ids there) loads offline.
-                "tokenizer_id": str(self.engine.folder),
+                # A model served under a hub name (--model-name Qwen/...): that name, which clients resolve in
+                # their own cache. Otherwise the model's local folder (no ':', the client cuts ids there): it
+                # loads offline on the service's machine.
+                "tokenizer_id": self.model_name if self.named else str(self.engine.folder),
             },
             "is_lora": not m.shape.full,
             "lora_rank": m.shape.rank or None,
