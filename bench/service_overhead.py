@@ -48,15 +48,30 @@ def main() -> int:
     rows = [rng.integers(10, 2000, size=args.seq + 1) for _ in range(args.batch)]
     local = Engine(args.model, device=args.device)
     local.create_client("bench", LoraShape(8), seed=0)
-    local_data = [Datum(r[:-1].astype(np.int64), {"target_tokens": r[1:].astype(np.int64),
-                                                  "weights": np.ones(args.seq, np.float32)}) for r in rows]
-    wire_data = [types.Datum(model_input=types.ModelInput.from_ints(r[:-1].tolist()),
-                             loss_fn_inputs={"target_tokens": r[1:].astype(np.int64),
-                                             "weights": np.ones(args.seq, np.float32)}) for r in rows]
+    local_data = [
+        Datum(
+            r[:-1].astype(np.int64),
+            {"target_tokens": r[1:].astype(np.int64), "weights": np.ones(args.seq, np.float32)},
+        )
+        for r in rows
+    ]
+    wire_data = [
+        types.Datum(
+            model_input=types.ModelInput.from_ints(r[:-1].tolist()),
+            loss_fn_inputs={
+                "target_tokens": r[1:].astype(np.int64),
+                "weights": np.ones(args.seq, np.float32),
+            },
+        )
+        for r in rows
+    ]
     adam = AdamParams(learning_rate=1e-4)
     prompt = rows[0][:16].tolist()
 
-    with tempfile.TemporaryDirectory() as tmp, running_server(Path(tmp), args.model, "--device", args.device) as server:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        running_server(Path(tmp), args.model, "--device", args.device) as server,
+    ):
         sc = tinker.ServiceClient(base_url=server.url, api_key=ALICE)
         tc = sc.create_lora_training_client(base_model=args.model, rank=8, seed=0).result()
         sampler = sc.create_sampling_client(base_model=args.model).result()
@@ -99,10 +114,14 @@ def main() -> int:
     samp_c, samp_l = tok / statistics.median(sample["client"]), tok / statistics.median(sample["local"])
     params_m = sum(p.numel() for p in local.model.parameters()) / 1e6
     print(f"model {args.model} ({params_m:.1f}M parameters), device {args.device}, LoRA rank 8")
-    print(f"train step ({args.batch} x {args.seq} tokens): client {step_c:.3f} s, in process {step_l:.3f} s, "
-          f"ratio {step_c / step_l:.3f}")
-    print(f"sample ({args.samples} x {args.tokens} tokens): client {samp_c:.0f} tok/s, in process {samp_l:.0f} tok/s, "
-          f"ratio {samp_l / samp_c:.3f}")
+    print(
+        f"train step ({args.batch} x {args.seq} tokens): client {step_c:.3f} s, in process {step_l:.3f} s, "
+        f"ratio {step_c / step_l:.3f}"
+    )
+    print(
+        f"sample ({args.samples} x {args.tokens} tokens): client {samp_c:.0f} tok/s, in process {samp_l:.0f} tok/s, "
+        f"ratio {samp_l / samp_c:.3f}"
+    )
     return 0
 
 

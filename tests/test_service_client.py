@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -70,6 +71,12 @@ def raw(
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def held_models(server: Server) -> dict[str, int]:
+    """Model id -> optimizer steps, from the service's own status (what the operator reads)."""
+    with urllib.request.urlopen(f"{server.url}/whetstone/status", timeout=10) as r:
+        return {m["modelId"]: m["step"] for m in json.loads(r.read())["models"]}
 
 
 def test_supervised_loss_falls_and_state_round_trips_bit_identically(server: Server) -> None:
@@ -205,10 +212,7 @@ def test_a_resent_request_has_one_effect(server: Server) -> None:
     same_seq = raw(server, "/api/v1/optim_step", body)[1]  # no key, but the same (model, seq_id)
     assert first["request_id"] == again["request_id"] == same_seq["request_id"]
     raw(server, "/api/v1/retrieve_future", {"request_id": first["request_id"]})
-    with urllib.request.urlopen(f"{server.url}/whetstone/status", timeout=10) as r:
-        status = json.loads(r.read())
-    steps = {m["modelId"]: m["step"] for m in status["models"]}
-    assert steps[model_id] == 1
+    assert held_models(server)[model_id] == 1  # one optimizer step
 
 
 def test_the_service_survives_malformed_requests(server: Server) -> None:
@@ -335,3 +339,22 @@ def test_sampling_n_seeds_stops_and_logprobs(server: Server) -> None:
         and seq.tokens[-1] == stop_at
         and seq.tokens == first[: first.index(stop_at) + 1]
     )
+
+
+def test_limits_and_idle_release_keep_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> None:
+    client_env()
+    args = ("--idle-timeout-seconds", "2", "--max-training-clients", "1")
+    with running_server(tmp_path_factory.mktemp("limits"), BASE, *args) as small:
+        sc = service(small)
+        tc = sc.create_lora_training_client(base_model=BASE, rank=2).result()
+        with pytest.raises(tinker.RequestFailedError, match="maximum of 1 training clients"):
+            sc.create_lora_training_client(base_model=BASE, rank=2).result()
+        path = tc.save_state("before-idle").result().path
+        deadline = time.monotonic() + 30
+        while tc.model_id in held_models(small):  # /whetstone/status is not a request of the session
+            assert time.monotonic() < deadline, "the idle session was not released"
+            time.sleep(0.5)
+        assert raw(small, "/api/v1/get_info", {"model_id": tc.model_id})[0] == 404
+        assert "idle" in small.log_text()
+        again = service(small).create_training_client_from_state(path).result()
+        assert again.model_id != tc.model_id

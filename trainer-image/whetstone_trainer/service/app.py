@@ -304,4 +304,7 @@ def serve(service: TrainingService, keys: Keys, host: str, port: int) -> None:
         port,
         "any API key, one tenant per key" if keys.open else "API keys required",
     )
-    web.run_app(app, host=host, port=port, print=None, access_log=None, handle_signals=True)
+    # A long-polling client must not hold a shutdown for the default 60 s.
+    web.run_app(
+        app, host=host, port=port, print=None, access_log=None, handle_signals=True, shutdown_timeout=5
+    )

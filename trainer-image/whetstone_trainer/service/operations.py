@@ -108,10 +108,9 @@ class TrainingService:
     def heartbeat(self, tenant: str, session_id: str) -> bool:
         """False when the session is gone (the client stops its heartbeat on 410)."""
         s = self.sessions.get(session_id)
-        if s is None or s.tenant != tenant or s.finished:
-            return False
-        s.last_seen = time.monotonic()
-        return True
+        # A heartbeat says the client process lives, not that it works: it does not keep an idle session's
+        # models in memory (they are released after idle_timeout_seconds without requests).
+        return s is not None and s.tenant == tenant and not s.finished
 
     async def finish_session(self, tenant: str, session_id: str, why: str) -> None:
         s = self.session(tenant, session_id)
