@@ -119,8 +119,8 @@ def main() -> int:
         f"ratio {step_c / step_l:.3f}"
     )
     print(
-        f"sample ({args.samples} x {args.tokens} tokens): client {samp_c:.0f} tok/s, in process {samp_l:.0f} tok/s, "
-        f"ratio {samp_l / samp_c:.3f}"
+        f"sample ({args.samples} x {args.tokens} tokens): client {samp_c:.0f} tok/s, "
+        f"in process {samp_l:.0f} tok/s, ratio {samp_l / samp_c:.3f}"
     )
     return 0
 
