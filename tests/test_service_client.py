@@ -103,6 +103,23 @@ def test_supervised_loss_falls_and_state_round_trips_bit_identically(server: Ser
     assert rest.get_training_run(tc.model_id).result().lora_rank == 8
 
 
+def test_full_parameter_client_trains_and_samples(server: Server) -> None:
+    """lora_config.rank == 0: Whetstone's full-parameter extension (its own copy of every weight)."""
+    sc = service(server)
+    tc = sc.create_lora_training_client(base_model=BASE, rank=0).result()
+    assert tc.get_info().is_lora is False
+    data = task(tc)
+    losses_ = [step(tc, data, lr=3e-3) for _ in range(4)]
+    assert losses_[-1] < losses_[0], losses_
+    sampler = tc.save_weights_and_get_sampling_client()
+    target = types.ModelInput.from_ints(
+        [*data[0].model_input.to_ints(), int(data[0].loss_fn_inputs["target_tokens"].data[-1])]
+    )
+    trained = tc.forward(data[:1], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+    sampled = np.array(sampler.compute_logprobs(target).result()[1:], dtype=np.float32)
+    np.testing.assert_allclose(sampled, trained, atol=1e-5)
+
+
 def test_forward_backward_custom_matches_the_builtin_loss(server: Server) -> None:
     sc = service(server)
     builtin = sc.create_lora_training_client(base_model=BASE, rank=4, seed=3).result()
