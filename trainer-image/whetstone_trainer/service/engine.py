@@ -372,7 +372,11 @@ class Engine:
                 self._full_sampler = self._fresh_full_model()
                 self._full_sampler.requires_grad_(False)
             if self._full_sampler_holds != id(snapshot):
-                self._full_sampler.load_state_dict(snapshot.weights, strict=True)
+                result = self._full_sampler.load_state_dict(snapshot.weights, strict=False)
+                # A snapshot holds the named parameters: tied weights (lm_head = embeddings) appear once.
+                owned = {n for n, _ in self._full_sampler.named_parameters()}
+                if result.unexpected_keys or any(k in owned for k in result.missing_keys):
+                    raise RuntimeError(f"snapshot does not fit the model: {result}")
                 self._full_sampler_holds = id(snapshot)
             yield self._full_sampler
             return
