@@ -115,6 +115,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--termination-grace-seconds", type=int, default=30, help="grace period of the trainer pods"
     )
+    p.add_argument(
+        "--trainer-node-selector",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        type=parse_node_selector,
+        help="node selector of trainer pods whose job sets none (repeatable)",
+    )
+    p.add_argument(
+        "--trainer-toleration",
+        action="append",
+        default=[],
+        metavar="KEY[=VALUE][:EFFECT]",
+        type=parse_toleration,
+        help="toleration of trainer pods whose job sets none (repeatable; without =VALUE: operator Exists)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> OperatorConfig:
@@ -130,8 +146,33 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
             termination_grace_seconds=args.termination_grace_seconds,
             master_port=args.master_port,
             status_port=args.trainer_status_port,
+            default_node_selector=tuple(args.trainer_node_selector),
+            default_tolerations=tuple(args.trainer_toleration),
         ),
     )
+
+
+def parse_node_selector(text: str) -> tuple[str, str]:
+    """KEY=VALUE, as `kubectl label`."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
+    return key, value
+
+
+def parse_toleration(text: str) -> tuple[tuple[str, str], ...]:
+    """KEY[=VALUE][:EFFECT], the spelling of `kubectl taint`; without a value the toleration uses Exists."""
+    rest, _, effect = text.rpartition(":") if ":" in text else (text, "", "")
+    key, sep, value = rest.partition("=")
+    if effect and effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
+        raise argparse.ArgumentTypeError(f"{text!r}: unknown effect {effect!r}")
+    fields = {"key": key} if key else {}
+    fields["operator"] = "Equal" if sep else "Exists"
+    if sep:
+        fields["value"] = value
+    if effect:
+        fields["effect"] = effect
+    return tuple(fields.items())
 
 
 def main(args: argparse.Namespace) -> int:
