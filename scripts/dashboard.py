@@ -1,9 +1,10 @@
 """The Grafana dashboard, as a list of panels: `python scripts/render_deploy.py` writes it to
 helm/whetstone/files/dashboards/whetstone.json, which the chart ships as a ConfigMap for the Grafana sidecar.
 
-Every query names metrics that exist: the operator's (operator/whetstone_operator/metrics.py) and the trainer's
-(whetstone_trainer_*, label job = the FineTuneJob, namespace from the PodMonitor). e2e/test_tryout.py runs each
-query against a real Prometheus that scraped a real run and fails on a query that returns nothing.
+Every query names metrics that exist: the operator's (operator/whetstone_operator/metrics.py) and the
+trainer's (whetstone_trainer_*, label job = the FineTuneJob, namespace from the PodMonitor).
+e2e/test_tryout.py runs each query against a real Prometheus that scraped a real run and fails on a query
+that returns nothing.
 """
 
 from __future__ import annotations
@@ -104,7 +105,12 @@ ROWS: list[Row] = [
             ),
             Panel(
                 "Group restarts",
-                [(f"sum by (namespace) (increase(whetstone_job_restarts_total{NS}[$__range]))", "{{namespace}}")],
+                [
+                    (
+                        f"sum by (namespace) (increase(whetstone_job_restarts_total{NS}[$__range]))",
+                        "{{namespace}}",
+                    )
+                ],
                 kind="stat",
             ),
             Panel(
@@ -220,7 +226,10 @@ ROWS: list[Row] = [
             ),
             Panel(
                 "Response length",
-                [(by_job("response_length_mean"), "{{job}} mean"), (by_job("response_length_max"), "{{job}} max")],
+                [
+                    (by_job("response_length_mean"), "{{job}} mean"),
+                    (by_job("response_length_max"), "{{job}} max"),
+                ],
             ),
             Panel("Rollout tokens per second", [(by_job("rollout_tokens_per_second"), "{{job}}")]),
             Panel(
@@ -337,7 +346,9 @@ def dashboard() -> dict[str, Any]:
                     "current": {},
                 },
                 _variable("namespace", "Namespace", "label_values(whetstone_jobs, namespace)"),
-                _variable("job", "FineTuneJob", 'label_values(whetstone_trainer_step{namespace=~"$namespace"}, job)'),
+                _variable(
+                    "job", "FineTuneJob", 'label_values(whetstone_trainer_step{namespace=~"$namespace"}, job)'
+                ),
             ]
         },
         "annotations": {"list": []},

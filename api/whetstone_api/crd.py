@@ -185,7 +185,16 @@ def _structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         elif key in ("exclusiveMinimum", "exclusiveMaximum"):
             bound = "minimum" if key == "exclusiveMinimum" else "maximum"
             out[bound] = value
-            out[key] = True
+            if float(value).is_integer():
+                out[key] = True
+            else:
+                # The API server compares an integer value with int64(bound): `0` (what kubectl, Helm and
+                # Argo CD send for 0.0) fails "exclusiveMaximum 0.5" as 0 < 0. A fractional exclusive bound
+                # is therefore an inclusive one plus a CEL rule (CEL compares as doubles).
+                op = ">" if key == "exclusiveMinimum" else "<"
+                out.setdefault("x-kubernetes-validations", []).append(
+                    cel(f"self {op} {value}", f"must be {'greater' if op == '>' else 'less'} than {value}")
+                )
         else:
             out[key] = value
 

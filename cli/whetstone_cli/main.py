@@ -5,6 +5,15 @@ whetstone run FILE.yaml [--output DIR] run a FineTuneJob here, no cluster
 whetstone models NAME --output DIR     write a bundled model as an ordinary HF folder
 whetstone crds [DIR]                   regenerate the CustomResourceDefinitions
 whetstone operator [--port N] [-n NS]  run the operator against the current kubeconfig
+
+On a cluster (kubectl's habits: -n, -A, -o json|yaml, --kubeconfig, --context):
+whetstone get ftj|ckpt|rg|ts [NAME]    list resources (-w to follow changes)
+whetstone describe ftj NAME            conditions, events, progress, checkpoints, pods, rank 0's report
+whetstone logs JOB [-f]                the rank-0 trainer's log, following the job across restarts
+whetstone wait ftj/NAME --for=condition=Succeeded [--timeout 1h]
+whetstone delete ftj NAME...           delete resources
+whetstone create -f FILE [--dry-run]   validate and create, or print resolved with defaults
+whetstone plot JOB|DIR [-o FILE.png]   loss / reward curves from the trainer's metrics.jsonl
 """
 
 from __future__ import annotations
@@ -12,9 +21,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import crds, models, operator, run, validate
+from . import crds, create, delete, describe, get, logs, models, operator, plot, run, validate, wait
 
-SUBCOMMANDS = (validate, run, models, crds, operator)
+SUBCOMMANDS = (validate, run, models, crds, operator, get, describe, logs, wait, delete, create, plot)
 
 
 def build_parser() -> argparse.ArgumentParser:

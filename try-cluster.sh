@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Try Whetstone on a real Kubernetes control plane on this machine, in one command: start the local cluster
+# (e2e/cluster up: etcd, kube-apiserver, controller-manager, scheduler on loopback, kwok's fake GPU nodes and
+# two "runner" nodes whose pods really run here), install the Helm chart into it with the local profile
+# (helm/whetstone/values-local.yaml), fine-tune the tiny example to Succeeded under the operator's pod, and
+# leave everything running to explore.
+#
+#   ./try-cluster.sh          start, install, run the example (first run: builds the cluster, ~20 min)
+#   ./try-cluster.sh down     stop the cluster and remove its state
+#
+# Needs Linux, Python >= 3.11, Go >= 1.26, openssl, and root for the pod runner (mount namespaces, pod
+# addresses on lo); see e2e/README.md.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$repo"
+say() { printf '\033[1m[try-cluster]\033[0m %s\n' "$*" >&2; }
+[[ -n "${NO_COLOR:-}" || ! -t 2 ]] && say() { printf '[try-cluster] %s\n' "$*" >&2; }
+
+python="$("$repo/scripts/bootstrap.sh")"
+bin="$(dirname "$python")"
+export PYTHON="$python" PATH="$bin:$PATH"
+
+if [[ "${1:-}" == "down" ]]; then
+  exec "$repo/e2e/cluster" down
+fi
+[[ $# -eq 0 ]] || { echo "usage: $0 [down]" >&2; exit 2; }
+
+# The control plane, kwok and helm, built from Go modules once (cached in ~/.cache/whetstone/k8s-bin).
+WHETSTONE_E2E_TOOLS="kube etcd kwok helm" bash "$repo/e2e/tools/build.sh" >/dev/null
+helm="$(bash "$repo/e2e/tools/build.sh" --print | sed -n 's/^HELM_BIN_DIR=//p')/helm"
+
+if "$repo/e2e/cluster" status >/dev/null 2>&1; then
+  say "the local cluster is already up; reusing it"
+else
+  say "starting the local cluster"
+  "$repo/e2e/cluster" up --no-build >/dev/null
+fi
+export KUBECONFIG="$repo/e2e/.cluster/kubeconfig"
+
+say "installing the chart (helm/whetstone, local profile) into namespace whetstone-system"
+"$helm" upgrade --install whetstone "$repo/helm/whetstone" --namespace whetstone-system --create-namespace \
+  --values "$repo/helm/whetstone/values-local.yaml" --wait --timeout 5m
+
+job=sft-tiny-reverse
+say "running the example FineTuneJob $job (manifests/examples/cluster/$job.yaml)"
+kubectl create configmap whetstone-example-data \
+  --from-file="$repo/manifests/examples/data/reverse-train.jsonl" \
+  --from-file="$repo/manifests/examples/data/reverse-eval.jsonl" --dry-run=client -o yaml \
+  | kubectl apply --server-side --field-manager=try-cluster -f - >/dev/null
+kubectl delete finetunejob "$job" --ignore-not-found --wait >/dev/null
+kubectl apply -f "$repo/manifests/examples/cluster/$job.yaml"
+whetstone wait "ftj/$job" --for=condition=Created --timeout=5m
+whetstone logs "$job" --follow
+whetstone wait "ftj/$job" --for=condition=Succeeded --timeout=10m
+whetstone get ftj "$job"
+
+state_dir="$("$python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["state_dir"])' "$repo/e2e/.cluster/state.json")"
+cat <<MSG
+
+The cluster is still running. In another shell:
+
+  export KUBECONFIG=$KUBECONFIG
+  kubectl get finetunejobs,checkpoints            # what the operator recorded
+  kubectl describe finetunejob $job               # or: whetstone describe ftj $job
+  kubectl get pods -A -o wide                     # the operator runs in whetstone-system
+  whetstone plot $job --pvc-root $state_dir/runner/pvc/default -o $job.png
+  kubectl delete ftj $job && kubectl apply -f manifests/examples/cluster/$job.yaml && whetstone logs $job -f
+
+Tools: kubectl and whetstone are in $bin; helm is $helm.
+Stop everything with: ./try-cluster.sh down
+MSG
