@@ -79,6 +79,15 @@ ROWS: list[Row] = [
                 unit="s",
             ),
             Panel(
+                "Watch events per second",
+                [
+                    (
+                        "sum by (resource) (rate(whetstone_operator_watch_events_total[$__rate_interval]))",
+                        "{{resource}}",
+                    )
+                ],
+            ),
+            Panel(
                 "Since the last watch event",
                 [
                     (
