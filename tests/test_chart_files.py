@@ -162,3 +162,13 @@ def test_health_scripts_use_no_standard_library() -> None:
     for path in Path(ROOT / "manifests" / "argocd" / "health").glob("*/*/health.lua"):
         code = "\n".join(line.split("--")[0] for line in path.read_text().splitlines())
         assert not re.search(r"\b(string|os|io|math|debug)\.|:\w+\(", code), path
+
+
+def test_the_argocd_application_points_at_the_chart_with_values_it_accepts() -> None:
+    apps = list(yaml.safe_load_all((ROOT / "manifests" / "argocd" / "application.yaml").read_text()))
+    chart_app = next(a for a in apps if a["spec"]["source"].get("path") == "helm/whetstone")
+    assert (ROOT / chart_app["spec"]["source"]["path"] / "Chart.yaml").exists()
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    problems: list[str] = []
+    _walk(chart_app["spec"]["source"]["helm"]["valuesObject"], schema, "", problems)
+    assert [p for p in problems if "without a default" not in p] == []
