@@ -88,6 +88,34 @@ def helm_template(tools: Tools, *values: Path, namespace: str = "whetstone-syste
     return run(argv, **kwargs).stdout
 
 
+def kill_trainer(runner_state: Path, job: str) -> None:
+    """SIGKILL every process of a job's rank-0 trainer container, as an OOM kill would (the pod runner
+    records each container's process group; torchrun's workers run in sessions of their own, so the whole
+    process tree is found through /proc)."""
+    import contextlib
+    import signal
+
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    for entry in (runner_state / "pgids").iterdir():
+        try:
+            environ = Path(f"/proc/{entry.name}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"PET_MASTER_ADDR={job}-node-0.{job}".encode() in environ:
+            tree, frontier = [int(entry.name)], [int(entry.name)]
+            while frontier:
+                frontier = [pid for pid, parent in parents.items() if parent in frontier]
+                tree += frontier
+            for pid in tree:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            return
+    raise AssertionError(f"no trainer process of {job} found")
+
+
 # --- a real Prometheus ------------------------------------------------------------------------------------
 
 
