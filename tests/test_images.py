@@ -170,13 +170,15 @@ def test_the_copied_sources_build_the_wheel_of_the_image(
     assert tops == packages
 
 
-def run_with_only(dirs: list[str], code: str) -> subprocess.CompletedProcess[str]:
+def run_with_only(dirs: list[str], code: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    """Python with only these source folders (what the image copies) on its path."""
     env = {
         "PYTHONPATH": ":".join(str(ROOT / d) for d in dirs),
         "PATH": "/usr/bin:/bin",
         "HOME": "/nonexistent",
     }
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    command = [sys.executable, *argv] if argv else [sys.executable, "-c", code]
+    return subprocess.run(command, capture_output=True, text=True, env=env)
 
 
 def test_the_operator_entrypoint_runs_with_the_images_sources_and_takes_the_charts_flags() -> None:
