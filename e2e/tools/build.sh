@@ -171,15 +171,25 @@ build_kwok() {
   version_ok "$out/kwok" "${KWOK_VERSION#v}"
 }
 
+helm_k8s_stamp() {
+  local minor="${K8S_VERSION#v1.}"
+  echo "-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=${minor%%.*}"
+}
+
 build_helm() {
   local out; out="$(helm_dir)"
-  if version_ok "$out/helm" "$HELM_VERSION" version; then log "helm $HELM_VERSION: cached in $out"; return 0; fi
+  # The marker: built with the Kubernetes version stamped (as upstream's Makefile does), so `helm template`
+  # checks a chart's kubeVersion against v1.37, not client-go's unstamped default (v1.20).
+  if version_ok "$out/helm" "$HELM_VERSION" version && [[ -f "$out/.k8s-$K8S_VERSION" ]]; then
+    log "helm $HELM_VERSION: cached in $out"; return 0
+  fi
   local w; w="$(workdir_for helm)"
   log "helm $HELM_VERSION: building"
   mkdir -p "$out.tmp"
   ( cd "$w" && timeout "$BUILD_TIMEOUT" nice -n 10 go build -p "$GO_P" -trimpath \
-      -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
+      -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION $(helm_k8s_stamp)" \
       -o "$out.tmp/helm" helm.sh/helm/v3/cmd/helm )
+  touch "$out.tmp/.k8s-$K8S_VERSION"
   rm -rf "$out" && mv "$out.tmp" "$out"
   version_ok "$out/helm" "$HELM_VERSION" version
 }
