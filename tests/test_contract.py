@@ -124,7 +124,8 @@ def test_deep_nesting_and_garbage_are_refused(raw: bytes) -> None:
 def test_a_diverged_metric_is_reported_missing_not_written() -> None:
     raw = (
         b'{"job": "j", "phase": "Training", "step": 7, "loss": NaN, "evalLoss": Infinity,'
-        b' "reward": -Infinity, "checkpoints": [{"step": 5, "uri": "/o/c", "metrics": {"loss": NaN, "evalLoss": 1.5}}]}'
+        b' "reward": -Infinity,'
+        b' "checkpoints": [{"step": 5, "uri": "/o/c", "metrics": {"loss": NaN, "evalLoss": 1.5}}]}'
     )
     report = TrainerReport.parse(raw)
     assert report.step == 7 and report.loss is None and report.eval_loss is None and report.reward is None
