@@ -56,6 +56,12 @@ def api_calls(operator: OperatorProcess, resource: str, verb: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
+def api_calls_seen(operator: OperatorProcess, resource: str) -> bool:
+    """Whether the operator's watch of `resource` delivered events (kopf lets none through before every
+    watched resource was listed)."""
+    return f'whetstone_operator_watch_events_total{{resource="{resource}"}}' in operator.metrics()
+
+
 def test_a_gpu_job_gets_its_pods_children_and_network_policy(
     cluster: Cluster, namespace: str, operator: OperatorProcess
 ) -> None:
@@ -275,6 +281,9 @@ def test_two_replicas_act_as_one_and_hand_over(
         # The leader dies without handing over: the standby takes the Lease once it expires, and acts.
         operator.kill()
         wait_for(lambda: "acquired by e2e-operator-b" in standby.log_text(), 120, "the standby to lead")
+        # Leading, it lists what it watches before it acts: a pod evicted before that would be one that
+        # vanished without a trace (counted as a failure, as a Job counts a deleted pod).
+        wait_for(lambda: api_calls_seen(standby, "pods"), 60, "the standby's watches")
         body = {
             "apiVersion": "policy/v1",
             "kind": "Eviction",
@@ -293,6 +302,9 @@ def test_two_replicas_act_as_one_and_hand_over(
             "whetstone-operator", OPERATOR_NS
         )
         assert lease.spec.holder_identity == "e2e-operator-b" and lease.spec.lease_transitions >= 1
+    except BaseException:
+        print("standby log:\n" + standby.log_text()[-6000:])
+        raise
     finally:
         operator.ensure_running()  # waits: the standby holds the Lease
         standby.stop()  # a clean stop hands the Lease over at once
