@@ -75,10 +75,14 @@ def is_permanent(message: str | None) -> bool:
 
 
 def error_of(message: str | None, limit: int = 1024) -> str:
-    """The trainer's error from a termination message, without the marker, on one bounded line."""
+    """The trainer's error from a termination message, on one bounded line: a marked (permanent) message
+    whole, without the marker; anything else (the end of a log, a traceback) by its last line, the error."""
     text = (message or "").strip()
     if text.startswith(PERMANENT_MARKER):
         text = text[len(PERMANENT_MARKER) :]
+    else:
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        text = lines[-1] if lines else ""
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 

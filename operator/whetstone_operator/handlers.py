@@ -90,6 +90,15 @@ def server_message(e: Exception) -> str:
     return " ".join(str(e).split())[:1024]
 
 
+def _last_writer(obj: Json | None) -> str:
+    """The field manager of the latest write of `obj` (who changed it), for the log."""
+    fields = (obj or {}).get("metadata", {}).get("managedFields") or []
+    latest = max(fields, key=lambda f: f.get("time") or "", default={})
+    return (
+        f"{latest.get('manager', '?')} {latest.get('operation', '')} {latest.get('subresource', '')}".strip()
+    )
+
+
 class Reconciler:
     """Carries out the lifecycle's plans against the API server."""
 
@@ -199,8 +208,15 @@ class Reconciler:
                     return None
                 if e.status == 409:
                     # Someone (another replica, a user) wrote since: plan again on the newer object.
-                    LOG.info("FineTuneJob %s/%s: status changed since read; planning again", namespace, name)
                     fresh = self.kube.get_job(namespace, name)
+                    LOG.info(
+                        "FineTuneJob %s/%s: changed since resourceVersion %s (now %s, by %s); planning again",
+                        namespace,
+                        name,
+                        meta["resourceVersion"],
+                        (fresh or {}).get("metadata", {}).get("resourceVersion"),
+                        _last_writer(fresh),
+                    )
                     if fresh is not None:
                         self.store.put_job(fresh)
                     return 0.0
