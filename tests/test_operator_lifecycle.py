@@ -158,16 +158,23 @@ def test_a_job_written_before_status_attempt_existed_uses_its_restart_count() ->
 # --- failures: the failure policy
 
 
+TRACEBACK = """Traceback (most recent call last):
+  File "/app/train.py", line 3, in <module>
+    step()
+RuntimeError: CUDA error: out of memory
+"""
+
+
 def test_a_failed_pod_restarts_the_whole_group_naming_the_trainers_error() -> None:
     failed = pods("Running", "Failed")
-    failed[1] = replace(
-        failed[1], exit_code=1, reason="Error", termination_message="CUDA error: out of memory"
-    )
+    failed[1] = replace(failed[1], exit_code=1, reason="Error", termination_message=TRACEBACK)
     p = plan(job({"phase": "Running", "attempt": 0, "restartCount": 0}), seen(failed), NOW)
     assert p.phase == "Restarting" and p.restarted and not p.disrupted
     assert p.status["restartCount"] == 1 and p.status["attempt"] == 1
     assert p.delete_pods == ["j-node-0", "j-node-1"]
-    assert "pod j-node-1 failed, exit code 1, reason Error: CUDA error: out of memory" in p.status["message"]
+    # The end of the log (FallbackToLogsOnError) is a traceback: its last line is the error.
+    expected = "pod j-node-1 failed, exit code 1, reason Error: RuntimeError: CUDA error: out of memory"
+    assert p.status["message"].endswith(expected)
     assert conditions(p)["Restarting"] == "True" and p.events[0][0] == "Warning" and p.destructive
 
 
