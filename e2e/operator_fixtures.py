@@ -1,6 +1,7 @@
 """Fixtures for the operator's e2e tests: the CRDs, the operator as a separate process running with a token of
 its own ServiceAccount (the RBAC of manifests/base/rbac.yaml, so a missing verb fails a test), a claim whose
-folder the pod runner shares between a job's pods, and helpers to follow a FineTuneJob.
+folder the pod runner shares between a job's pods, job shapes (`tiny_job`: a real SFT run on the runner nodes;
+`kwok_job`: pods on the KWOK GPU pool that need not train), and helpers to follow a FineTuneJob.
 
 Import with `from operator_fixtures import *` in a test module.
 """
@@ -23,7 +24,7 @@ from typing import Any
 import kubernetes
 import pytest
 import yaml
-from helpers import RUNNER_TOLERATION, Cluster, wait_for
+from helpers import GPU_TOLERATION, RUNNER_TOLERATION, Cluster, wait_for
 from localcluster import RUNNER_NODE_LABEL, SOURCE_DIRS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,8 +41,14 @@ __all__ = [
     "work_claim",
     "JobWatch",
     "tiny_job",
+    "kwok_job",
     "free_port",
 ]
+OPERATOR_IDENTITY = "e2e-operator"
+# Images the KWOK GPU nodes treat specially (e2e/kwok/stages.yaml); anything else runs until deleted.
+UNPULLABLE_IMAGE = "unpullable.e2e.invalid/trainer:none"
+EXIT_0_IMAGE = "exit-0.e2e.invalid/trainer:1"
+EXIT_1_IMAGE = "exit-1.e2e.invalid/trainer:1"
 
 
 def free_port() -> int:
@@ -78,43 +85,55 @@ def apply_crds(cluster: Cluster) -> list[str]:
     return names
 
 
-def apply_rbac(cluster: Cluster) -> None:
+def apply_rbac(cluster: Cluster, docs: list[Json] | None = None) -> None:
+    """The operator's ServiceAccount and RBAC: manifests/base/rbac.yaml, or the given objects (namespaced)."""
     with contextlib.suppress(kubernetes.client.ApiException):
         cluster.core.create_namespace({"metadata": {"name": OPERATOR_NS}})
     rbac = kubernetes.client.RbacAuthorizationV1Api(cluster.api)
-    for doc in yaml.safe_load_all((REPO / "manifests" / "base" / "rbac.yaml").read_text()):
-        kind = doc["kind"]
+    if docs is None:
+        docs = list(yaml.safe_load_all((REPO / "manifests" / "base" / "rbac.yaml").read_text()))
+    for doc in docs:
         try:
-            if kind == "ServiceAccount":
-                cluster.core.create_namespaced_service_account(OPERATOR_NS, doc)
-            elif kind == "ClusterRole":
-                rbac.create_cluster_role(doc)
-            elif kind == "ClusterRoleBinding":
-                rbac.create_cluster_role_binding(doc)
+            _create_rbac(cluster, rbac, doc)
         except kubernetes.client.ApiException as e:
             if e.status != 409:
                 raise
-            if kind == "ClusterRole":
-                rbac.replace_cluster_role(doc["metadata"]["name"], doc)
+            name, ns = doc["metadata"]["name"], doc["metadata"].get("namespace")
+            if doc["kind"] == "ClusterRole":
+                rbac.replace_cluster_role(name, doc)
+            elif doc["kind"] == "Role":
+                rbac.replace_namespaced_role(name, ns, doc)
 
 
-def token_kubeconfig(cluster: Cluster, folder: Path) -> Path:
+def _create_rbac(cluster: Cluster, rbac: kubernetes.client.RbacAuthorizationV1Api, doc: Json) -> None:
+    kind, ns = doc["kind"], doc["metadata"].get("namespace")
+    if kind == "ServiceAccount":
+        cluster.core.create_namespaced_service_account(ns, doc)
+    elif kind == "ClusterRole":
+        rbac.create_cluster_role(doc)
+    elif kind == "ClusterRoleBinding":
+        rbac.create_cluster_role_binding(doc)
+    elif kind == "Role":
+        rbac.create_namespaced_role(ns, doc)
+    elif kind == "RoleBinding":
+        rbac.create_namespaced_role_binding(ns, doc)
+
+
+def token_kubeconfig(cluster: Cluster, folder: Path, account: str = OPERATOR_SA) -> Path:
     """A kubeconfig that authenticates as the operator's ServiceAccount (a minted token)."""
     request = {"spec": {"expirationSeconds": 6 * 3600}}
-    token = cluster.core.create_namespaced_service_account_token(
-        OPERATOR_SA, OPERATOR_NS, request
-    ).status.token
+    token = cluster.core.create_namespaced_service_account_token(account, OPERATOR_NS, request).status.token
     admin = yaml.safe_load(cluster.kubeconfig.read_text())
     server_cluster = admin["clusters"][0]["cluster"]
     config = {
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [{"name": "e2e", "cluster": server_cluster}],
-        "users": [{"name": OPERATOR_SA, "user": {"token": token}}],
-        "contexts": [{"name": "operator", "context": {"cluster": "e2e", "user": OPERATOR_SA}}],
+        "users": [{"name": account, "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": "e2e", "user": account}}],
         "current-context": "operator",
     }
-    path = folder / "operator.kubeconfig"
+    path = folder / f"{account}.kubeconfig"
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -179,6 +198,21 @@ class OperatorProcess:
         return float("nan")
 
 
+def operator_args(identity: str = OPERATOR_IDENTITY) -> list[str]:
+    # Ports of this session's own: the pod runner has no network namespaces, and another cluster's trainers
+    # (a concurrent e2e session) may hold the default 8080 and 29500 on this host. One identity for the
+    # session's operator: restarted after a kill, it takes its Lease back at once, as a pod of a Deployment
+    # with strategy Recreate would wait out the Lease instead.
+    return (
+        ["--resync-seconds", "2", "--progress-seconds", "2", "--termination-grace-seconds", "5"]
+        + ["--trainer-status-port", str(PORTS[0]), "--master-port", str(PORTS[1])]
+        + ["--identity", identity, "--lease-namespace", OPERATOR_NS]
+    )
+
+
+PORTS = (free_port(), free_port())
+
+
 @pytest.fixture(scope="session")
 def operator(
     cluster: Cluster, crds_applied: list[str], tmp_path_factory: pytest.TempPathFactory
@@ -188,10 +222,7 @@ def operator(
     proc = OperatorProcess(
         token_kubeconfig(cluster, folder),
         folder / "operator.log",
-        # Ports of this session's own: the pod runner has no network namespaces, and another cluster's
-        # trainers (a concurrent e2e session) may hold the default 8080 and 29500 on this host.
-        ["--resync-seconds", "2", "--progress-seconds", "2", "--termination-grace-seconds", "5"]
-        + ["--trainer-status-port", str(free_port()), "--master-port", str(free_port())],
+        operator_args(),
     )
     proc.start()
     yield proc
@@ -242,7 +273,9 @@ def work_claim(cluster: Cluster, namespace: str) -> Path:
 
 
 def tiny_job(name: str, *, steps: int = 24, every: int = 8, **spec: Any) -> Json:
-    """A LoRA SFT job on the bundled tiny model that the pod runner really runs (runner nodes)."""
+    """A LoRA SFT job on the bundled tiny model that the pod runner really runs (runner nodes). It asks for
+    a GPU, as production jobs do: the runner nodes advertise fake ones, and the trainer falls back to the
+    CPU."""
     body: Json = {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "FineTuneJob",
@@ -264,9 +297,36 @@ def tiny_job(name: str, *, steps: int = 24, every: int = 8, **spec: Any) -> Json
             "output": {"uri": f"pvc://{CLAIM}/out/{name}"},
             "nodeSelector": {RUNNER_NODE_LABEL: "true"},
             "tolerations": [RUNNER_TOLERATION],
+            "gpusPerNode": 1,
             "backoffLimit": 2,
         },
     }
+    body["spec"].update(spec)
+    return body
+
+
+def kwok_job(name: str, *, nodes: int = 1, gpus: int = 8, image: str | None = None, **spec: Any) -> Json:
+    """A job whose pods land on the KWOK GPU pool (8 x H100 per node): the scheduler places them by their
+    GPU requests, KWOK runs them (Running until deleted, or as the image name says, see stages.yaml)."""
+    body: Json = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "method": "sft",
+            "baseModel": {"uri": "hf://Qwen/Qwen3-8B"},
+            "dataset": {"uri": "s3://e2e-data/train.jsonl"},
+            "lora": {"rank": 16},
+            "output": {"uri": f"s3://e2e-out/{name}"},
+            "nodes": nodes,
+            "gpusPerNode": gpus,
+            "nodeSelector": {"whetstone.dev/e2e-pool": "gpu"},
+            "tolerations": [GPU_TOLERATION],
+            "backoffLimit": 2,
+        },
+    }
+    if image:
+        body["spec"]["image"] = image
     body["spec"].update(spec)
     return body
 

@@ -33,7 +33,10 @@ What it does, as a kubelet would:
   (PodReadyToStartContainers, Initialized, ContainersReady, Ready), pod IP, host IP, start time, container
   statuses with ``state`` / ``lastState`` / ``restartCount`` / exit codes; ``restartPolicy`` Always /
   OnFailure / Never with a capped back-off (1 s doubling to 10 s, CrashLoopBackOff while waiting) and
-  ``activeDeadlineSeconds`` (Failed, reason DeadlineExceeded);
+  ``activeDeadlineSeconds`` (Failed, reason DeadlineExceeded); termination messages: a per-container file
+  is bind-mounted at ``terminationMessagePath`` (default ``/dev/termination-log``; with mount namespaces only)
+  and what the container wrote there (at most 4096 bytes) becomes ``state.terminated.message``, or with
+  ``terminationMessagePolicy: FallbackToLogsOnError`` and a failure, the log's last 80 lines / 2048 bytes;
 - deletion: when a pod gets a deletionTimestamp its processes get SIGTERM, then SIGKILL after the pod's grace
   period, and the runner finalises the deletion (delete with gracePeriodSeconds=0, uid precondition).
   Each container is its own process group: the signals reach the processes it started too.
@@ -51,7 +54,7 @@ What it does NOT emulate (say so in any test that relies on the runner):
   names resolve), no Service environment variables other than KUBERNETES_*, no cluster DNS beyond the hosts
   file (no search path: use the dotted names above);
 - probes (liveness, readiness, startup): ignored; a running container is Ready. No lifecycle hooks,
-  no termination-message files, no ``kubectl logs`` / ``exec`` / ``port-forward`` (logs are files under the
+  no ``kubectl logs`` / ``exec`` / ``port-forward`` (logs are files under the
   runner's state dir: ``logs/<namespace>/<pod>/<container>.log``, see ``container_log_path``);
 - ConfigMap / Secret volumes are written once at pod start, not refreshed; ``emptyDir.medium: Memory`` and
   ``sizeLimit`` are plain folders; mount points that do not exist on the host are created there (empty) and
@@ -350,6 +353,7 @@ class ContainerRun:
     next_start: float = 0.0
     backoff: float = 1.0
     done: bool = False  # terminated and will not be restarted
+    termination_file: Path | None = None
 
     @property
     def name(self) -> str:
@@ -370,6 +374,22 @@ class ContainerRun:
             "state": full_state,
             "lastState": last,
         }
+
+
+def termination_message(c: ContainerRun, exit_code: int) -> Json:
+    """``state.terminated.message`` as a kubelet fills it: the termination-message file (4096 bytes at
+    most), or with FallbackToLogsOnError and a failure, the end of the log (80 lines, 2048 bytes)."""
+    text = ""
+    if c.termination_file is not None and c.termination_file.exists():
+        text = c.termination_file.read_bytes()[:4096].decode(errors="replace")
+    if (
+        not text.strip()
+        and exit_code != 0
+        and c.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError"
+    ):
+        lines = c.log_path.read_bytes().splitlines()[-80:] if c.log_path.exists() else []
+        text = b"\n".join(lines)[-2048:].decode(errors="replace")
+    return {"message": text} if text.strip() else {}
 
 
 class PodWorker(threading.Thread):
@@ -545,6 +565,7 @@ class PodWorker(threading.Thread):
                 "startedAt": c.started_at,
                 "finishedAt": now(),
                 "containerID": f"pod-runner://{c.proc.pid}",
+                **termination_message(c, exit_code),
             }
         }
         c.proc = None
@@ -580,6 +601,12 @@ class PodWorker(threading.Thread):
             volume_mounts.append(
                 {"source": str(source), "target": m["mountPath"], "read_only": bool(m.get("readOnly"))}
             )
+        # The termination-message file: one per container start, where the container expects it.
+        c.termination_file = self.dir / f"{c.name}.termination-log"
+        c.termination_file.write_bytes(b"")
+        if self.runner.namespaces:
+            target = c.spec.get("terminationMessagePath") or "/dev/termination-log"
+            volume_mounts.append({"source": str(c.termination_file), "target": target, "read_only": False})
         spec = {
             "runner_pid": os.getpid(),
             "namespaces": self.runner.namespaces,
@@ -866,6 +893,7 @@ class PodWorker(threading.Thread):
                     "startedAt": c.started_at,
                     "finishedAt": now(),
                     "containerID": f"pod-runner://{c.proc.pid}",
+                    **termination_message(c, exit_code),
                 }
             }
             (self.runner.state_dir / "pgids" / str(c.proc.pid)).unlink(missing_ok=True)

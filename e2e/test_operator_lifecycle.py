@@ -82,7 +82,8 @@ def test_sft_job_trains_to_succeeded_with_checkpoints(
     final = checkpoints["sft-final"]
     assert final["spec"]["kind"] == "export" and final["spec"]["lora"] is True
     assert final["status"]["phase"] == "Available"
-    assert final["metadata"]["ownerReferences"][0]["name"] == "sft"
+    # The result outlives the job: no owner for the garbage collector to follow.
+    assert "ownerReferences" not in final["metadata"]
     assert final["metadata"]["labels"]["whetstone.dev/job"] == "sft"
     for c in checkpoints.values():
         if c["spec"]["kind"] == "resumable":
@@ -100,7 +101,7 @@ def test_sft_job_trains_to_succeeded_with_checkpoints(
         print("loaded", type(model).__name__)
         """
     )
-    env = dict(os.environ, PYTHONPATH=f"{REPO / 'operator'}:{REPO / 'trainer-image'}")
+    env = dict(os.environ, PYTHONPATH=f"{REPO / 'api'}:{REPO / 'trainer-image'}")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert "loaded PeftModel" in done.stdout, done.stderr[-3000:]
 
@@ -113,6 +114,31 @@ def test_sft_job_trains_to_succeeded_with_checkpoints(
     assert f'whetstone_jobs{{namespace="{namespace}",phase="Succeeded"}} 1.0' in metrics
     assert "whetstone_job_time_to_running_seconds_count" in metrics
     assert 'whetstone_operator_watch_events_total{resource="pods"}' in metrics
+    assert f'whetstone_job_step{{job="sft",namespace="{namespace}"}} 60.0' in metrics
+
+    # Retention: a Checkpoint the user marks to keep, and the final one, survive the job's deletion.
+    resumable = sorted(n for n, c in checkpoints.items() if c["spec"]["kind"] == "resumable")
+    keep, drop = resumable[-1], resumable[:-1]
+    cluster.custom.patch_namespaced_custom_object(
+        "whetstone.dev",
+        "v1alpha1",
+        namespace,
+        "checkpoints",
+        keep,
+        {"metadata": {"annotations": {"whetstone.dev/keep": "true"}}},
+    )
+    wait_for(
+        lambda: (
+            not {c["metadata"]["name"]: c for c in job.checkpoints()}[keep]["metadata"].get("ownerReferences")
+        ),
+        60,
+        "the kept Checkpoint to be orphaned",
+    )
+    job.delete()
+    wait_for(
+        lambda: not ({c["metadata"]["name"] for c in job.checkpoints()} & set(drop)), 120, "the others to go"
+    )
+    assert {c["metadata"]["name"] for c in job.checkpoints()} == {keep, "sft-final"}
 
 
 def kill_trainer(cluster: Cluster, job: str) -> None:
@@ -235,32 +261,28 @@ def test_active_deadline_fails_the_job_and_stops_its_pods(
     assert not job.pods() and job.status()["phase"] == "Failed"
 
 
-def test_backoff_limit_exhausted_fails_naming_the_cause_and_delete_cascades(
+def test_a_bad_dataset_line_fails_at_once_with_the_trainers_own_message(
     cluster: Cluster, namespace: str, operator: OperatorProcess, work_claim: Path
 ) -> None:
-    body = tiny_job("broken", backoffLimit=1)
-    body["spec"]["dataset"]["uri"] = "pvc://work/no-such-file.jsonl"
-    job = JobWatch(cluster, namespace, "broken")
+    """The trainer's permanent error (exit 2 in the worker; torchrun exits 1) fails the job without a retry,
+    and the job says which line was bad (the trainer's termination message)."""
+    rows = (work_claim / "reverse-train.jsonl").read_text().splitlines()[:8]
+    rows.insert(2, '{"messages": "not a list"}')
+    (work_claim / "bad.jsonl").write_text("\n".join(rows) + "\n")
+    body = tiny_job("badline", backoffLimit=3)
+    body["spec"]["dataset"]["uri"] = "pvc://work/bad.jsonl"
+    job = JobWatch(cluster, namespace, "badline")
     job.create(body)
     final = job.wait_phase("Succeeded", "Failed", timeout=600)
-    assert final["phase"] == "Failed" and final["restartCount"] == 1
     failed = next(c for c in final["conditions"] if c["type"] == "Failed")
-    assert failed["reason"] == "BackoffLimitExceeded"
+    assert final["phase"] == "Failed" and failed["reason"] == "PermanentError", final
+    assert final["restartCount"] == 0 and "restart" not in " ".join(job.phases_seen).lower()
     assert (
-        "backoffLimit (1) exceeded after 1 restart(s): pod broken-node-0 failed, exit code 1"
-        in failed["message"]
-    )
-    # The failed pod stays for its logs; deleting the job deletes every child (garbage collection).
-    assert job.pods() and cluster.core.read_namespaced_config_map("broken-config", namespace)
-    job.delete()
-    wait_for(lambda: not job.pods(), 120, "the pods to be garbage-collected")
-
-    def gone() -> bool:
-        services = cluster.core.list_namespaced_service(namespace, label_selector="whetstone.dev/job=broken")
-        maps = cluster.core.list_namespaced_config_map(namespace, label_selector="whetstone.dev/job=broken")
-        return not services.items and not maps.items
-
-    wait_for(gone, 120, "the Service and ConfigMap to be garbage-collected")
+        "exit code 1" in failed["message"] and "bad.jsonl" in failed["message"] and ":3" in failed["message"]
+    ), failed
+    assert "permanent error" not in failed["message"]
+    # The failed pod stays for its logs.
+    assert job.pods()
 
 
 def test_operator_killed_at_several_points_creates_no_duplicates_and_finishes(
@@ -313,6 +335,7 @@ def test_ttl_after_finished_deletes_the_job_and_its_children(
     job.create(body)
     failed = job.wait_phase("Succeeded", "Failed", timeout=600)
     assert failed["phase"] == "Failed" and failed["restartCount"] == 0
+    assert next(c for c in failed["conditions"] if c["type"] == "Failed")["reason"] == "PermanentError"
 
     def job_gone() -> bool:
         try:
@@ -323,3 +346,34 @@ def test_ttl_after_finished_deletes_the_job_and_its_children(
 
     wait_for(job_gone, 120, "the job to be deleted after its TTL")
     wait_for(lambda: not job.pods(), 120, "its pods to be garbage-collected")
+
+
+def test_delete_and_reapply_while_the_old_pods_terminate_trains_from_scratch(
+    cluster: Cluster, namespace: str, operator: OperatorProcess, work_claim: Path
+) -> None:
+    """`kubectl delete ftj j && kubectl apply -f j.yaml`: the new job waits for the old job's pods to go,
+    never counts them as its own, and trains from step 1 (the old run saved no checkpoint)."""
+    body = tiny_job("again", steps=30, every=1000)
+    old = JobWatch(cluster, namespace, "again")
+    old.create(body)
+    old.wait(lambda s: s.get("progress", {}).get("step", 0) >= 1, "the first run to train", timeout=600)
+    old_uid = old.get()["metadata"]["uid"]
+    old_pods = {p["metadata"]["uid"] for p in old.pods()}
+    old.delete()
+    wait_for(
+        lambda: all(p["metadata"].get("deletionTimestamp") for p in old.pods()) or not old.pods(), 60, "GC"
+    )
+    new = JobWatch(cluster, namespace, "again")
+    new.create(body)
+    final = new.wait_phase("Succeeded", "Failed", timeout=900)
+    assert final["phase"] == "Succeeded" and final["restartCount"] == 0, (final, new.log())
+    new_uid = new.get()["metadata"]["uid"]
+    assert new_uid != old_uid
+    pods = new.pods()
+    assert pods and all(p["metadata"]["ownerReferences"][0]["uid"] == new_uid for p in pods)
+    assert not old_pods & {p["metadata"]["uid"] for p in pods}
+    assert not [e for e in new.events() if e["reason"] == "PodFailed"]
+    # The new job's own pod trained all 30 steps (no checkpoint to resume from: the old run saved none).
+    steps = trained_steps(work_claim / "out" / "again")
+    assert steps.count(1) == 1 and sorted(set(steps)) == list(range(1, 31)), steps
+    assert final["progress"]["step"] == 30

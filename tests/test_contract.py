@@ -114,11 +114,23 @@ def test_malformed_reports_are_refused(body: object) -> None:
 
 
 @pytest.mark.parametrize(
-    "raw", [b'{"job": "j", "phase": "Training", "loss": NaN}', b"{" * 100_000, b"not json"]
+    "raw", [b"{" * 100_000, b"[" * 100_000, b"not json", b'{"job": "j", "phase": 1e999}']
 )
-def test_nan_deep_nesting_and_garbage_are_refused(raw: bytes) -> None:
+def test_deep_nesting_and_garbage_are_refused(raw: bytes) -> None:
     with pytest.raises(ReportError):
         TrainerReport.parse(raw)
+
+
+def test_a_diverged_metric_is_reported_missing_not_written() -> None:
+    raw = (
+        b'{"job": "j", "phase": "Training", "step": 7, "loss": NaN, "evalLoss": Infinity,'
+        b' "reward": -Infinity,'
+        b' "checkpoints": [{"step": 5, "uri": "/o/c", "metrics": {"loss": NaN, "evalLoss": 1.5}}]}'
+    )
+    report = TrainerReport.parse(raw)
+    assert report.step == 7 and report.loss is None and report.eval_loss is None and report.reward is None
+    assert report.checkpoints[0].metrics == {"evalLoss": 1.5}
+    assert "NaN" not in report.to_json() and "Infinity" not in report.to_json()
 
 
 def test_oversized_reports_are_refused_before_parsing() -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from whetstone_operator import children, rbac
-from whetstone_operator.rendezvous import rendezvous_env
+from whetstone_operator import children
+from whetstone_operator.rendezvous import hostname, rendezvous_env
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "manifests" / "examples" / "sft-tiny-reverse.yaml"
 
@@ -38,6 +38,7 @@ def test_every_child_is_labelled_and_owned_by_the_job() -> None:
     for body in bodies:
         meta = body["metadata"]
         assert meta["labels"][children.JOB_LABEL] == "sft-tiny-reverse"
+        assert meta["labels"][children.MANAGED_BY_LABEL] == children.MANAGED_BY
         (owner,) = meta["ownerReferences"]
         assert owner["uid"] == "u-1" and owner["controller"] and owner["kind"] == "FineTuneJob"
     assert [b["metadata"]["name"] for b in bodies] == [
@@ -101,13 +102,16 @@ def test_pod_spec() -> None:
     }
     assert c["image"] == "registry/trainer:1" and spec["imagePullSecrets"] == [{"name": "pull"}]
     assert c["command"][:2] == ["torchrun", "-m"] and c["command"][-1] == "/etc/whetstone/job.yaml"
-    assert c["resources"]["requests"] == {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": 4}
-    assert c["resources"]["limits"] == {"nvidia.com/gpu": 4}
+    assert c["resources"]["requests"] == {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "4"}
+    assert c["resources"]["limits"] == {"nvidia.com/gpu": "4"}
+    assert c["terminationMessagePath"] == "/dev/termination-log"
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert spec["nodeSelector"] == {"pool": "gpu"} and spec["affinity"] == {"nodeAffinity": {}}
     assert spec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"rendezvous": 29500, "metrics": 8080}
     env = env_of(pod)
     assert env["PET_NODE_RANK"] == "1" and env["WHETSTONE_PVC_ROOT"] == "/mnt/pvc"
+    assert env["WHETSTONE_TERMINATION_LOG"] == "/dev/termination-log"
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     assert mounts["pvc-data"] == "/mnt/pvc/data" and mounts["pvc-out"] == "/mnt/pvc/out"
     assert mounts["job-config"] == "/etc/whetstone" and mounts["user-scratch"] == "/scratch"
@@ -135,11 +139,6 @@ def test_checkpoint_resource() -> None:
     assert final["metadata"]["name"] == "sft-tiny-reverse-final"
 
 
-def test_rbac_files_are_fresh() -> None:
-    assert rbac.KUSTOMIZE_FILE.read_text() == rbac.render_kustomize(), "run python -m whetstone_operator.rbac"
-    assert rbac.HELM_FILE.read_text() == rbac.render_helm(), "run python -m whetstone_operator.rbac"
-
-
 def test_the_operator_does_not_import_torch() -> None:
     code = (
         "import sys, whetstone_cli.main, whetstone_operator.handlers, whetstone_operator.operator_main, "
@@ -157,3 +156,110 @@ def test_ports_follow_the_operator_settings() -> None:
     assert env["MASTER_PORT"] == env["PET_MASTER_PORT"] == "31000" and env["WHETSTONE_STATUS_PORT"] == "31001"
     assert {p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]} == {31000, 31001}
     assert children.headless_service(job(), settings)["spec"]["ports"][0]["port"] == 31000
+
+
+def test_gpu_pods_pass_the_kubernetes_clients_validation_with_string_quantities() -> None:
+    """The client (37.x) validates a body before sending: quantities must be strings, an int never leaves."""
+    import kubernetes
+
+    sent: list[Any] = []
+
+    class Sent:
+        status, data, response = 201, b"{}", None
+
+    class NoNetwork(kubernetes.client.ApiClient):
+        def call_api(self, *args: Any, **kwargs: Any) -> Any:
+            sent.append(args)
+            return Sent()
+
+    api = kubernetes.client.CoreV1Api(NoNetwork())
+    pod = children.trainer_pod(
+        job(
+            nodes=2,
+            gpusPerNode=8,
+            resources={"requests": {"cpu": 8, "memory": "64Gi"}, "limits": {"cpu": 16}},
+        ),
+        0,
+        0,
+        children.ChildSettings(),
+    )
+    api.create_namespaced_pod("ns", pod, _preload_content=False)
+    resources = pod["spec"]["containers"][0]["resources"]
+    assert resources == {
+        "requests": {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "8"},
+        "limits": {"cpu": "16", "nvidia.com/gpu": "8"},
+    }
+    assert len(sent) == 1 and '"nvidia.com/gpu": "8"' in str(sent[0]).replace("'", '"')
+
+
+def test_hostnames_are_dns_labels_for_long_job_names_and_many_nodes() -> None:
+    import re
+
+    label = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+    long_name = "a-very-long-fine-tune-job-name-for-the-llama-model-v2-xx"  # 56 characters
+    names = {hostname(long_name, rank) for rank in range(1024)}
+    assert len(names) == 1024 and all(label.match(n) for n in names)
+    other = {hostname(long_name[:-1] + "y", rank) for rank in range(1024)}
+    assert not names & other
+    assert hostname("short", 3) == "short-node-3"
+    pod = children.trainer_pod(job(nodes=1000), 999, 0, children.ChildSettings())
+    env = env_of(pod)
+    assert env["MASTER_ADDR"] == f"{hostname('sft-tiny-reverse', 0)}.sft-tiny-reverse"
+    j = job()
+    j["metadata"]["name"] = long_name
+    pod = children.trainer_pod(j, 999, 0, children.ChildSettings())
+    assert pod["spec"]["hostname"] == hostname(long_name, 999) and len(pod["spec"]["hostname"]) <= 63
+    assert env_of(pod)["MASTER_ADDR"] == f"{hostname(long_name, 0)}.{long_name}"
+
+
+def test_network_policy_lets_only_the_jobs_pods_and_the_operator_in() -> None:
+    settings = children.ChildSettings(status_port=8123, status_port_namespaces=("monitoring",))
+    policy = children.network_policy(job(), settings)
+    spec = policy["spec"]
+    assert spec["podSelector"] == {"matchLabels": {children.JOB_LABEL: "sft-tiny-reverse"}}
+    assert spec["policyTypes"] == ["Ingress"]
+    own, status = spec["ingress"]
+    assert own == {"from": [{"podSelector": {"matchLabels": {children.JOB_LABEL: "sft-tiny-reverse"}}}]}
+    assert status["ports"] == [{"protocol": "TCP", "port": 8123}]
+    operator, monitoring = status["from"]
+    assert operator["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "whetstone-system"}
+    assert operator["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "whetstone-operator"}
+    assert monitoring == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+
+
+def test_an_rft_job_gets_its_graders_snapshot_and_their_secrets() -> None:
+
+    j = job()
+    grader = {
+        "metadata": {"name": "judge", "resourceVersion": "5"},
+        "spec": {"http": {"url": "http://x", "secretName": "tok"}},
+    }
+    text = children.config_map(j, [grader])["data"]["job.yaml"]
+    docs = list(yaml.safe_load_all(text))
+    assert [d["kind"] for d in docs] == ["FineTuneJob", "RewardGrader"]
+    assert docs[1]["metadata"] == {"name": "judge", "namespace": "ns"} and docs[1]["spec"] == grader["spec"]
+    pod = children.trainer_pod(j, 0, 0, children.ChildSettings(), ["tok"])
+    mounts = {m["mountPath"]: m for m in pod["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts["/var/run/whetstone/grader-secrets/tok"]["readOnly"] is True
+    volume = next(v for v in pod["spec"]["volumes"] if v.get("secret"))
+    assert (
+        volume["secret"] == {"secretName": "tok"}
+        and volume["name"] == mounts["/var/run/whetstone/grader-secrets/tok"]["name"]
+    )
+    assert env_of(pod)["WHETSTONE_GRADER_SECRETS"] == "/var/run/whetstone/grader-secrets"
+
+
+def test_the_final_checkpoint_has_no_owner_so_it_outlives_the_job() -> None:
+    final = children.checkpoint_resource(job(), 120, "pvc://out/sft/final", "export")
+    assert "ownerReferences" not in final["metadata"]
+    assert final["metadata"]["labels"][children.JOB_UID_LABEL] == "u-1"
+    step = children.checkpoint_resource(
+        job(),
+        40,
+        "pvc://out/sft/checkpoints/step-00000040",
+        "resumable",
+        {"loss": float("nan"), "evalLoss": 2},
+    )
+    assert step["metadata"]["ownerReferences"][0]["uid"] == "u-1" and step["spec"]["metrics"] == {
+        "evalLoss": 2.0
+    }

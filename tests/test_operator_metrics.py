@@ -35,3 +35,22 @@ def test_metric_names_and_labels() -> None:
     assert 'whetstone_operator_last_watch_event_timestamp_seconds{resource="pods"}' in text
     m.jobs.forget("ns", "c")
     assert 'whetstone_jobs{namespace="ns",phase="Failed"} 0.0' in m.exposition().decode()
+
+
+def test_per_job_gauges_exist_only_while_the_job_does() -> None:
+    m = OperatorMetrics()
+    m.set_progress("ns", "a", {"step": 12, "loss": 1.25, "reward": 0.5})
+    m.set_progress("ns", "b", {"step": 3})
+    m.disruptions.labels("ns").inc()
+    text = m.exposition().decode()
+    for line in (
+        'whetstone_job_step{job="a",namespace="ns"} 12.0',
+        'whetstone_job_loss{job="a",namespace="ns"} 1.25',
+        'whetstone_job_reward{job="a",namespace="ns"} 0.5',
+        'whetstone_job_step{job="b",namespace="ns"} 3.0',
+        'whetstone_job_disruptions_total{namespace="ns"} 1.0',
+    ):
+        assert line in text, line
+    m.forget_job("ns", "a")
+    text = m.exposition().decode()
+    assert 'job="a"' not in text and 'whetstone_job_step{job="b",namespace="ns"} 3.0' in text

@@ -73,6 +73,9 @@ KINDS: list[ResourceKind] = [
             PrinterColumn("Steps", ".status.progress.steps", description="Optimizer steps done / planned"),
             PrinterColumn("Loss", ".status.progress.loss", type="number", description="Latest training loss"),
             PrinterColumn(
+                "Reward", ".status.progress.reward", type="number", description="Latest RFT reward"
+            ),
+            PrinterColumn(
                 "Restarts",
                 ".status.restartCount",
                 type="integer",

@@ -280,6 +280,63 @@ class TrainerVolume(ApiModel):
         return self
 
 
+class PodFailurePolicyOnExitCodes(ApiModel):
+    """Exit codes of the trainer container that a rule matches."""
+
+    operator: Literal["In", "NotIn"]
+    """In: the exit code is one of values; NotIn: it is none of them."""
+    values: list[int] = Field(min_length=1, max_length=255)
+    """Exit codes (0-255). torchrun exits 1 when a training process fails; the trainer's own permanent errors
+    fail the job without a rule."""
+
+
+class PodFailurePolicyOnPodCondition(ApiModel):
+    """A pod condition that a rule matches, e.g. DisruptionTarget."""
+
+    type: str = Field(min_length=1, max_length=316)
+    """The pod condition type."""
+    status: Literal["True", "False", "Unknown"] = "True"
+    """The status it must have."""
+
+
+_ONE_MATCHER = cel(
+    "[has(self.onExitCodes), has(self.onPodConditions), has(self.onReasons)].filter(x, x).size() == 1",
+    "exactly one of onExitCodes, onPodConditions or onReasons must be set",
+)
+
+
+class PodFailurePolicyRule(ApiModel):
+    """What to do when a failed trainer pod matches. Rules are checked in order; the first match decides."""
+
+    model_config = ApiModel.model_config | {"json_schema_extra": {"x-kubernetes-validations": [_ONE_MATCHER]}}
+
+    action: Literal["FailJob", "Ignore", "Count"]
+    """FailJob: fail the job at once; Ignore: restart the group without counting against backoffLimit (counted
+    against maxDisruptions instead); Count: restart counting against backoffLimit."""
+    on_exit_codes: PodFailurePolicyOnExitCodes | None = None
+    """Match the trainer container's exit code."""
+    on_pod_conditions: list[PodFailurePolicyOnPodCondition] | None = Field(default=None, max_length=20)
+    """Match when the pod has any of these conditions."""
+    on_reasons: list[str] | None = Field(default=None, max_length=20)
+    """Match the trainer container's termination reason or the pod's reason, e.g. OOMKilled, Evicted."""
+
+    @model_validator(mode="after")
+    def _one_matcher(self) -> PodFailurePolicyRule:
+        matchers = [self.on_exit_codes, self.on_pod_conditions, self.on_reasons]
+        if sum(m is not None for m in matchers) != 1:
+            raise ValueError(_ONE_MATCHER["message"])
+        return self
+
+
+class PodFailurePolicy(ApiModel):
+    """How failed trainer pods are judged, like a Job's podFailurePolicy. Without a matching rule: a pod
+    disrupted by the cluster (DisruptionTarget, eviction, preemption, node loss) is Ignore, the trainer's
+    permanent error is FailJob, anything else is Count."""
+
+    rules: list[PodFailurePolicyRule] = Field(min_length=1, max_length=20)
+    """Rules, checked in order."""
+
+
 _SPEC_RULES = [
     cel(
         "has(self.lora) != has(self.fullParameter)",
@@ -366,7 +423,19 @@ class FineTuneJobSpec(ApiModel):
     backoff_limit: int = Field(default=3, ge=0, le=1000)
     """Restarts of the whole pod group after a failure before the job fails."""
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
-    """Delete the job (and its pods) this long after it succeeds or fails; checkpoints stay in storage."""
+    """Delete the job (and its pods) this long after it succeeds or fails; checkpoints stay in storage, and
+    the <job>-final Checkpoint and Checkpoints annotated whetstone.dev/keep=true stay as resources."""
+    startup_deadline_seconds: int = Field(default=600, ge=1, le=86400)
+    """How long a trainer pod may fail to start: an image that does not pull or a container configuration
+    error (a missing ConfigMap or Secret key) fails the job after this long; a pod the scheduler cannot place
+    is reported after this long (condition Stalled, reason UnschedulableTooLong, a Warning Event) while the
+    job keeps waiting."""
+    max_disruptions: int = Field(default=10, ge=0, le=1000)
+    """Group restarts after disruptions (eviction, preemption, a drained or lost node, podFailurePolicy
+    Ignore) before the job fails; they do not count against backoffLimit."""
+    pod_failure_policy: PodFailurePolicy | None = None
+    """Rules that decide, by exit code, pod condition or reason, whether a failed pod fails the job, restarts
+    the group counting against backoffLimit, or restarts it without counting."""
 
     @model_validator(mode="after")
     def _mirror_cel_rules(self) -> FineTuneJobSpec:
@@ -422,6 +491,17 @@ class CheckpointRef(ApiModel):
     """Where it is stored."""
 
 
+class GraderSnapshot(ApiModel):
+    """A RewardGrader as an RFT job took it when it started."""
+
+    name: str = Field(min_length=1, max_length=253)
+    """The RewardGrader."""
+    resource_version: str | None = None
+    """Its metadata.resourceVersion at the snapshot."""
+    generation: int | None = None
+    """Its metadata.generation at the snapshot."""
+
+
 class NodeCounts(ApiModel):
     """Trainer pods by state."""
 
@@ -439,7 +519,8 @@ class FineTuneJobStatus(ApiModel):
     phase: JobPhase | None = None
     """Pending, Suspended, Running, Restarting, Succeeded or Failed."""
     conditions: list[Condition] = Field(default_factory=list, max_length=16)
-    """Created, Running, Restarting, Suspended, Succeeded and Failed, each True/False with a reason."""
+    """Created, Running, Restarting, Suspended, Succeeded, Failed and Stalled, each True/False with a reason;
+    GradersReady for RFT jobs."""
     observed_generation: int | None = None
     """The metadata.generation this status describes."""
     message: str | None = None
@@ -449,7 +530,12 @@ class FineTuneJobStatus(ApiModel):
     completion_time: datetime | None = None
     """When the job succeeded or failed."""
     restart_count: int = 0
-    """Whole-group restarts so far (bounded by spec.backoffLimit)."""
+    """Whole-group restarts after failures so far (bounded by spec.backoffLimit)."""
+    disruption_count: int = 0
+    """Whole-group restarts after disruptions so far (bounded by spec.maxDisruptions)."""
+    attempt: int | None = None
+    """The attempt whose pods run now (their whetstone.dev/attempt label): every group restart and every
+    resume starts a new one, so pods of an earlier attempt never count."""
     nodes: NodeCounts | None = None
     """Trainer pods by state."""
     progress: Progress | None = None
@@ -458,6 +544,9 @@ class FineTuneJobStatus(ApiModel):
     """The newest resumable checkpoint."""
     output_uri: str | None = None
     """Where the final adapter or model was written."""
+    graders: list[GraderSnapshot] = Field(default_factory=list, max_length=64)
+    """RFT jobs: the RewardGraders snapshotted into the trainer's configuration when the job started; later
+    edits of a grader never change a running job."""
 
 
 class FineTuneJob(ApiModel):

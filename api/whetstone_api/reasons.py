@@ -46,6 +46,15 @@ JOB_CONDITION_TYPES: Final = (
     COND_FAILED,
 )
 
+STALLED: Final = "Stalled"
+"""True while something the operator cannot fix blocks the job (an image that does not pull, a pod that cannot
+be scheduled, a create the API server refuses, a name taken by another object, a grader that is not Ready);
+the reason says what, the message names the object. Always present: False (reason NotStalled) otherwise."""
+GRADERS_READY: Final = "GradersReady"
+"""RFT jobs only: every RewardGrader the job names (and the children of weighted graders) exists and is
+Ready for its current generation."""
+EXTRA_CONDITION_TYPES: Final = (STALLED, GRADERS_READY)
+
 # --- FineTuneJob condition reasons --------------------------------------------------------------------------
 
 REASON_CREATED: Final = "Created"
@@ -66,6 +75,68 @@ REASON_DEADLINE_EXCEEDED: Final = "DeadlineExceeded"
 """activeDeadlineSeconds passed since the last start."""
 REASON_BACKOFF_LIMIT_EXCEEDED: Final = "BackoffLimitExceeded"
 """More failures than backoffLimit allows."""
+REASON_POD_DISRUPTED: Final = "PodDisrupted"
+"""A trainer pod was disrupted (eviction, preemption, a drained or lost node) or a podFailurePolicy rule said
+Ignore: the group restarts without counting against backoffLimit (counted against maxDisruptions)."""
+REASON_MAX_DISRUPTIONS_EXCEEDED: Final = "MaxDisruptionsExceeded"
+"""More disruptions than spec.maxDisruptions allows."""
+REASON_PERMANENT_ERROR: Final = "PermanentError"
+"""The trainer stopped with an error retrying cannot fix (bad data, a bad spec): the job fails at once and its
+message carries the trainer's own error."""
+REASON_POD_FAILURE_POLICY: Final = "PodFailurePolicy"
+"""A spec.podFailurePolicy rule with action FailJob matched a failed pod."""
+REASON_STARTUP_DEADLINE_EXCEEDED: Final = "StartupDeadlineExceeded"
+"""A trainer pod could not start (image pull or container configuration error) for longer than
+spec.startupDeadlineSeconds."""
+REASON_PREVIOUS_PODS_TERMINATING: Final = "PreviousPodsTerminating"
+"""Pods of an earlier attempt, or of an earlier job of the same name, are still terminating; the new pods
+(same names) are created once they are gone."""
+
+# Reasons of the Stalled and Created conditions.
+REASON_NOT_STALLED: Final = "NotStalled"
+"""Nothing blocks the job."""
+REASON_FAILED_CREATE: Final = "FailedCreate"
+"""The API server refused to create a child (invalid object, quota, admission): retried with back-off; the
+message is the server's."""
+REASON_NAME_CONFLICT: Final = "NameConflict"
+"""An object with a child's name exists and is not controlled by this job: it is never adopted."""
+REASON_UNSCHEDULABLE: Final = "Unschedulable"
+"""The scheduler cannot place a trainer pod (its message says why)."""
+REASON_UNSCHEDULABLE_TOO_LONG: Final = "UnschedulableTooLong"
+"""A trainer pod has been unschedulable for longer than spec.startupDeadlineSeconds; the job keeps waiting
+(the cluster may grow, a queue may admit it) but says so with a Warning Event."""
+REASON_SNAPSHOT_LOST: Final = "SnapshotLost"
+"""The trainer ConfigMap of a started RFT job was deleted and a grader changed since the job started, so the
+snapshot cannot be restored."""
+# Container waiting reasons of the kubelet that do not resolve by waiting; surfaced as the Stalled reason and,
+# after spec.startupDeadlineSeconds, fatal.
+STARTUP_ERROR_REASONS: Final = frozenset(
+    {
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "ErrImageNeverPull",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "RunContainerError",
+    }
+)
+
+# Reasons of the GradersReady condition.
+REASON_GRADERS_READY: Final = "GradersReady"
+"""Every grader exists and is Ready."""
+REASON_GRADER_MISSING: Final = "GraderMissing"
+"""A RewardGrader the job names does not exist (yet)."""
+REASON_GRADER_NOT_READY: Final = "GraderNotReady"
+"""A RewardGrader exists but is not Ready for its current generation (test cases pending or failing)."""
+
+# --- Event reasons (besides the condition reasons above) ----------------------------------------------------
+
+EVENT_FORCE_DELETED: Final = "ForceDeletedPod"
+"""A trainer pod stuck terminating on a node that is gone or not ready was force-deleted."""
+EVENT_CHECKPOINT_REFUSED: Final = "CheckpointRefused"
+"""The trainer reported a checkpoint outside the job's output, or a Checkpoint name is taken by another
+job."""
 
 # --- Checkpoint phases -----------------------------------------------------------------------------------
 
@@ -76,6 +147,13 @@ CHECKPOINT_PRUNED: Final = "Pruned"
 CHECKPOINT_MISSING: Final = "Missing"
 """Expected in storage but not found."""
 CheckpointPhase = Literal["Available", "Pruned", "Missing"]
+
+# --- Pod-level facts the failure policy reads -------------------------------------------------------------
+
+DISRUPTION_TARGET: Final = "DisruptionTarget"
+"""The pod condition Kubernetes sets before an eviction, preemption, taint-manager or PodGC deletion."""
+DISRUPTION_POD_REASONS: Final = frozenset({"Evicted", "Preempting", "NodeLost", "Terminated", "Shutdown"})
+"""Pod status reasons that mean the node or the cluster took the pod away, not the trainer."""
 
 # --- RewardGrader and TrainingSession phases ----------------------------------------------------------------
 

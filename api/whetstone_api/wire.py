@@ -8,11 +8,12 @@ side writes these names as literals of its own.
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import datetime
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 # --- environment of a trainer pod ------------------------------------------------------------------------
 
@@ -26,6 +27,8 @@ ENV_MODEL_MIRROR: Final = "WHETSTONE_MODEL_MIRROR"
 """Folder of pre-downloaded hf:// and s3:// models (<mirror>/hf/org/name, <mirror>/s3/bucket/key)."""
 ENV_GRADER_SECRETS: Final = "WHETSTONE_GRADER_SECRETS"
 """Folder holding the Secrets RewardGraders name, one sub-folder per Secret (<dir>/<secret>/<key>)."""
+ENV_TERMINATION_LOG: Final = "WHETSTONE_TERMINATION_LOG"
+"""File the trainer writes its last error to (the container's terminationMessagePath); unset outside a pod."""
 
 # --- folders and ports -------------------------------------------------------------------------------------
 
@@ -44,10 +47,45 @@ STATUS_PORT: Final = 8080
 MASTER_PORT: Final = 29500
 """Default rendezvous port of rank 0."""
 
-# --- exit codes --------------------------------------------------------------------------------------------
+TERMINATION_LOG: Final = "/dev/termination-log"
+"""The trainer container's terminationMessagePath (Kubernetes' default): the kubelet copies what the trainer
+wrote there into the pod's status, where the operator reads it."""
+
+# --- exit codes and the termination message -----------------------------------------------------------------
 
 EXIT_PERMANENT: Final = 2
-"""The trainer's exit code for an error retrying cannot fix (bad data, bad spec)."""
+"""The trainer's exit code for an error retrying cannot fix (bad data, bad spec). torchrun turns any failing
+worker into exit code 1, so the termination message carries PERMANENT_MARKER as well."""
+PERMANENT_MARKER: Final = "whetstone: permanent error: "
+"""First bytes of the termination message of an error retrying cannot fix; the error follows."""
+MAX_TERMINATION_MESSAGE: Final = 4096
+"""The kubelet keeps at most this many bytes of a termination message."""
+
+
+def termination_message(error: str, permanent: bool) -> str:
+    """What the trainer writes to its termination log: the error, marked when it is permanent, bounded."""
+    text = (PERMANENT_MARKER if permanent else "") + error.strip()
+    data = text.encode()[:MAX_TERMINATION_MESSAGE]
+    return data.decode(errors="ignore")
+
+
+def is_permanent(message: str | None) -> bool:
+    """Whether a termination message says retrying cannot help."""
+    return bool(message) and message.lstrip().startswith(PERMANENT_MARKER)
+
+
+def error_of(message: str | None, limit: int = 1024) -> str:
+    """The trainer's error from a termination message, on one bounded line: a marked (permanent) message
+    whole, without the marker; anything else (the end of a log, a traceback) by its last line, the error."""
+    text = (message or "").strip()
+    if text.startswith(PERMANENT_MARKER):
+        text = text[len(PERMANENT_MARKER) :]
+    else:
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        text = lines[-1] if lines else ""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
 
 # --- checkpoint naming -------------------------------------------------------------------------------------
 
@@ -95,6 +133,14 @@ class ReportedCheckpoint(_Wire):
     kind: Literal["resumable", "sampler", "export"] = "resumable"
     metrics: dict[str, float] = Field(default_factory=dict, max_length=64)
 
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _finite_metrics_only(cls, value: Any) -> Any:
+        # A diverged metric is left out rather than refusing the whole report.
+        if isinstance(value, dict):
+            return {k: v for k, v in value.items() if not (isinstance(v, float) and not math.isfinite(v))}
+        return value
+
 
 class TrainerReport(_Wire):
     """The JSON of rank 0's /status."""
@@ -115,6 +161,15 @@ class TrainerReport(_Wire):
     checkpoints: list[ReportedCheckpoint] = Field(default_factory=list, max_length=MAX_REPORTED_CHECKPOINTS)
     output: str | None = Field(default=None, max_length=4096)
     message: str | None = Field(default=None, max_length=32768)
+
+    @field_validator("loss", "eval_loss", "reward", "epoch", "tokens_per_second", mode="before")
+    @classmethod
+    def _not_a_number_is_missing(cls, value: Any) -> Any:
+        # A diverged loss (NaN, infinity) is reported as missing: never written to status, where it would
+        # make the patch invalid JSON; the rest of the report stays usable.
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return value
 
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True)

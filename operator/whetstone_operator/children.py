@@ -1,12 +1,17 @@
-"""What a FineTuneJob owns, as pure functions of the job: the trainer ConfigMap, the headless Service and one
-pod per node. No API calls here, so every field is unit-tested (tests/test_operator_children.py).
+"""What a FineTuneJob owns, as pure functions of the job: the trainer ConfigMap, the headless Service, the
+NetworkPolicy of its pods, one pod per node, and Checkpoint resources. No API calls here, so every field is
+unit-tested (tests/test_operator_children.py).
 
-Every child carries the label `whetstone.dev/job=<name>` and a controller ownerReference to the job, and has a
-deterministic name, so creating it twice is an AlreadyExists (409), never a second copy.
+Every child carries the label `whetstone.dev/job=<name>` (what the operator watches) and a controller
+ownerReference to the job (what makes it the job's: objects with our names but another controller are never
+adopted), and has a deterministic name, so creating it twice is an AlreadyExists (409), never a second copy.
+Two exceptions to the ownerReference, so they outlive the job: the `<job>-final` Checkpoint, and Checkpoints a
+user annotates `whetstone.dev/keep: "true"` (the operator orphans those when it sees the annotation).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,16 +23,20 @@ from whetstone_api.wire import (
     CONFIG_DIR,
     CONFIG_KEY,
     ENV_CACHE,
+    ENV_GRADER_SECRETS,
     ENV_PVC_ROOT,
     ENV_STATUS_PORT,
+    ENV_TERMINATION_LOG,
+    GRADER_SECRETS_DIR,
     MASTER_PORT,
     PVC_ROOT,
     SCRATCH_DIR,
     STATUS_PORT,
+    TERMINATION_LOG,
     checkpoint_resource_name,
 )
 
-from .rendezvous import pod_name, rendezvous_env
+from .rendezvous import hostname, pod_name, rendezvous_env
 
 Json = dict[str, Any]
 
@@ -36,6 +45,13 @@ RANK_LABEL = "whetstone.dev/node-rank"
 ROLE_LABEL = "whetstone.dev/role"
 ATTEMPT_LABEL = "whetstone.dev/attempt"
 STEP_LABEL = "whetstone.dev/step"
+# Which job (of that name) recorded a Checkpoint: kept and final Checkpoints have no owner to say so.
+JOB_UID_LABEL = "whetstone.dev/job-uid"
+# The operator watches only objects with this label (a server-side selector): every child carries it.
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY = "whetstone-operator"
+# A Checkpoint annotated so survives the deletion (and TTL) of its job.
+KEEP_ANNOTATION = "whetstone.dev/keep"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 TRAINER_CONTAINER = "trainer"
@@ -57,10 +73,21 @@ class ChildSettings:
     # e.g. a GPU pool): a job's own nodeSelector or tolerations replace these, they are never merged.
     default_node_selector: tuple[tuple[str, str], ...] = ()
     default_tolerations: tuple[tuple[tuple[str, str], ...], ...] = ()
+    # The NetworkPolicy of a job's pods: the operator's pods (namespace and labels) may reach the status port.
+    network_policy: bool = True
+    operator_namespace: str = "whetstone-system"
+    operator_pod_labels: tuple[tuple[str, str], ...] = (("app.kubernetes.io/name", "whetstone-operator"),)
+    # Namespaces (e.g. monitoring) whose pods may also scrape the status port (/metrics).
+    status_port_namespaces: tuple[str, ...] = ()
 
 
 def config_map_name(job: str) -> str:
     return f"{job}-config"
+
+
+def quantity(value: Any) -> str:
+    """A resource quantity as the API (and the kubernetes client) wants it: a string."""
+    return str(value)
 
 
 def owner_reference(job: Json) -> Json:
@@ -75,40 +102,85 @@ def owner_reference(job: Json) -> Json:
     }
 
 
-def child_metadata(job: Json, name: str, extra_labels: dict[str, str] | None = None) -> Json:
+def child_metadata(
+    job: Json, name: str, extra_labels: dict[str, str] | None = None, owned: bool = True
+) -> Json:
     # Only our own labels: copying the job's labels would copy Argo CD's tracking and let it prune children.
-    labels = {JOB_LABEL: job["metadata"]["name"], **(extra_labels or {})}
-    return {
-        "name": name,
-        "namespace": job["metadata"]["namespace"],
-        "labels": labels,
-        "ownerReferences": [owner_reference(job)],
-    }
+    labels = {JOB_LABEL: job["metadata"]["name"], MANAGED_BY_LABEL: MANAGED_BY, **(extra_labels or {})}
+    meta: Json = {"name": name, "namespace": job["metadata"]["namespace"], "labels": labels}
+    if owned:
+        meta["ownerReferences"] = [owner_reference(job)]
+    return meta
 
 
 def parse_spec(job: Json) -> FineTuneJobSpec:
     return FineTuneJobSpec.model_validate(job["spec"])
 
 
-def trainer_config(job: Json) -> str:
-    """The job as the trainer reads it: the same schema `kubectl apply` took."""
+def trainer_config(job: Json, graders: list[Json] | None = None) -> str:
+    """The job as the trainer reads it: the same schema `kubectl apply` took, followed (RFT) by the
+    RewardGraders it uses as they were when it started, one YAML document each."""
     meta = job["metadata"]
-    doc = {
-        "apiVersion": GROUP_VERSION,
-        "kind": "FineTuneJob",
-        "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
-        "spec": job["spec"],
-    }
-    return yaml.safe_dump(doc, sort_keys=False)
+    docs: list[Json] = [
+        {
+            "apiVersion": GROUP_VERSION,
+            "kind": "FineTuneJob",
+            "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
+            "spec": job["spec"],
+        }
+    ]
+    for grader in graders or []:
+        docs.append(
+            {
+                "apiVersion": GROUP_VERSION,
+                "kind": "RewardGrader",
+                "metadata": {"name": grader["metadata"]["name"], "namespace": meta["namespace"]},
+                "spec": grader["spec"],
+            }
+        )
+    return yaml.safe_dump_all(docs, sort_keys=False)
 
 
-def config_map(job: Json) -> Json:
+def config_map(job: Json, graders: list[Json] | None = None) -> Json:
     name = job["metadata"]["name"]
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": child_metadata(job, config_map_name(name)),
-        "data": {CONFIG_KEY: trainer_config(job)},
+        "data": {CONFIG_KEY: trainer_config(job, graders)},
+    }
+
+
+def network_policy(job: Json, settings: ChildSettings | None = None) -> Json:
+    """Ingress to the job's pods: every port from the job's own pods (the rendezvous, and the collective
+    backends' own ports), the status port from the operator (and namespaces allowed to scrape /metrics)."""
+    settings = settings or ChildSettings()
+    name = job["metadata"]["name"]
+    own_pods = {"podSelector": {"matchLabels": {JOB_LABEL: name}}}
+    status_from: list[Json] = [
+        {
+            "namespaceSelector": {
+                "matchLabels": {"kubernetes.io/metadata.name": settings.operator_namespace}
+            },
+            "podSelector": {"matchLabels": dict(settings.operator_pod_labels)},
+        }
+    ]
+    status_from += [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}
+        for ns in settings.status_port_namespaces
+    ]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": child_metadata(job, name),
+        "spec": {
+            "podSelector": {"matchLabels": {JOB_LABEL: name}},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [own_pods]},
+                {"from": status_from, "ports": [{"protocol": "TCP", "port": settings.status_port}]},
+            ],
+        },
     }
 
 
@@ -137,7 +209,14 @@ def claims_in_uris(spec: FineTuneJobSpec) -> list[str]:
     return claims_of(uris)
 
 
-def volumes_and_mounts(job: Json, spec: FineTuneJobSpec) -> tuple[list[Json], list[Json]]:
+def secret_volume_name(secret: str) -> str:
+    """The pod volume of a grader's Secret: a DNS label, distinct per Secret."""
+    return "grader-" + claim_volume_name(secret)[len("pvc-") :]
+
+
+def volumes_and_mounts(
+    job: Json, spec: FineTuneJobSpec, grader_secrets: list[str] | None = None
+) -> tuple[list[Json], list[Json]]:
     name = job["metadata"]["name"]
     volumes: list[Json] = [
         {"name": "job-config", "configMap": {"name": config_map_name(name)}},
@@ -164,16 +243,21 @@ def volumes_and_mounts(job: Json, spec: FineTuneJobSpec) -> tuple[list[Json], li
             source = {"emptyDir": v.empty_dir.to_wire()}
         volumes.append({"name": vol, **source})
         mounts.append({"name": vol, "mountPath": v.mount_path, "readOnly": v.read_only})
+    for secret in grader_secrets or []:
+        vol = secret_volume_name(secret)
+        volumes.append({"name": vol, "secret": {"secretName": secret}})
+        mounts.append({"name": vol, "mountPath": f"{GRADER_SECRETS_DIR}/{secret}", "readOnly": True})
     return volumes, mounts
 
 
 def container_resources(spec: FineTuneJobSpec) -> Json:
-    requests: Json = dict(spec.resources.requests)
-    limits: Json = dict(spec.resources.limits)
+    # Quantities are strings on the wire; the kubernetes client refuses an int before sending.
+    requests: Json = {k: quantity(v) for k, v in spec.resources.requests.items()}
+    limits: Json = {k: quantity(v) for k, v in spec.resources.limits.items()}
     if spec.gpus_per_node:
         # Extended resources must be requested and limited equally.
-        requests["nvidia.com/gpu"] = spec.gpus_per_node
-        limits["nvidia.com/gpu"] = spec.gpus_per_node
+        requests["nvidia.com/gpu"] = quantity(spec.gpus_per_node)
+        limits["nvidia.com/gpu"] = quantity(spec.gpus_per_node)
     out: Json = {}
     if requests:
         out["requests"] = requests
@@ -187,8 +271,10 @@ def trainer_command() -> list[str]:
     return ["torchrun", "-m", "whetstone_trainer", "train", f"{CONFIG_DIR}/{CONFIG_KEY}"]
 
 
-def trainer_pod(job: Json, rank: int, attempt: int, settings: ChildSettings) -> Json:
-    """Pod `rank` of attempt `attempt` (the group restart count) of the job."""
+def trainer_pod(
+    job: Json, rank: int, attempt: int, settings: ChildSettings, grader_secrets: list[str] | None = None
+) -> Json:
+    """Pod `rank` of attempt `attempt` of the job; `grader_secrets` are mounted for an RFT job's graders."""
     name = job["metadata"]["name"]
     spec = parse_spec(job)
     labels = {
@@ -199,7 +285,7 @@ def trainer_pod(job: Json, rank: int, attempt: int, settings: ChildSettings) -> 
     queue = job["metadata"].get("labels", {}).get(KUEUE_QUEUE_LABEL)
     if queue:
         labels[KUEUE_QUEUE_LABEL] = queue
-    volumes, mounts = volumes_and_mounts(job, spec)
+    volumes, mounts = volumes_and_mounts(job, spec, grader_secrets)
     env = [
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": ENV_STATUS_PORT, "value": str(settings.status_port)},
@@ -207,8 +293,12 @@ def trainer_pod(job: Json, rank: int, attempt: int, settings: ChildSettings) -> 
         {"name": ENV_CACHE, "value": f"{SCRATCH_DIR}/models"},
         {"name": "HOME", "value": SCRATCH_DIR},
         {"name": "TMPDIR", "value": SCRATCH_DIR},
+        # The trainer writes its last error there; the kubelet copies it into the pod's status.
+        {"name": ENV_TERMINATION_LOG, "value": TERMINATION_LOG},
         *rendezvous_env(name, rank, spec.nodes, spec.gpus_per_node, settings.master_port),
     ]
+    if grader_secrets:
+        env.append({"name": ENV_GRADER_SECRETS, "value": GRADER_SECRETS_DIR})
     container: Json = {
         "name": TRAINER_CONTAINER,
         "image": spec.image or settings.trainer_image,
@@ -219,6 +309,9 @@ def trainer_pod(job: Json, rank: int, attempt: int, settings: ChildSettings) -> 
             {"name": "metrics", "containerPort": settings.status_port},
         ],
         "volumeMounts": mounts,
+        "terminationMessagePath": TERMINATION_LOG,
+        # An unexpected crash (a traceback, no message written) still tells its last lines.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
@@ -229,7 +322,7 @@ def trainer_pod(job: Json, rank: int, attempt: int, settings: ChildSettings) -> 
     if resources:
         container["resources"] = resources
     pod_spec: Json = {
-        "hostname": pod_name(name, rank),
+        "hostname": hostname(name, rank),
         "subdomain": name,
         # The group restarts as a whole, by the operator; the kubelet must not restart single pods.
         "restartPolicy": "Never",
@@ -269,12 +362,17 @@ def trainer_pod(job: Json, rank: int, attempt: int, settings: ChildSettings) -> 
 def checkpoint_resource(
     job: Json, step: int, uri: str, kind: str, metrics: dict[str, float] | None = None
 ) -> Json:
+    """A Checkpoint of the job. The export (`<job>-final`) has no ownerReference: the result outlives the
+    job and its TTL; resumable ones are the job's until a user marks them to keep."""
     name = job["metadata"]["name"]
     spec = parse_spec(job)
+    labels = {STEP_LABEL: str(step), JOB_UID_LABEL: job["metadata"]["uid"]}
     body: Json = {
         "apiVersion": GROUP_VERSION,
         "kind": "Checkpoint",
-        "metadata": child_metadata(job, checkpoint_resource_name(name, step, kind), {STEP_LABEL: str(step)}),
+        "metadata": child_metadata(
+            job, checkpoint_resource_name(name, step, kind), labels, owned=kind != "export"
+        ),
         "spec": {
             "source": {"kind": "FineTuneJob", "name": name},
             "step": step,
@@ -282,7 +380,11 @@ def checkpoint_resource(
             "kind": kind,
             "baseModel": spec.base_model.uri,
             "lora": spec.lora is not None,
-            "metrics": {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, int | float)},
+            "metrics": {
+                k: float(v)
+                for k, v in (metrics or {}).items()
+                if isinstance(v, int | float) and math.isfinite(v)
+            },
         },
     }
     return body

@@ -18,4 +18,13 @@ class OperatorConfig:
     resync_seconds: float = 10.0
     progress_seconds: float = 15.0
     workers: int = 16
+    # Reads of the trainers' /status: threads, and the deadline of one whole read.
+    poll_threads: int = 4
+    poll_deadline_seconds: float = 2.0
+    # Leader election: one replica acts, the others wait for the Lease.
+    leader_election: bool = True
+    lease_namespace: str = "whetstone-system"
+    lease_name: str = "whetstone-operator"
+    lease_seconds: float = 15.0
+    identity: str = ""  # default: the host name and a random suffix
     children: ChildSettings = field(default_factory=ChildSettings)

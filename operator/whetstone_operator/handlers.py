@@ -1,18 +1,23 @@
-"""The kopf handlers of FineTuneJob: observe, plan (lifecycle.py), act, report.
+"""The FineTuneJob operator: observe (the watch cache), plan (lifecycle.py), act, report.
 
-The story of a job, as the handlers see it:
+The story of a job, as the operator sees it:
 
-- it is created (or found at operator start): reconcile at once, which creates its ConfigMap, headless
-  Service and pods and marks it Pending;
-- its pods change (a watch on pods labelled whetstone.dev/job): reconcile, so Running, a failure (whole-group
-  restart or Failed) and success are noticed when they happen;
-- `spec.suspend` flips: reconcile (pods deleted, or recreated to resume from the latest checkpoint);
-- every `resync` seconds a timer reconciles anyway, because watch streams can miss events; this is also when
-  rank 0's /status is read into status.progress and Checkpoint resources.
+- kopf's watch streams fill the cache (store.py) with the jobs, their pods, ConfigMaps, Services,
+  NetworkPolicies and Checkpoints (server-side selected by label) and the RewardGraders; every change of
+  one of them queues its job (workqueue.py), so Running, a failure, a disruption, success, a deleted child
+  or a grader turning Ready are noticed when they happen;
+- a resync thread (not a kopf timer, so jobs carry no finalizer and `kubectl delete` never waits for the
+  operator) queues every job every `resync` seconds anyway, because watch streams can miss events;
+- a worker takes a job, plans from the cache, re-plans on a fresh read of the job and its pods when the
+  plan would delete or end something, writes the status (only what changed, only onto the resourceVersion it
+  planned from), then acts: creates what is missing, deletes what must go, mirrors the trainer's report into
+  Checkpoints;
+- rank 0's /status is read by a separate poll pool (poller.py) for Running jobs only; the result waits for
+  the job's next pass.
 
-Every reconcile of one job holds that job's lock, decides from a fresh read of the job before it changes
-anything, writes the status first and then acts, so a restart of the operator at any point re-decides the
-same thing: children have deterministic names and AlreadyExists counts as done.
+Children have deterministic names and a controller ownerReference; AlreadyExists counts as done, and an object
+of ours by name but not by owner is never adopted. A create the API server refuses is retried with back-off
+and reported (Created=False, Stalled, a Warning Event).
 """
 
 from __future__ import annotations
@@ -21,343 +26,604 @@ import json
 import logging
 import threading
 import time
-import urllib.request
-from collections.abc import Iterable
-from datetime import UTC, datetime
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import kopf
-import kubernetes
 from kubernetes.client.rest import ApiException
 from whetstone_api import API_GROUP, API_VERSION
-from whetstone_api.uris import uri_of_pod_path
-from whetstone_api.wire import MAX_REPORT_BYTES, ReportError, TrainerReport, checkpoint_resource_name
+from whetstone_api import reasons as R
 
-from . import children, lifecycle
-from .children import JOB_LABEL
+from . import children, lifecycle, reports
+from .children import JOB_LABEL, MANAGED_BY, MANAGED_BY_LABEL
 from .config import OperatorConfig
-from .lifecycle import PodView
+from .kube import Kube
+from .lifecycle import CreateFailure, Observed
 from .metrics import OperatorMetrics
+from .poller import StatusPoller
 from .rendezvous import pod_name
+from .store import Key, Store
+from .views import PodView, parse_time
+from .workqueue import WorkQueue
 
 Json = dict[str, Any]
 LOG = logging.getLogger("whetstone.operator")
-FTJ = "finetunejobs"
-CKPT = "checkpoints"
+
+# Finalizers earlier versions of the operator put on jobs (kopf's, for the resync timer): removed on sight.
+LEGACY_FINALIZERS = ("whetstone.dev/finalizer", "kopf.zalando.org/KopfFinalizerMarker")
+# Back-off of a refused create: 5 s doubling to 5 minutes.
+CREATE_BACKOFF = (5.0, 300.0)
+CHILD_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY},{JOB_LABEL}"
+
+
+@dataclass(frozen=True)
+class Watched:
+    """A resource the operator watches (list + watch in RBAC), with its server-side label selector."""
+
+    group: str
+    version: str
+    plural: str
+    selector: str | None = None
+
+
+WATCHED = (
+    Watched(API_GROUP, API_VERSION, "finetunejobs"),
+    Watched(API_GROUP, API_VERSION, "rewardgraders"),
+    Watched(API_GROUP, API_VERSION, "checkpoints", CHILD_SELECTOR),
+    Watched("", "v1", "pods", CHILD_SELECTOR),
+    Watched("", "v1", "configmaps", CHILD_SELECTOR),
+    Watched("", "v1", "services", CHILD_SELECTOR),
+    Watched("networking.k8s.io", "v1", "networkpolicies", CHILD_SELECTOR),
+)
+CHILD_KINDS = {"configmaps": "ConfigMap", "services": "Service", "networkpolicies": "NetworkPolicy"}
+
+
+def server_message(e: Exception) -> str:
+    """The API server's own message of a refusal (or the client's, for a body it would not send)."""
+    if isinstance(e, ApiException):
+        try:
+            return str(json.loads(e.body or "{}").get("message") or e.reason)
+        except ValueError:
+            return f"{e.status} {e.reason}"
+    return " ".join(str(e).split())[:1024]
+
+
+def _last_writer(obj: Json | None) -> str:
+    """The field manager of the latest write of `obj` (who changed it), for the log."""
+    fields = (obj or {}).get("metadata", {}).get("managedFields") or []
+    latest = max(fields, key=lambda f: f.get("time") or "", default={})
+    return (
+        f"{latest.get('manager', '?')} {latest.get('operation', '')} {latest.get('subresource', '')}".strip()
+    )
 
 
 class Reconciler:
     """Carries out the lifecycle's plans against the API server."""
 
-    def __init__(self, config: OperatorConfig, api: kubernetes.client.ApiClient, metrics: OperatorMetrics):
-        self.config = config
-        self.core = kubernetes.client.CoreV1Api(api)
-        self.custom = kubernetes.client.CustomObjectsApi(api)
-        self.metrics = metrics
-        self._locks: dict[str, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
+    def __init__(
+        self,
+        config: OperatorConfig,
+        kube: Kube,
+        store: Store,
+        metrics: OperatorMetrics,
+        poller: StatusPoller | None = None,
+        leading: Callable[[], bool] = lambda: True,
+        identity: str = "whetstone-operator",
+    ) -> None:
+        self.config, self.kube, self.store, self.metrics = config, kube, store, metrics
+        self.poller = poller
+        self.leading = leading
+        self.identity = identity
+        self._failures: dict[str, tuple[CreateFailure, int]] = {}
+        self._refusals_told: dict[str, set[str]] = {}
         self._seen_running: set[str] = set()
-        self._unreachable_until: dict[str, float] = {}
+        self._lock = threading.Lock()
 
-    def _lock(self, uid: str) -> threading.Lock:
-        with self._locks_guard:
-            return self._locks.setdefault(uid, threading.Lock())
+    # --- the pass
 
-    def forget(self, namespace: str, name: str, uid: str) -> None:
-        self.metrics.jobs.forget(namespace, name)
-        with self._locks_guard:
-            self._locks.pop(uid, None)
-        self._seen_running.discard(uid)
-        self._unreachable_until.pop(uid, None)
-
-    # --- reading
-
-    def read_job(self, namespace: str, name: str) -> Json | None:
-        try:
-            return self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, FTJ, name)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-
-    def _poll_due(self, uid: str, cause: str) -> bool:
-        """Rank 0 is read by the resync timer only (pod events would multiply the reads), and not again for
-        a while after it did not answer, so an unreachable pod never ties up the handler threads."""
-        return cause == "resync" and time.monotonic() >= self._unreachable_until.get(uid, 0.0)
-
-    def trainer_report(self, pods: list[PodView]) -> TrainerReport | None:
-        """Rank 0's /status, or None while it cannot answer (starting, restarting, finished)."""
-        master = next((p for p in pods if p.rank == 0 and p.phase == "Running" and not p.deleting), None)
-        if master is None or not master.ip:
-            return None
-        url = f"http://{master.ip}:{self.config.children.status_port}/status"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                return TrainerReport.parse(resp.read(MAX_REPORT_BYTES + 1))
-        except (OSError, ReportError) as e:
-            LOG.debug("trainer report from %s unusable: %s", url, e)
-            return None
-
-    # --- the reconcile
-
-    def reconcile(self, job: Json, pods: Iterable[PodView], cause: str) -> None:
-        meta = job["metadata"]
-        namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
+    def reconcile(self, key: Hashable) -> float | None:
+        """One pass over the job `key` = (namespace, name); returns when to come back (seconds), if ever."""
         started = time.monotonic()
         try:
-            with self._lock(uid):
-                self._reconcile(job, list(pods), cause)
+            again = self._reconcile(key)  # type: ignore[arg-type]
             self.metrics.reconciles.labels("FineTuneJob", "ok").inc()
+            return again
         except Exception:
             self.metrics.reconciles.labels("FineTuneJob", "error").inc()
-            LOG.exception("FineTuneJob %s/%s: reconcile (%s) failed", namespace, name, cause)
             raise
         finally:
             self.metrics.reconcile_duration.labels("FineTuneJob").observe(time.monotonic() - started)
 
-    def _reconcile(self, job: Json, pods: list[PodView], cause: str) -> None:
-        meta = job["metadata"]
-        namespace, name = meta["namespace"], meta["name"]
-        if meta.get("deletionTimestamp"):
-            return
-        now = datetime.now(UTC)
-        plan = lifecycle.plan(job, pods, now)
-        if plan.acts:
-            # The body kopf handed us may predate our own last status write: decide on a fresh read.
-            fresh = self.read_job(namespace, name)
-            if fresh is None or fresh["metadata"].get("deletionTimestamp"):
-                return
-            job = fresh
-            plan = lifecycle.plan(job, pods, now)
-        status = job.get("status") or {}
-        patch: Json = dict(plan.status)
-        new_phase = plan.phase or status.get("phase")
+    def observe(self, job: Json, key: Key) -> Observed:
+        spec = job["spec"]
+        kinds = lifecycle.CHILD_KINDS if self.config.children.network_policy else ("ConfigMap", "Service")
+        graders = self.store.graders(key[0]) if spec.get("method") == "rft" else {}
+        failure = self._failures.get(job["metadata"]["uid"])
+        return Observed(
+            pods=self.store.pods(key),
+            children=self.store.children(key),
+            graders=graders,
+            create_failure=failure[0] if failure else None,
+            child_kinds=kinds,
+        )
 
-        report = None
-        if (
-            new_phase in ("Pending", "Running")
-            and not plan.delete_pods
-            and self._poll_due(meta["uid"], cause)
-        ):
-            report = self.trainer_report(pods)
-            if report is None:
-                self._unreachable_until[meta["uid"]] = time.monotonic() + self.config.progress_seconds
-            # A trainer that is still starting reports step 0; only a training one has progress to tell.
-            if report and report.phase in ("Training", "Finished"):
-                self._sync_checkpoints(job, report, patch)
-                if lifecycle.progress_due(status, now, self.config.progress_seconds, report):
-                    patch["progress"] = lifecycle.progress_from(report, now)
-        if plan.phase == "Succeeded":
-            self._finish(job, status, patch)
+    def _reconcile(self, key: Key) -> float | None:
+        job = self.store.job(key)
+        if job is None or not self.leading():
+            return None
+        meta = job["metadata"]
+        namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
+        self._drop_legacy_finalizers(job)
+        if meta.get("deletionTimestamp"):
+            return None
+        now = datetime.now(UTC)
+        seen = self.observe(job, key)
+        plan = lifecycle.plan(job, seen, now)
+        if plan.destructive:
+            # Deleting pods or ending the job: decide again on a fresh read of the job and its pods.
+            fresh = self.kube.get_job(namespace, name)
+            if (
+                fresh is None
+                or fresh["metadata"].get("uid") != uid
+                or fresh["metadata"].get("deletionTimestamp")
+            ):
+                return None
+            self.store.put_job(fresh)
+            job = self.store.job(key) or fresh
+            listed = self.kube.list_pods(namespace, f"{JOB_LABEL}={name}")
+            seen = replace(seen, pods=self.store.replace_pods(key, listed))
+            plan = lifecycle.plan(job, seen, now)
+        status = job.get("status") or {}
+        old_phase = status.get("phase")
+        patch: Json = dict(plan.status)
+        phase = plan.phase or old_phase
+        checkpoints = self.store.checkpoints(key)
+
+        report_plan = None
+        if phase == R.RUNNING and not plan.delete_pods and not plan.restarted:
+            report_plan = self._use_report(job, seen, status, patch, now)
+        final = None
+        if plan.phase == R.SUCCEEDED:
+            final = self._finish(job, status, patch, checkpoints)
+        if plan.snapshot_graders and not status.get("graders"):
+            patch["graders"] = [
+                {
+                    "name": g.name,
+                    "resourceVersion": g.resource_version,
+                    "generation": g.generation,
+                    **({"secretName": g.secrets[0]} if g.secrets else {}),
+                }
+                for g in plan.snapshot_graders
+            ]
 
         if patch:
-            self.custom.patch_namespaced_custom_object_status(
-                API_GROUP, API_VERSION, namespace, FTJ, name, {"status": patch}
-            )
-        if plan.phase and plan.phase != status.get("phase"):
-            self._announce(job, status.get("phase"), plan, cause)
+            if not self.leading():
+                return None
+            try:
+                job = self.kube.patch_job_status(namespace, name, patch, meta["resourceVersion"])
+            except ApiException as e:
+                if e.status == 404:
+                    return None
+                if e.status == 409:
+                    # Someone (another replica, a user) wrote since: plan again on the newer object.
+                    fresh = self.kube.get_job(namespace, name)
+                    LOG.info(
+                        "FineTuneJob %s/%s: changed since resourceVersion %s (now %s, by %s); planning again",
+                        namespace,
+                        name,
+                        meta["resourceVersion"],
+                        (fresh or {}).get("metadata", {}).get("resourceVersion"),
+                        _last_writer(fresh),
+                    )
+                    if fresh is not None:
+                        self.store.put_job(fresh)
+                    return 0.0
+                raise
+            self.store.put_job(job)
+        if plan.phase and plan.phase != old_phase:
+            self._announce(job, old_phase, plan)
+        for etype, reason, message in plan.events:
+            self._event(job, etype, reason, message)
+        if "progress" in patch:
+            self.metrics.set_progress(namespace, name, patch["progress"])
 
-        attempt = int(patch.get("restartCount", status.get("restartCount", 0)))
-        if plan.delete_pods:
-            self._delete_pods(namespace, pods, active_only=plan.delete_active_pods_only)
-        if plan.create_pods:
-            self._create_children(job, attempt, pods)
+        again = self._act(job, key, plan, seen)
+        self._sync_checkpoints(job, report_plan, final, checkpoints)
+        if phase:
+            self.metrics.jobs.set(namespace, name, phase)
+        return again if again is not None else plan.requeue_after
+
+    # --- the trainer's report
+
+    def _use_report(self, job: Json, seen: Observed, status: Json, patch: Json, now: datetime):
+        """Start a /status read of rank 0 when one is due; use the last finished one."""
+        if self.poller is None:
+            return None
+        meta = job["metadata"]
+        pkey = (meta["namespace"], meta["name"], meta["uid"])
+        attempt = lifecycle.current_attempt(status)
+        master = next(
+            (
+                p
+                for p in seen.pods
+                if p.owner_uid == meta["uid"]
+                and p.rank == 0
+                and p.attempt == attempt
+                and p.live
+                and p.phase == "Running"
+            ),
+            None,
+        )
+        if master is not None and master.ip and self.poller.due(pkey, self.config.progress_seconds):
+            self.poller.request(pkey, master.ip, self.config.children.status_port)
+        result = self.poller.take(pkey)
+        if result is None:
+            return None
+        report = result.report
+        if report is None:
+            LOG.debug(
+                "FineTuneJob %s/%s: /status unusable: %s", meta["namespace"], meta["name"], result.error
+            )
+            return None
+        # A trainer that is still starting reports step 0; only a training one has progress to tell.
+        if report.job != meta["name"] or report.phase not in ("Training", "Finished"):
+            return None
+        progress = reports.progress_from(report, now)
+        if reports.progress_due(
+            status, now, self.config.progress_seconds, progress, report.phase == "Finished"
+        ):
+            patch["progress"] = progress
+        plan = reports.checkpoints_from_report(
+            job, report, self.store.checkpoints((meta["namespace"], meta["name"]))
+        )
+        if plan.latest and status.get("latestCheckpoint") != plan.latest:
+            patch["latestCheckpoint"] = plan.latest
+        return plan
+
+    def _finish(self, job: Json, status: Json, patch: Json, checkpoints: list) -> reports.FinalPlan:
+        """On success: status.outputUri and the final step; the export Checkpoint follows after the write."""
+        progress = dict(status.get("progress") or {})
+        total = progress.get("totalSteps")
+        if total is not None:
+            progress.update(step=total, steps=f"{total}/{total}", etaSeconds=0)
+            patch["progress"] = progress
+        final = reports.final_from({**job, "status": {**status, **patch}}, checkpoints)
+        patch["outputUri"] = final.output
+        return final
+
+    # --- acting
+
+    def _act(self, job: Json, key: Key, plan: lifecycle.Plan, seen: Observed) -> float | None:
+        meta = job["metadata"]
+        namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
+        views = {p.name: p for p in seen.pods}
+        for pod in plan.delete_pods:
+            view = views.get(pod)
+            self.kube.delete_pod(namespace, pod, view.uid if view else "")
+        for view in plan.force_delete:
+            self._force_delete(job, view)
+        again = None
+        if plan.create_children or plan.create_pods:
+            again = self._create_children(job, key, plan, seen)
         if plan.delete_job:
             LOG.info("FineTuneJob %s/%s: ttlSecondsAfterFinished reached, deleting the job", namespace, name)
-            self._ignore_404(
-                self.custom.delete_namespaced_custom_object, API_GROUP, API_VERSION, namespace, FTJ, name
-            )
-        if new_phase:
-            self.metrics.jobs.set(namespace, name, new_phase)
+            self.kube.delete_job(namespace, name, uid)
+        return again
 
-    def _announce(self, job: Json, old: str | None, plan: lifecycle.Plan, cause: str) -> None:
+    def _force_delete(self, job: Json, pod: PodView) -> None:
+        """A pod still there past its grace period (plus a margin): force-delete it only when its node is
+        gone or not Ready (a live kubelet is still stopping it, and two copies of one rank must never run)."""
+        try:
+            ready = self.kube.node_ready(pod.node) if pod.node else None
+        except ApiException as e:
+            LOG.warning("node %s of pod %s: %s %s", pod.node, pod.name, e.status, e.reason)
+            return
+        if ready:
+            return
+        self.kube.delete_pod(job["metadata"]["namespace"], pod.name, pod.uid, grace_seconds=0)
+        state = "gone" if ready is None else "not ready"
+        message = f"pod {pod.name} was stuck terminating on node {pod.node or '?'} ({state}): force-deleted"
+        LOG.warning("FineTuneJob %s/%s: %s", job["metadata"]["namespace"], job["metadata"]["name"], message)
+        self._event(job, "Warning", R.EVENT_FORCE_DELETED, message)
+
+    def _create_children(self, job: Json, key: Key, plan: lifecycle.Plan, seen: Observed) -> float | None:
+        meta, status = job["metadata"], job.get("status") or {}
+        namespace, uid = meta["namespace"], meta["uid"]
+        settings = self.config.children
+        graders = []
+        for g in plan.snapshot_graders:
+            body = self.store.grader_body(namespace, g.name)
+            if body is None:
+                return 1.0
+            graders.append(body)
+        builders = {
+            "ConfigMap": (self.kube.create_config_map, lambda: children.config_map(job, graders)),
+            "Service": (self.kube.create_service, lambda: children.headless_service(job, settings)),
+            "NetworkPolicy": (
+                self.kube.create_network_policy,
+                lambda: children.network_policy(job, settings),
+            ),
+        }
+        for kind in plan.create_children:
+            create, build = builders[kind]
+            if not self._create(job, kind, create, build):
+                return 0.0
+        if plan.create_pods:
+            attempt = lifecycle.current_attempt(status)
+            secrets = [g["secretName"] for g in status.get("graders") or [] if g.get("secretName")]
+            present = {
+                p.name for p in seen.pods if not p.gone and p.owner_uid == uid and p.attempt == attempt
+            }
+            for rank in range(int(job["spec"].get("nodes", 1))):
+                if pod_name(meta["name"], rank) in present:
+                    continue
+                build = lambda rank=rank: children.trainer_pod(job, rank, attempt, settings, secrets)  # noqa: E731
+                if not self._create(job, "Pod", self.kube.create_pod, build):
+                    return 0.0
+        with self._lock:
+            had = self._failures.pop(uid, None)
+        if had is not None:
+            LOG.info("FineTuneJob %s/%s: created what the API server refused before", namespace, meta["name"])
+            return 0.0  # write Created=True at once
+        return None
+
+    def _create(
+        self, job: Json, kind: str, create: Callable[[str, Json], Any], build: Callable[[], Json]
+    ) -> bool:
+        """Create a child; AlreadyExists is done (whose it is, the watch tells). A refusal is remembered
+        with a back-off, and the next pass reports it."""
+        meta = job["metadata"]
+        body: Json | None = None
+        try:
+            body = build()
+            create(meta["namespace"], body)
+            return True
+        except ApiException as e:
+            if e.status == 409:
+                return True
+            refusal = server_message(e)
+        except (ValueError, TypeError) as e:  # a body the client will not send (pydantic's ValidationError)
+            refusal = server_message(e)
+        child = ((body or {}).get("metadata") or {}).get("name") or meta["name"]
+        message = f"{kind} {child}: {refusal}"
+        now = datetime.now(UTC)
+        with self._lock:
+            previous = self._failures.get(meta["uid"])
+            n = previous[1] + 1 if previous else 0
+            delay = min(CREATE_BACKOFF[0] * 2**n, CREATE_BACKOFF[1])
+            since = previous[0].since if previous else now
+            self._failures[meta["uid"]] = (CreateFailure(message, since, now + timedelta(seconds=delay)), n)
+        LOG.warning(
+            "FineTuneJob %s/%s: create refused (retry in %.0f s): %s",
+            meta["namespace"],
+            meta["name"],
+            delay,
+            message,
+        )
+        return False
+
+    def _drop_legacy_finalizers(self, job: Json) -> None:
+        meta = job["metadata"]
+        finalizers = meta.get("finalizers") or []
+        kept = [f for f in finalizers if f not in LEGACY_FINALIZERS]
+        if kept == finalizers or not self.leading():
+            return
+        try:
+            self.kube.remove_finalizer(meta["namespace"], meta["name"], kept, meta["resourceVersion"])
+            LOG.info(
+                "FineTuneJob %s/%s: removed the finalizer of an earlier operator version",
+                meta["namespace"],
+                meta["name"],
+            )
+        except ApiException as e:
+            if e.status not in (404, 409):
+                raise
+
+    # --- Checkpoints
+
+    def _sync_checkpoints(
+        self, job: Json, plan: reports.CheckpointPlan | None, final: reports.FinalPlan | None, existing: list
+    ) -> None:
         meta = job["metadata"]
         namespace, name = meta["namespace"], meta["name"]
-        etype, reason, message = plan.event or ("Normal", plan.phase or "", "")
+        orphan = set(reports.keep_annotated(job, existing))
+        delete: list[str] = []
+        pruned: list[str] = []
+        refused: list[str] = []
+        if plan is not None:
+            for c in plan.create:
+                body = children.checkpoint_resource(job, c.step, c.uri, c.kind, c.metrics)
+                if self._create_checkpoint(namespace, body):
+                    LOG.info(
+                        "FineTuneJob %s/%s: checkpoint %s at step %s",
+                        namespace,
+                        name,
+                        body["metadata"]["name"],
+                        c.step,
+                    )
+            delete += plan.delete
+            pruned += plan.mark_pruned
+            refused += plan.refused
+            orphan |= set(plan.orphan)
+        if final is not None:
+            if final.create_final:
+                body = children.checkpoint_resource(job, final.step, final.output, "export")
+                self._create_checkpoint(namespace, body)
+            delete += final.delete
+            pruned += final.mark_pruned
+            if final.refused:
+                refused.append(final.refused)
+        for cname in sorted(orphan):
+            self.kube.orphan_checkpoint(namespace, cname)
+            LOG.info(
+                "FineTuneJob %s/%s: Checkpoint %s kept (no longer owned by the job)", namespace, name, cname
+            )
+        for cname in delete:
+            self.kube.delete_checkpoint(namespace, cname)
+        for cname in pruned:
+            self.kube.patch_checkpoint_status(namespace, cname, {"phase": R.CHECKPOINT_PRUNED})
+        told = self._refusals_told.setdefault(meta["uid"], set())
+        for message in refused:
+            if message not in told:
+                told.add(message)
+                self._event(job, "Warning", R.EVENT_CHECKPOINT_REFUSED, message)
+
+    def _create_checkpoint(self, namespace: str, body: Json) -> bool:
+        try:
+            created = self.kube.create_checkpoint(namespace, body)
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise
+        # The trainer reports only what it finished writing: the checkpoint is in storage now.
+        status = {
+            "phase": R.CHECKPOINT_AVAILABLE,
+            "createdTime": lifecycle.rfc3339(datetime.now(UTC)),
+            "observedGeneration": created["metadata"].get("generation", 1),
+        }
+        self.kube.patch_checkpoint_status(namespace, body["metadata"]["name"], status)
+        self.metrics.checkpoints.labels(namespace).inc()
+        return True
+
+    # --- telling
+
+    def _announce(self, job: Json, old: str | None, plan: lifecycle.Plan) -> None:
+        meta = job["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        _, reason, message = plan.events[0] if plan.events else ("Normal", plan.phase or "", "")
         LOG.info("FineTuneJob %s/%s: %s -> %s (%s): %s", namespace, name, old, plan.phase, reason, message)
-        kopf.event(job, type=etype, reason=reason, message=message)
         self.metrics.transitions.labels(namespace, plan.phase).inc()
         if plan.restarted:
-            self.metrics.restarts.labels(namespace).inc()
-        if plan.phase == "Running" and meta["uid"] not in self._seen_running:
+            (self.metrics.disruptions if plan.disrupted else self.metrics.restarts).labels(namespace).inc()
+        if plan.phase == R.RUNNING and meta["uid"] not in self._seen_running:
             self._seen_running.add(meta["uid"])
-            created = lifecycle.parse_time(meta.get("creationTimestamp"))
+            created = parse_time(meta.get("creationTimestamp"))
             if created and not int((job.get("status") or {}).get("restartCount", 0)):
                 self.metrics.time_to_running.labels(namespace).observe(
                     (datetime.now(UTC) - created).total_seconds()
                 )
 
-    # --- acting
-
-    @staticmethod
-    def _ignore_404(fn: Any, *args: Any, **kwargs: Any) -> None:
+    def _event(self, job: Json, etype: str, reason: str, message: str) -> None:
         try:
-            fn(*args, **kwargs)
-        except ApiException as e:
-            if e.status != 404:
-                raise
+            self.kube.create_event(job, "FineTuneJob", etype, reason, message, self.identity)
+        except (ApiException, OSError, ValueError) as e:
+            LOG.warning(
+                "FineTuneJob %s/%s: event %s not posted: %s",
+                job["metadata"]["namespace"],
+                job["metadata"]["name"],
+                reason,
+                e,
+            )
 
-    def _create(self, fn: Any, namespace: str, body: Json) -> bool:
-        """Create; AlreadyExists means an earlier reconcile (maybe of another operator process) did it."""
-        try:
-            fn(namespace, body)
-            return True
-        except ApiException as e:
-            if e.status == 409:
-                return False
-            raise
-
-    def _create_children(self, job: Json, attempt: int, pods: list[PodView]) -> None:
-        namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
-        self._create(self.core.create_namespaced_config_map, namespace, children.config_map(job))
-        self._create(
-            self.core.create_namespaced_service,
-            namespace,
-            children.headless_service(job, self.config.children),
-        )
-        present = {p.name for p in pods}
-        for rank in range(int(job["spec"].get("nodes", 1))):
-            if pod_name(name, rank) in present:
-                continue
-            body = children.trainer_pod(job, rank, attempt, self.config.children)
-            if self._create(self.core.create_namespaced_pod, namespace, body):
-                LOG.debug("FineTuneJob %s/%s: created pod %s", namespace, name, body["metadata"]["name"])
-
-    def _delete_pods(self, namespace: str, pods: list[PodView], active_only: bool) -> None:
-        for p in pods:
-            if p.deleting or (active_only and p.phase not in ("Pending", "Running")):
-                continue
-            self._ignore_404(self.core.delete_namespaced_pod, p.name, namespace)
-
-    # --- progress and checkpoints
-
-    def _existing_checkpoints(self, namespace: str, name: str) -> dict[str, Json]:
-        listed = self.custom.list_namespaced_custom_object(
-            API_GROUP, API_VERSION, namespace, CKPT, label_selector=f"{JOB_LABEL}={name}"
-        )
-        return {c["metadata"]["name"]: c for c in listed.get("items", [])}
-
-    def _sync_checkpoints(self, job: Json, report: TrainerReport, patch: Json) -> None:
-        namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
-        kept = report.checkpoints
-        existing = self._existing_checkpoints(namespace, name)
-        wanted = {checkpoint_resource_name(name, c.step): c for c in kept}
-        for cname, c in wanted.items():
-            if cname in existing:
-                continue
-            body = children.checkpoint_resource(job, c.step, uri_of_pod_path(c.uri), c.kind, c.metrics)
-            if self._create(self._create_checkpoint, namespace, body):
-                self.metrics.checkpoints.labels(namespace).inc()
-                LOG.info("FineTuneJob %s/%s: checkpoint %s at step %s", namespace, name, cname, c.step)
-        # The trainer's list of kept checkpoints is authoritative: what it pruned goes.
-        for cname, c in existing.items():
-            if c["spec"].get("kind") == "resumable" and cname not in wanted:
-                self._delete_checkpoint(namespace, cname)
-        if kept:
-            latest = max(kept, key=lambda c: c.step)
-            ref = {
-                "name": checkpoint_resource_name(name, latest.step),
-                "step": latest.step,
-                "uri": uri_of_pod_path(latest.uri),
-            }
-            if (job.get("status") or {}).get("latestCheckpoint") != ref:
-                patch["latestCheckpoint"] = ref
-
-    def _delete_checkpoint(self, namespace: str, name: str) -> None:
-        self._ignore_404(
-            self.custom.delete_namespaced_custom_object, API_GROUP, API_VERSION, namespace, CKPT, name
-        )
-
-    def _create_checkpoint(self, namespace: str, body: Json) -> None:
-        created = self.custom.create_namespaced_custom_object(API_GROUP, API_VERSION, namespace, CKPT, body)
-        # The trainer reports only what it finished writing: the checkpoint is in storage now.
-        status = {
-            "phase": "Available",
-            "createdTime": lifecycle.rfc3339(datetime.now(UTC)),
-            "observedGeneration": created["metadata"].get("generation", 1),
-        }
-        self.custom.patch_namespaced_custom_object_status(
-            API_GROUP, API_VERSION, namespace, CKPT, body["metadata"]["name"], {"status": status}
-        )
-
-    def _finish(self, job: Json, status: Json, patch: Json) -> None:
-        """On success: the final adapter or model as an export Checkpoint, and status.outputUri."""
-        namespace = job["metadata"]["namespace"]
-        output = job["spec"]["output"]["uri"].rstrip("/") + "/final"
-        patch["outputUri"] = output
-        progress = dict(status.get("progress") or {})
-        step = progress.get("totalSteps") or progress.get("step") or 0
-        if progress and progress.get("totalSteps") is not None:
-            progress.update(step=step, steps=f"{step}/{step}", etaSeconds=0)
-            patch["progress"] = progress
-        body = children.checkpoint_resource(job, int(step), output, "export")
-        if self._create(self._create_checkpoint, namespace, body):
-            self.metrics.checkpoints.labels(namespace).inc()
-        total = progress.get("totalSteps") or (job["spec"].get("hyperparameters") or {}).get("maxSteps")
-        if total:
-            kept = lifecycle.checkpoints_kept_at_end(job["spec"], int(total))
-            for cname, c in self._existing_checkpoints(namespace, job["metadata"]["name"]).items():
-                if c["spec"].get("kind") == "resumable" and int(c["spec"]["step"]) not in kept:
-                    self._delete_checkpoint(namespace, cname)
+    def forget(self, namespace: str, name: str, uid: str) -> None:
+        self.metrics.forget_job(namespace, name)
+        with self._lock:
+            self._failures.pop(uid, None)
+        self._refusals_told.pop(uid, None)
+        self._seen_running.discard(uid)
+        if self.poller is not None:
+            self.poller.forget((namespace, name, uid))
 
 
-def register(registry: kopf.OperatorRegistry, config: OperatorConfig, state: dict[str, Any]) -> None:
-    """Register the handlers; `state["reconciler"]` is filled in at startup (it needs the API client)."""
+class Resync(threading.Thread):
+    """Queues every known job every `seconds`: the level-based safety net (watch streams can miss events)."""
 
-    def reconciler() -> Reconciler:
-        return state["reconciler"]
+    def __init__(self, store: Store, queue: WorkQueue, seconds: float, ready: threading.Event) -> None:
+        super().__init__(name="resync", daemon=True)
+        self.store, self.queue, self.seconds, self.ready = store, queue, seconds, ready
+        self.stopping = threading.Event()
 
-    def job_pods(index: kopf.Index, namespace: str, name: str) -> list[PodView]:
-        return list(index.get((namespace, name), []))
-
-    @kopf.index("pods", id="pods_by_job", labels={JOB_LABEL: kopf.PRESENT}, registry=registry)
-    def pods_by_job(namespace: str, labels: Json, body: kopf.Body, **_: Any) -> Json:
-        return {(namespace, labels[JOB_LABEL]): PodView.of(_plain(body))}
-
-    @kopf.on.create(API_GROUP, API_VERSION, FTJ, id="job", backoff=5, registry=registry)
-    @kopf.on.resume(API_GROUP, API_VERSION, FTJ, id="job", backoff=5, registry=registry)
-    def job_appeared(
-        body: kopf.Body, namespace: str, name: str, pods_by_job: kopf.Index, reason: str, **_: Any
-    ):
-        reconciler().reconcile(_plain(body), job_pods(pods_by_job, namespace, name), str(reason))
-
-    @kopf.on.field(
-        API_GROUP, API_VERSION, FTJ, id="suspend", field="spec.suspend", backoff=5, registry=registry
-    )
-    def suspend_changed(
-        body: kopf.Body, namespace: str, name: str, pods_by_job: kopf.Index, **_: Any
-    ) -> None:
-        reconciler().reconcile(_plain(body), job_pods(pods_by_job, namespace, name), "suspend")
-
-    @kopf.timer(API_GROUP, API_VERSION, FTJ, id="resync", interval=config.resync_seconds, registry=registry)
-    def resync(body: kopf.Body, namespace: str, name: str, pods_by_job: kopf.Index, **_: Any) -> None:
-        reconciler().reconcile(_plain(body), job_pods(pods_by_job, namespace, name), "resync")
-
-    @kopf.on.event(API_GROUP, API_VERSION, FTJ, id="job_event", registry=registry)
-    def job_event(type: str | None, namespace: str, name: str, uid: str, **_: Any) -> None:
-        state["metrics"].watch_events.labels(FTJ).inc()
-        state["metrics"].last_watch_event.labels(FTJ).set_to_current_time()
-        if type == "DELETED":
-            reconciler().forget(namespace, name, uid)
-
-    @kopf.on.event("pods", id="pod_event", labels={JOB_LABEL: kopf.PRESENT}, registry=registry)
-    def pod_event(
-        type: str | None, body: kopf.Body, namespace: str, labels: Json, pods_by_job: kopf.Index, **_: Any
-    ) -> None:
-        state["metrics"].watch_events.labels("pods").inc()
-        state["metrics"].last_watch_event.labels("pods").set_to_current_time()
-        if type is None:  # the initial listing; the resume handlers cover it
-            return
-        # React to a pod's change now instead of at the next resync; only phase-relevant changes matter.
-        view = PodView.of(_plain(body))
-        if type != "DELETED" and view.phase == "Pending" and not view.deleting:
-            return
-        job_name = labels[JOB_LABEL]
-        job = reconciler().read_job(namespace, job_name)
-        if job is not None:
-            reconciler().reconcile(job, job_pods(pods_by_job, namespace, job_name), f"pod {type}")
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            if self.ready.wait(1.0):
+                for key in self.store.job_keys():
+                    self.queue.add(key)
+                self.stopping.wait(self.seconds)
 
 
-def _plain(body: kopf.Body | Json) -> Json:
-    # kopf's Body is a read-only live view; the lifecycle works on plain dicts.
-    return json.loads(json.dumps(dict(body)))
+def register(
+    registry: kopf.OperatorRegistry,
+    store: Store,
+    queue: WorkQueue,
+    metrics: OperatorMetrics,
+    ready: threading.Event,
+    forget: Callable[[str, str, str], None],
+) -> None:
+    """kopf handlers that only fill the cache and queue jobs: an index handler per resource fills the cache
+    before kopf lets any event handler run (kopf waits for every index's first listing), an event handler
+    handles deletions and queues the job."""
+
+    def seen(plural: str) -> None:
+        metrics.watch_events.labels(plural).inc()
+        metrics.last_watch_event.labels(plural).set_to_current_time()
+        ready.set()  # kopf runs event handlers only once every watched resource was listed
+
+    for w in WATCHED:
+        _register_one(registry, w, store, queue, seen, forget)
+
+
+def _register_one(
+    registry: kopf.OperatorRegistry,
+    w: Watched,
+    store: Store,
+    queue: WorkQueue,
+    seen: Callable[[str], None],
+    forget: Callable[[str, str, str], None],
+) -> None:
+    group_version = (w.group, w.version, w.plural) if w.group else (w.version, w.plural)
+
+    def put(obj: Json) -> Key | None:
+        if w.plural == "finetunejobs":
+            return store.put_job(obj)
+        if w.plural == "rewardgraders":
+            store.put_grader(obj)
+            return None
+        if w.plural == "pods":
+            return store.put_pod(obj)
+        if w.plural == "checkpoints":
+            return store.put_checkpoint(obj)
+        return store.put_child(CHILD_KINDS[w.plural], obj)
+
+    def remove(obj: Json) -> Key | None:
+        if w.plural == "finetunejobs":
+            meta = obj["metadata"]
+            forget(meta["namespace"], meta["name"], meta["uid"])
+            store.remove_job(obj)
+            return None
+        if w.plural == "rewardgraders":
+            store.remove_grader(obj)
+            return None
+        if w.plural == "pods":
+            return store.remove_pod(obj)
+        if w.plural == "checkpoints":
+            return store.remove_checkpoint(obj)
+        return store.remove_child(CHILD_KINDS[w.plural], obj)
+
+    @kopf.index(*group_version, id=f"cache_{w.plural}", registry=registry)
+    async def cache(body: kopf.Body, **_: Any) -> None:
+        put(dict(body))
+
+    @kopf.on.event(*group_version, id=f"event_{w.plural}", registry=registry)
+    async def changed(event: Json, **_: Any) -> None:
+        seen(w.plural)
+        obj = event.get("object") or {}
+        key = remove(obj) if event.get("type") == "DELETED" else put(obj)
+        if key is not None:
+            queue.add(key)
+        if w.plural == "rewardgraders":
+            # A grader changed: the RFT jobs of its namespace still waiting for their graders look again.
+            namespace = (obj.get("metadata") or {}).get("namespace", "")
+            for job in store.jobs_in(namespace):
+                if job["spec"].get("method") == "rft" and not (job.get("status") or {}).get("graders"):
+                    queue.add((namespace, job["metadata"]["name"]))
+
+
+def label_selectors() -> dict[tuple[str, ...], str]:
+    """The server-side label selectors of the watches (settings.watching.label_selectors)."""
+    return {
+        ((w.group, w.plural) if w.group else (w.plural,)): w.selector
+        for w in WATCHED
+        if w.selector is not None
+    }

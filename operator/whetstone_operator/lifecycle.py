@@ -1,10 +1,15 @@
-"""The life of a FineTuneJob as a pure function: from the job and its pods, what the status becomes and what
-must be done. The kopf handlers (handlers.py) only observe, call `plan`, and carry the plan out, so every
-transition is unit-tested without a cluster (tests/test_operator_lifecycle.py).
+"""The life of a FineTuneJob as a pure function: from the job and what the operator observes of its children,
+what the status becomes and what must be done. The reconciler (handlers.py) only observes, calls `plan`, and
+carries the plan out, so every transition is unit-tested without a cluster (tests/test_operator_lifecycle.py).
 
 Phases: Pending → (Suspended) → Running → Succeeded | Failed, with Restarting between attempts. The status
-is the operator's memory: the phase, the restart count (the attempt number that labels the pods) and the
-start time survive an operator restart because they live on the object, never only in this process.
+is the operator's memory: the phase, the attempt (which labels the pods), the restart and disruption counts
+and the start time survive an operator restart because they live on the object, never only in this process.
+
+Only objects this job controls count: a pod, ConfigMap, Service or NetworkPolicy with one of our names but
+another controller (an earlier job of the same name, or anything else) is waited for while it is being
+deleted and reported (Stalled, NameConflict) otherwise, never adopted. Every group restart and every resume
+starts a new attempt, so pods of an earlier attempt never count.
 """
 
 from __future__ import annotations
@@ -14,53 +19,40 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from whetstone_api import reasons as R
-from whetstone_api.wire import TrainerReport
 
-from .children import ATTEMPT_LABEL, RANK_LABEL
+from .failures import Judgement, Verdict, judge, worst
+from .views import ChildView, GraderView, PodView, parse_time, rfc3339
 
 Json = dict[str, Any]
 
+# A pod still there this long after its grace period ended sits on a node that no longer answers.
+STUCK_TERMINATING_MARGIN = timedelta(seconds=30)
+# Kinds of the job's children besides pods, in the order they are created (pods mount the ConfigMap).
+CHILD_KINDS = ("ConfigMap", "Service", "NetworkPolicy")
+# Most pods named in one message.
+MAX_NAMED = 4
+
 
 @dataclass(frozen=True)
-class PodView:
-    """What the lifecycle needs to know about one trainer pod."""
+class CreateFailure:
+    """The API server refused to create a child; retried at `retry_at`."""
 
-    name: str
-    rank: int
-    attempt: int
-    phase: str
-    deleting: bool = False
-    ip: str | None = None
-    exit_code: int | None = None
-    reason: str | None = None
+    message: str
+    since: datetime
+    retry_at: datetime
 
-    @classmethod
-    def of(cls, pod: Json) -> PodView:
-        meta, status = pod.get("metadata", {}), pod.get("status") or {}
-        labels = meta.get("labels") or {}
-        exit_code = reason = None
-        for cs in status.get("containerStatuses") or []:
-            term = (cs.get("state") or {}).get("terminated")
-            if term and term.get("exitCode", 0) != 0:
-                exit_code, reason = term.get("exitCode"), term.get("reason")
-        return cls(
-            name=meta.get("name", ""),
-            rank=int(labels.get(RANK_LABEL, "-1")),
-            attempt=int(labels.get(ATTEMPT_LABEL, "-1")),
-            phase=status.get("phase") or "Pending",
-            deleting=bool(meta.get("deletionTimestamp")),
-            ip=status.get("podIP"),
-            exit_code=exit_code,
-            reason=reason or status.get("reason"),
-        )
 
-    def describe_failure(self) -> str:
-        parts = [f"pod {self.name} failed"]
-        if self.exit_code is not None:
-            parts.append(f"exit code {self.exit_code}")
-        if self.reason:
-            parts.append(f"reason {self.reason}")
-        return ", ".join(parts)
+@dataclass(frozen=True)
+class Observed:
+    """What the operator sees of one job: every pod labelled with its name (ours or not, live or just gone),
+    the other children by kind, the namespace's RewardGraders the job names (RFT), and the last refusal of a
+    create."""
+
+    pods: list[PodView] = field(default_factory=list)
+    children: dict[str, ChildView] = field(default_factory=dict)
+    graders: dict[str, GraderView] = field(default_factory=dict)
+    create_failure: CreateFailure | None = None
+    child_kinds: tuple[str, ...] = CHILD_KINDS
 
 
 @dataclass
@@ -68,13 +60,17 @@ class Plan:
     """What `plan` decided. `status` is a merge patch of .status (empty: nothing to write)."""
 
     status: Json = field(default_factory=dict)
+    create_children: list[str] = field(default_factory=list)
     create_pods: bool = False
-    delete_pods: bool = False
-    # Only the pods that are still pending or running (a finished job keeps its failed pods for their logs).
-    delete_active_pods_only: bool = False
+    delete_pods: list[str] = field(default_factory=list)
+    # Pods stuck terminating past their grace period: force-deleted if their node is gone or not ready.
+    force_delete: list[PodView] = field(default_factory=list)
     delete_job: bool = False
-    event: tuple[str, str, str] | None = None  # (type, reason, message)
+    # RFT: the graders to snapshot into the ConfigMap (and status) as the job starts.
+    snapshot_graders: list[GraderView] = field(default_factory=list)
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     restarted: bool = False
+    disrupted: bool = False
     requeue_after: float | None = None
 
     @property
@@ -82,102 +78,187 @@ class Plan:
         return self.status.get("phase")
 
     @property
-    def acts(self) -> bool:
-        """True when the plan changes the world beyond status (decide these on a fresh read)."""
-        return self.create_pods or self.delete_pods or self.delete_job or bool(self.status.get("phase"))
+    def destructive(self) -> bool:
+        """Deletes pods or ends the job: decided again on a fresh read before it is carried out."""
+        return bool(self.delete_pods) or self.restarted or self.phase == R.FAILED or self.delete_job
+
+    def requeue(self, seconds: float) -> None:
+        seconds = max(seconds, 1.0)
+        self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
 
 
-def rfc3339(t: datetime) -> str:
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def current_attempt(status: Json) -> int:
+    # Jobs written before status.attempt existed labelled their pods with the restart count.
+    value = status.get("attempt")
+    return int(value if value is not None else status.get("restartCount", 0))
 
 
-def parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def conditions_for(
-    previous: list[Json], true_type: set[str], reason: str, message: str, generation: int, now: datetime
-) -> list[Json]:
-    """All six conditions with explicit True/False; lastTransitionTime moves only when the status does."""
-    old = {c["type"]: c for c in previous or []}
-    out = []
-    for t in R.JOB_CONDITION_TYPES:
-        status = "True" if t in true_type else "False"
-        prev = old.get(t)
-        if prev and prev.get("status") == status:
-            cond = dict(prev)
-            if status == "True":
-                cond.update(reason=reason, message=message)
-            cond["observedGeneration"] = generation
-        else:
-            cond = {
-                "type": t,
-                "status": status,
-                "reason": reason if status == "True" else _false_reason(t, reason),
-                "message": message if status == "True" else "",
-                "lastTransitionTime": rfc3339(now),
-                "observedGeneration": generation,
-            }
-        out.append(cond)
-    return out
-
-
-def _false_reason(condition: str, reason: str) -> str:
-    if condition == "Suspended" and reason == "Resumed":
-        return "Resumed"
-    return reason
-
-
-# Which conditions hold in each phase. Created stays True once the children exist.
+# Which phase conditions hold in each phase. Created stays True once the children exist.
 _TRUE_IN = {
-    "Pending": {"Created"},
-    "Running": {"Created", "Running"},
-    "Restarting": {"Created", "Restarting"},
-    "Suspended": {"Suspended"},
-    "Succeeded": {"Created", "Succeeded"},
-    "Failed": {"Created", "Failed"},
+    R.PENDING: {R.CREATED},
+    R.RUNNING: {R.CREATED, R.COND_RUNNING},
+    R.RESTARTING: {R.CREATED, R.COND_RESTARTING},
+    R.SUSPENDED: {R.COND_SUSPENDED},
+    R.SUCCEEDED: {R.CREATED, R.COND_SUCCEEDED},
+    R.FAILED: {R.CREATED, R.COND_FAILED},
 }
 
 
-def transition(
-    plan: Plan, job: Json, phase: str, reason: str, message: str, now: datetime, warning: bool = False
-) -> None:
+@dataclass
+class _Desired:
+    """The status the plan wants; turned into a patch of what differs from the current status."""
+
+    phase: str
+    reason: str
+    message: str
+    created: tuple[bool, str, str] | None = None  # (status, reason, message) overriding the phase's
+    stalled: tuple[str, str] | None = None  # (reason, message)
+    graders: tuple[bool, str, str] | None = None  # GradersReady (RFT jobs)
+    fields: Json = field(default_factory=dict)
+
+
+def _condition(
+    previous: Json | None, ctype: str, status: bool, reason: str, message: str, keep_text: bool, gen: int, now
+) -> Json:
+    text = "True" if status else "False"
+    if previous and previous.get("status") == text:
+        cond = dict(previous)
+        if not keep_text:
+            cond.update(reason=reason, message=message)
+        cond["observedGeneration"] = gen
+        return cond
+    return {
+        "type": ctype,
+        "status": text,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": rfc3339(now),
+        "observedGeneration": gen,
+    }
+
+
+def conditions_for(job: Json, d: _Desired, now: datetime) -> list[Json]:
+    """Every condition with an explicit True/False; lastTransitionTime moves only when the status does."""
     status = job.get("status") or {}
-    generation = job["metadata"].get("generation", 1)
-    true_types = set(_TRUE_IN[phase])
-    if phase == "Suspended" and status.get("phase") not in (None, "Pending", "Suspended"):
-        true_types.add("Created")
-    plan.status.update(
-        phase=phase,
-        message=message,
-        observedGeneration=generation,
-        conditions=conditions_for(
-            status.get("conditions") or [], true_types, reason, message, generation, now
+    gen = job["metadata"].get("generation", 1)
+    old = {c.get("type"): c for c in status.get("conditions") or []}
+    true_types = set(_TRUE_IN[d.phase])
+    if d.phase == R.SUSPENDED and status.get("phase") not in (None, R.PENDING, R.SUSPENDED):
+        true_types.add(R.CREATED)
+    out = []
+    for t in R.JOB_CONDITION_TYPES:
+        if t == R.CREATED and d.created is not None:
+            value, reason, message = d.created
+            out.append(_condition(old.get(t), t, value, reason, message, False, gen, now))
+        elif t in true_types:
+            out.append(_condition(old.get(t), t, True, d.reason, d.message, False, gen, now))
+        else:
+            reason = R.REASON_RESUMED if t == R.COND_SUSPENDED and d.reason == R.REASON_RESUMED else d.reason
+            out.append(_condition(old.get(t), t, False, reason, "", True, gen, now))
+    if d.stalled:
+        out.append(_condition(old.get(R.STALLED), R.STALLED, True, *d.stalled, False, gen, now))
+    else:
+        out.append(
+            _condition(old.get(R.STALLED), R.STALLED, False, R.REASON_NOT_STALLED, "", False, gen, now)
+        )
+    if d.graders is not None:
+        value, reason, message = d.graders
+        out.append(
+            _condition(old.get(R.GRADERS_READY), R.GRADERS_READY, value, reason, message, False, gen, now)
+        )
+    return out
+
+
+def _apply(out: Plan, job: Json, d: _Desired, now: datetime, warning: bool = False) -> None:
+    """Write the desired status into the plan as a patch of what changed, with its Events."""
+    status = job.get("status") or {}
+    gen = job["metadata"].get("generation", 1)
+    message = d.stalled[1] if d.stalled and d.phase not in R.TERMINAL_PHASES else d.message
+    wanted: Json = {
+        "phase": d.phase,
+        "message": message,
+        "observedGeneration": gen,
+        "conditions": conditions_for(job, d, now),
+        **d.fields,
+    }
+    for key, value in wanted.items():
+        if status.get(key) != value:
+            out.status[key] = value
+    if status.get("phase") != d.phase:
+        out.events.append(("Warning" if warning else "Normal", d.reason, d.message))
+    old_stalled = next(
+        (
+            c
+            for c in status.get("conditions") or []
+            if c.get("type") == R.STALLED and c.get("status") == "True"
         ),
+        None,
     )
-    if status.get("phase") != phase:
-        plan.event = ("Warning" if warning else "Normal", reason, message)
+    if d.stalled and (old_stalled is None or old_stalled.get("reason") != d.stalled[0]):
+        out.events.append(("Warning", *d.stalled))
 
 
-def plan(job: Json, pods: list[PodView], now: datetime | None = None) -> Plan:
-    """The next step of the job's life, given its pods (those labelled with its name)."""
+def _names(pods: list[PodView]) -> str:
+    names = sorted(p.name for p in pods)
+    shown = ", ".join(names[:MAX_NAMED])
+    return shown + (f" and {len(names) - MAX_NAMED} more" if len(names) > MAX_NAMED else "")
+
+
+def _stuck(pods: list[PodView], now: datetime) -> list[PodView]:
+    return [
+        p
+        for p in pods
+        if p.deleting
+        and not p.gone
+        and p.deletion_deadline
+        and now > p.deletion_deadline + STUCK_TERMINATING_MARGIN
+    ]
+
+
+def _graders(job: Json, seen: Observed) -> tuple[list[GraderView], tuple[str, str] | None]:
+    """The graders an RFT job needs (weighted graders' children too), and what is wrong if any is missing
+    or not Ready: (reason, message)."""
+    names = [g.get("name") for g in ((job["spec"].get("rft") or {}).get("graders") or [])]
+    wanted: list[str] = []
+    todo = [n for n in names if n]
+    while todo:
+        name = todo.pop(0)
+        if name in wanted:
+            continue
+        wanted.append(name)
+        view = seen.graders.get(name)
+        if view is not None:
+            todo += view.children
+    missing = [n for n in wanted if n not in seen.graders]
+    if missing:
+        return [], (R.REASON_GRADER_MISSING, f"RewardGrader {', '.join(missing)} does not exist")
+    waiting = [seen.graders[n] for n in wanted if not seen.graders[n].ready]
+    if waiting:
+        g = waiting[0]
+        detail = f": {g.message}" if g.message else ""
+        return [], (R.REASON_GRADER_NOT_READY, f"RewardGrader {g.name} is not Ready{detail}")
+    return [seen.graders[n] for n in sorted(wanted)], None
+
+
+def plan(job: Json, seen: Observed, now: datetime | None = None) -> Plan:
+    """The next step of the job's life, given what the operator observes of it."""
     now = now or datetime.now(UTC)
     meta, spec, status = job["metadata"], job["spec"], job.get("status") or {}
+    uid = meta["uid"]
     phase = status.get("phase")
     nodes = int(spec.get("nodes", 1))
-    restarts = int(status.get("restartCount", 0))
-    backoff_limit = int(spec.get("backoffLimit", 3))
+    attempt = current_attempt(status)
     out = Plan()
-    generation = meta.get("generation", 1)
-    if status.get("observedGeneration") != generation and phase:
-        out.status["observedGeneration"] = generation
+    ours = [p for p in seen.pods if p.owner_uid == uid]
+    live_ours = [p for p in ours if not p.gone]
+    out.force_delete = _stuck(live_ours, now)
 
     # Terminal is terminal: never new children; stop what still runs; honour the TTL.
     if phase in R.TERMINAL_PHASES:
-        if any(not p.deleting and p.phase in ("Pending", "Running") for p in pods):
-            out.delete_pods = out.delete_active_pods_only = True
+        gen = meta.get("generation", 1)
+        if status.get("observedGeneration") != gen:
+            out.status["observedGeneration"] = gen
+        out.delete_pods = [p.name for p in live_ours if p.live and p.active]
         ttl = spec.get("ttlSecondsAfterFinished")
         done = parse_time(status.get("completionTime"))
         if ttl is not None and done is not None:
@@ -185,134 +266,268 @@ def plan(job: Json, pods: list[PodView], now: datetime | None = None) -> Plan:
             if left <= 0:
                 out.delete_job = True
             else:
-                out.requeue_after = left
+                out.requeue(left)
         return out
 
     if spec.get("suspend"):
-        if phase != "Suspended":
-            transition(out, job, "Suspended", "Suspended", "spec.suspend is true: pods deleted", now)
-            out.status["startTime"] = None
-        if any(not p.deleting for p in pods):
-            out.delete_pods = True
+        d = _Desired(R.SUSPENDED, R.REASON_SUSPENDED, "spec.suspend is true: pods deleted")
+        if phase != R.SUSPENDED:
+            d.fields["startTime"] = None
+        _apply(out, job, d, now)
+        out.delete_pods = [p.name for p in live_ours if p.live]
         return out
 
-    if phase == "Suspended":
-        # Resume: a fresh start time (the deadline counts from here); pods again once the old are gone.
-        transition(
-            out, job, "Pending", "Resumed", "spec.suspend is false: resuming from the latest checkpoint", now
-        )
-        out.status["startTime"] = rfc3339(now)
-        out.create_pods = not pods
+    if phase == R.SUSPENDED:
+        # Resume: a new attempt (pods of before the suspension never count) and a fresh start time (the
+        # deadline counts from here). The pods follow in the next pass, once the status says so.
+        message = "spec.suspend is false: resuming from the latest checkpoint"
+        fields = {"startTime": rfc3339(now), "attempt": attempt + 1}
+        _apply(out, job, _Desired(R.PENDING, R.REASON_RESUMED, message, fields=fields), now)
         return out
 
     deadline = spec.get("activeDeadlineSeconds")
     started = parse_time(status.get("startTime"))
-    if deadline and started and (now - started).total_seconds() > int(deadline):
-        message = f"activeDeadlineSeconds ({deadline}) exceeded: the job ran since {rfc3339(started)}"
-        transition(out, job, "Failed", "DeadlineExceeded", message, now, warning=True)
-        out.status["completionTime"] = rfc3339(now)
-        out.delete_pods = out.delete_active_pods_only = True
-        return out
+    if deadline and started:
+        left = (started + timedelta(seconds=int(deadline)) - now).total_seconds()
+        if left < 0:
+            message = f"activeDeadlineSeconds ({deadline}) exceeded: the job ran since {rfc3339(started)}"
+            return _fail(out, job, R.REASON_DEADLINE_EXCEEDED, message, live_ours, now)
+        out.requeue(left)
 
-    if phase == "Restarting" and any(p.attempt != restarts for p in pods):
-        # The previous attempt's pods must be gone before the new ones (same names) are created.
-        out.delete_pods = any(not p.deleting for p in pods if p.attempt != restarts)
-        return out
+    fresh = phase is None
+    if fresh:
+        d = _Desired(R.PENDING, R.REASON_CREATED, f"creating {nodes} trainer pod(s)")
+        d.fields.update(startTime=rfc3339(now), restartCount=0, attempt=0)
+    else:
+        reason, message = _phase_condition(status, phase)
+        d = _Desired(phase, reason, message)
 
-    current = [p for p in pods if p.attempt == restarts]
-    stale = [p for p in pods if p.attempt != restarts]
-    if stale:
-        # Pods of an older attempt, left by an operator that stopped mid-restart.
-        out.delete_pods = True
-        return out
+    # RFT: the graders must exist and be Ready before anything is created; their specs are taken then.
+    if spec.get("method") == "rft":
+        if status.get("graders"):
+            d.graders = (True, R.REASON_GRADERS_READY, "the graders were snapshotted when the job started")
+        else:
+            ready, problem = _graders(job, seen)
+            if problem:
+                d.graders = (False, *problem)
+                d.stalled = problem
+                d.created = (False, problem[0], "waiting for the job's RewardGraders")
+                _apply(out, job, d, now)
+                return out
+            d.graders = (True, R.REASON_GRADERS_READY, f"{len(ready)} RewardGrader(s) Ready")
+            out.snapshot_graders = ready
 
+    # The other children: ours, someone else's (waited for while it goes, else reported), or missing.
+    waiting_for: list[str] = []
+    conflicts: list[str] = []
+    for kind in seen.child_kinds:
+        child = seen.children.get(kind)
+        if child is None:
+            out.create_children.append(kind)
+        elif child.owner_uid != uid:
+            (waiting_for if child.deleting else conflicts).append(f"{kind} {child.name}")
+    foreign = [p for p in seen.pods if p.owner_uid != uid and not p.gone]
+    waiting_for += [f"pod {p.name}" for p in foreign if p.deleting]
+    conflicts += [f"pod {p.name}" for p in foreign if not p.deleting]
+    if conflicts:
+        d.stalled = (
+            R.REASON_NAME_CONFLICT,
+            f"{', '.join(conflicts[:MAX_NAMED])}: not controlled by this FineTuneJob (never adopted); delete "
+            "it or rename the job",
+        )
+
+    # The trainer ConfigMap of a started RFT job can only be rebuilt from graders that did not change.
+    if "ConfigMap" in out.create_children and spec.get("method") == "rft" and status.get("graders"):
+        changed = [
+            g["name"]
+            for g in status["graders"]
+            if (v := seen.graders.get(g["name"])) is None or v.resource_version != g.get("resourceVersion")
+        ]
+        if changed:
+            out.create_children.remove("ConfigMap")
+            d.stalled = d.stalled or (
+                R.REASON_SNAPSHOT_LOST,
+                f"the trainer ConfigMap was deleted and RewardGrader {', '.join(changed)} changed since the "
+                "job started; running pods keep their copy, new ones cannot start",
+            )
+        else:
+            out.snapshot_graders = [seen.graders[g["name"]] for g in status["graders"]]
+
+    # A refused create: say so (the server's message), and retry only after the back-off.
+    blocked = False
+    if seen.create_failure:
+        failure = seen.create_failure
+        d.created = (False, R.REASON_FAILED_CREATE, failure.message)
+        d.stalled = d.stalled or (R.REASON_FAILED_CREATE, failure.message)
+        if now < failure.retry_at:
+            blocked = True
+            out.create_children = []
+            out.requeue((failure.retry_at - now).total_seconds())
+
+    # Pods of an earlier attempt (before a restart or a suspension) go before the new ones (same names).
+    stale = [p for p in live_ours if p.attempt != attempt]
+    out.delete_pods = [p.name for p in stale if not p.deleting]
+    waiting_for += [f"pod {p.name}" for p in stale]
+    current = [p for p in ours if p.attempt == attempt]
+    live_current = [p for p in current if not p.gone]
+
+    # A failed or vanished pod of the current attempt: fail the job, or restart the whole group.
     failed = [p for p in current if p.phase == "Failed"]
-    vanished = phase == "Running" and (
-        len(current) < nodes or any(p.deleting and p.phase not in ("Succeeded", "Failed") for p in current)
-    )
-    if failed or vanished:
-        if failed:
-            cause = "; ".join(p.describe_failure() for p in sorted(failed, key=lambda p: p.rank))
-        else:
-            cause = "a trainer pod disappeared while running"
-        if restarts >= backoff_limit:
-            message = f"backoffLimit ({backoff_limit}) exceeded after {restarts} restart(s): {cause}"
-            transition(out, job, "Failed", "BackoffLimitExceeded", message, now, warning=True)
-            out.status["completionTime"] = rfc3339(now)
-            out.delete_pods = out.delete_active_pods_only = True
-        else:
-            message = f"restart {restarts + 1} of at most {backoff_limit}: {cause}"
-            transition(out, job, "Restarting", "PodFailed", message, now, warning=True)
-            out.status["restartCount"] = restarts + 1
-            out.delete_pods = True
-            out.restarted = True
-        return out
+    vanished = [p for p in current if (p.gone or p.deleting) and p.phase not in ("Succeeded", "Failed")]
+    judgements = [judge(p, spec) for p in failed] + [judge(p, spec, vanished=True) for p in vanished]
+    known = {p.rank for p in current}
+    if phase == R.RUNNING and len(known) < nodes:
+        # A pod of a running job that is not even a tombstone (the operator was down when it went).
+        missing = ", ".join(str(r) for r in range(nodes) if r not in known)
+        judgements.append(_unknown_disappearance(missing))
+    if judgements:
+        return _restart_or_fail(out, job, d, sorted(judgements, key=lambda j: j.cause), live_ours, now)
 
     counts = {
-        "active": sum(p.phase in ("Pending", "Running") for p in current),
+        "active": sum(p.active for p in live_current),
         "succeeded": sum(p.phase == "Succeeded" for p in current),
-        "failed": len(failed),
+        "failed": 0,
     }
     if (status.get("nodes") or {}) != counts:
-        out.status["nodes"] = counts
+        d.fields["nodes"] = counts
 
     if len(current) == nodes and all(p.phase == "Succeeded" for p in current):
-        transition(out, job, "Succeeded", "Succeeded", f"all {nodes} trainer pod(s) finished", now)
-        out.status["completionTime"] = rfc3339(now)
+        done = _Desired(R.SUCCEEDED, R.REASON_SUCCEEDED, f"all {nodes} trainer pod(s) finished")
+        done.fields.update(completionTime=rfc3339(now), nodes=counts)
+        done.graders = d.graders
+        _apply(out, job, done, now)
+        out.create_children = []
         return out
 
-    if len(current) < nodes:
+    if waiting_for and d.phase == R.PENDING:
+        d.reason = R.REASON_PREVIOUS_PODS_TERMINATING
+        d.message = f"waiting for {', '.join(waiting_for[:MAX_NAMED])} to terminate"
+        if not live_current and d.created is None:
+            d.created = (False, d.reason, d.message)
+    config_ours = "ConfigMap" not in seen.child_kinds or (
+        (cm := seen.children.get("ConfigMap")) is not None and cm.owner_uid == uid
+    )
+    config_coming = "ConfigMap" in out.create_children
+    if (
+        len(live_current) < nodes
+        and not stale
+        and not foreign
+        and not conflicts
+        and not blocked
+        and (config_ours or config_coming)
+    ):
         out.create_pods = True
-        if phase is None:
-            transition(out, job, "Pending", "Created", f"creating {nodes} trainer pod(s)", now)
-            out.status.setdefault("startTime", rfc3339(now))
-            out.status.setdefault("restartCount", restarts)
-        return out
 
-    if all(p.phase == "Running" for p in current):
-        if phase != "Running":
-            attempt = f" (attempt {restarts + 1})" if restarts else ""
-            transition(out, job, "Running", "Running", f"all {nodes} trainer pod(s) running{attempt}", now)
-        return out
+    # Pods that do not start: say why; image and configuration errors fail after the start-up deadline.
+    startup = int(spec.get("startupDeadlineSeconds", 600))
+    for p in sorted(live_current, key=lambda p: p.rank):
+        if p.phase != "Pending":
+            continue
+        if p.waiting_reason in R.STARTUP_ERROR_REASONS:
+            detail = f"pod {p.name}: {p.waiting_reason}: {p.waiting_message or ''}".rstrip(": ")
+            waited = (now - (p.created or now)).total_seconds()
+            if waited > startup:
+                message = f"startupDeadlineSeconds ({startup}) exceeded: {detail}"
+                return _fail(out, job, R.REASON_STARTUP_DEADLINE_EXCEEDED, message, live_ours, now)
+            out.requeue(startup - waited)
+            d.stalled = d.stalled or (p.waiting_reason, detail)
+        elif p.unschedulable:
+            waited = (now - (p.unschedulable_since or p.created or now)).total_seconds()
+            detail = f"pod {p.name} cannot be scheduled: {p.unschedulable}"
+            if waited > startup:
+                reason = R.REASON_UNSCHEDULABLE_TOO_LONG
+                detail += f" (for {int(waited)} s, longer than startupDeadlineSeconds {startup})"
+            else:
+                reason = R.REASON_UNSCHEDULABLE
+                out.requeue(startup - waited)
+            d.stalled = d.stalled or (reason, detail)
 
-    if phase not in ("Pending", "Restarting"):
-        transition(out, job, "Pending", "PodsPending", "waiting for trainer pods to start", now)
+    running = [p for p in live_current if p.phase == "Running" and not p.deleting]
+    if (
+        len(live_current) == nodes
+        and running
+        and all(p.phase in ("Running", "Succeeded") for p in live_current)
+    ):
+        if d.phase != R.RUNNING:
+            suffix = f" (attempt {attempt + 1})" if attempt else ""
+            d.phase, d.reason, d.message = (
+                R.RUNNING,
+                R.REASON_RUNNING,
+                f"all {nodes} trainer pod(s) running{suffix}",
+            )
+    elif d.phase == R.RUNNING:
+        d.phase, d.reason, d.message = R.PENDING, R.REASON_PODS_PENDING, "waiting for trainer pods to start"
+    _apply(out, job, d, now)
     return out
 
 
-def progress_from(report: TrainerReport, now: datetime) -> Json:
-    """status.progress from the trainer's report."""
-    step, total = report.step, report.total_steps
-    progress: Json = {
-        "step": step,
-        "totalSteps": total,
-        "steps": f"{step}/{total}" if total is not None else str(step),
-        "epoch": report.epoch,
-        "loss": report.loss,
-        "evalLoss": report.eval_loss,
-        "reward": report.reward,
-        "tokensPerSecond": report.tokens_per_second,
-        "etaSeconds": report.eta_seconds,
-        "lastUpdateTime": rfc3339(now),
-    }
-    return {k: v for k, v in progress.items() if v is not None}
+def _unknown_disappearance(ranks: str) -> Judgement:
+    return Judgement(Verdict.COUNT, R.REASON_POD_FAILED, f"the trainer pod(s) of rank {ranks} disappeared")
 
 
-def progress_due(status: Json, now: datetime, interval: float, report: TrainerReport) -> bool:
-    """Throttle progress writes; a finished trainer is written at once (it is about to exit)."""
-    last = parse_time((status.get("progress") or {}).get("lastUpdateTime"))
-    if last is None or report.phase == "Finished":
-        return True
-    return (now - last).total_seconds() >= interval
+def _restart_or_fail(
+    out: Plan, job: Json, d: _Desired, judgements: list[Judgement], live_ours: list[PodView], now: datetime
+) -> Plan:
+    """A failed or vanished pod: the worst judgement decides (fail; restart counted against backoffLimit;
+    restart counted against maxDisruptions)."""
+    spec, status = job["spec"], job.get("status") or {}
+    decisive = worst(judgements)
+    assert decisive is not None
+    cause = "; ".join(j.cause for j in judgements[:MAX_NAMED])
+    restarts = int(status.get("restartCount", 0))
+    disruptions = int(status.get("disruptionCount", 0))
+    if decisive.verdict == Verdict.FAIL_JOB:
+        return _fail(out, job, decisive.reason, cause, live_ours, now)
+    if decisive.verdict == Verdict.COUNT:
+        limit = int(spec.get("backoffLimit", 3))
+        if restarts >= limit:
+            message = f"backoffLimit ({limit}) exceeded after {restarts} restart(s): {cause}"
+            return _fail(out, job, R.REASON_BACKOFF_LIMIT_EXCEEDED, message, live_ours, now)
+        message = f"restart {restarts + 1} of at most {limit}: {cause}"
+        counts, reason = {"restartCount": restarts + 1}, R.REASON_POD_FAILED
+    else:
+        limit = int(spec.get("maxDisruptions", 10))
+        if disruptions >= limit:
+            message = f"maxDisruptions ({limit}) exceeded after {disruptions} disruption(s): {cause}"
+            return _fail(out, job, R.REASON_MAX_DISRUPTIONS_EXCEEDED, message, live_ours, now)
+        message = (
+            f"restart after disruption {disruptions + 1} of at most {limit} (not counted against "
+            f"backoffLimit): {cause}"
+        )
+        counts, reason = {"disruptionCount": disruptions + 1}, R.REASON_POD_DISRUPTED
+        out.disrupted = True
+    restart = _Desired(
+        R.RESTARTING, reason, message, fields={**counts, "attempt": current_attempt(status) + 1}
+    )
+    restart.graders = d.graders
+    _apply(out, job, restart, now, warning=True)
+    out.delete_pods = [p.name for p in live_ours if not p.deleting]
+    out.restarted = True
+    out.create_children, out.create_pods = [], False
+    return out
 
 
-def checkpoints_kept_at_end(spec: Json, total_steps: int) -> set[int]:
-    """The resumable checkpoints the trainer keeps when it finishes: it saves every `everySteps` before the
-    last step and keeps the newest `keepLast`. What it pruned after the operator's last read of /status is
-    pruned here too, since the finished trainer can no longer say so."""
-    ckpt = spec.get("checkpointing") or {}
-    every, keep = ckpt.get("everySteps"), int(ckpt.get("keepLast", 3))
-    if not every:
-        return set()
-    saved = list(range(int(every), int(total_steps), int(every)))
-    return set(saved[-keep:])
+def _phase_condition(status: Json, phase: str | None) -> tuple[str, str]:
+    """The reason and message of the phase's own condition, kept while the phase stays."""
+    target = {R.PENDING: R.CREATED, R.RUNNING: R.COND_RUNNING, R.RESTARTING: R.COND_RESTARTING}.get(
+        phase or ""
+    )
+    for c in status.get("conditions") or []:
+        if (
+            c.get("type") == target
+            and c.get("status") == "True"
+            and c.get("reason") != R.REASON_FAILED_CREATE
+        ):
+            return c.get("reason") or R.REASON_PODS_PENDING, c.get("message") or ""
+    return R.REASON_PODS_PENDING, "waiting for trainer pods to start"
+
+
+def _fail(out: Plan, job: Json, reason: str, message: str, live_ours: list[PodView], now: datetime) -> Plan:
+    status = job.get("status") or {}
+    d = _Desired(R.FAILED, reason, message, fields={"completionTime": rfc3339(now)})
+    if (job["spec"].get("method") == "rft") and status.get("graders"):
+        d.graders = (True, R.REASON_GRADERS_READY, "the graders were snapshotted when the job started")
+    _apply(out, job, d, now, warning=True)
+    out.create_pods, out.create_children, out.snapshot_graders = False, [], []
+    out.delete_pods = [p.name for p in live_ours if p.live and p.active]
+    return out

@@ -1,11 +1,13 @@
 """The operator's own Prometheus metrics and its /healthz + /metrics endpoint.
 
 Names and labels are defined here and only here (documented in the README's operator section). Label
-cardinality is bounded: kind, result, phase, namespace, resource; no job names, steps or losses.
+cardinality is bounded: kind, result, phase, namespace, resource; per-job series (step, loss, reward, label
+`job`) exist only while the job exists and are removed when it is deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import Counter as Tally
 from collections.abc import Iterator
@@ -67,7 +69,7 @@ class OperatorMetrics:
         )
         self.watch_events = Counter(
             "whetstone_operator_watch_events",
-            "Watch events seen, by resource (finetunejobs, pods, checkpoints)",
+            "Watch events seen, by resource (finetunejobs, pods, checkpoints, ...)",
             ["resource"],
             registry=r,
         )
@@ -102,8 +104,45 @@ class OperatorMetrics:
             ["namespace"],
             registry=r,
         )
+        self.disruptions = Counter(
+            "whetstone_job_disruptions",
+            "Whole-group restarts of FineTuneJobs after a disruption (not counted against backoffLimit)",
+            ["namespace"],
+            registry=r,
+        )
+        self.api_calls = Counter(
+            "whetstone_operator_api_calls",
+            "API server calls the operator made, by resource and verb (watches excluded)",
+            ["resource", "verb"],
+            registry=r,
+        )
+        self.job_step = Gauge(
+            "whetstone_job_step", "Optimizer steps done, per FineTuneJob", ["namespace", "job"], registry=r
+        )
+        self.job_loss = Gauge(
+            "whetstone_job_loss", "Latest training loss, per FineTuneJob", ["namespace", "job"], registry=r
+        )
+        self.job_reward = Gauge(
+            "whetstone_job_reward",
+            "Latest mean RFT reward, per FineTuneJob",
+            ["namespace", "job"],
+            registry=r,
+        )
         self.jobs = JobPhases()
         r.register(self.jobs)
+
+    def set_progress(self, namespace: str, job: str, progress: dict[str, object]) -> None:
+        for gauge, key in ((self.job_step, "step"), (self.job_loss, "loss"), (self.job_reward, "reward")):
+            value = progress.get(key)
+            if isinstance(value, int | float):
+                gauge.labels(namespace, job).set(value)
+
+    def forget_job(self, namespace: str, job: str) -> None:
+        """A deleted job leaves no series behind."""
+        self.jobs.forget(namespace, job)
+        for gauge in (self.job_step, self.job_loss, self.job_reward):
+            with contextlib.suppress(KeyError):
+                gauge.remove(namespace, job)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

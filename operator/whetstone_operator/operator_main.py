@@ -1,8 +1,11 @@
-"""`whetstone operator`: run the kopf operator against the current kubeconfig (or in-cluster config).
+"""`whetstone operator`: run the operator against the current kubeconfig (or in-cluster config).
 
-kopf's own state goes to annotations with the whetstone.dev prefix (never into status, where structural
-schema pruning would drop it); no peering (one replica, `strategy: Recreate`); no namespace or CRD scanning,
-so RBAC needs no cluster-wide list of namespaces or CRDs.
+One active replica: with leader election (the default) a replica first takes the Lease `lease_name` in
+`lease_namespace` and only then starts watching and acting; the others wait (their /healthz answers). A
+replica that loses the Lease stops and exits, so its Deployment restarts it as a standby.
+
+kopf only watches (no finalizers, no handler state on the objects, no peering, no Event posting, no namespace
+or CRD scanning); the work queue, the resync and the status poller are the operator's own (handlers.py).
 """
 
 from __future__ import annotations
@@ -10,7 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import socket
+import threading
 import time
+import uuid
 from typing import Any
 
 from whetstone_api.wire import MASTER_PORT, STATUS_PORT
@@ -18,8 +25,10 @@ from whetstone_api.wire import MASTER_PORT, STATUS_PORT
 from .children import DEFAULT_TRAINER_IMAGE, ChildSettings
 from .config import OperatorConfig
 
+LOG = logging.getLogger("whetstone.operator")
 
-def _api_client() -> Any:
+
+def _api_client(config: OperatorConfig) -> Any:
     import kubernetes
 
     configuration = kubernetes.client.Configuration()
@@ -27,8 +36,8 @@ def _api_client() -> Any:
         kubernetes.config.load_incluster_config(client_configuration=configuration)
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config(client_configuration=configuration)
-    # Many sync handlers share the client; urllib3's default pool of 4 would serialise them.
-    configuration.connection_pool_maxsize = 64
+    # The workers and the poller share the client; urllib3's default pool of 4 would serialise them.
+    configuration.connection_pool_maxsize = max(64, config.workers * 2)
     return kubernetes.client.ApiClient(configuration)
 
 
@@ -64,61 +73,123 @@ def wait_for_crds(api_client: Any, timeout: float = 120.0) -> None:
         time.sleep(2)
 
 
-def run_operator(config: OperatorConfig) -> None:
+def run_operator(config: OperatorConfig) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # kopf logs every watch event at DEBUG and handler runs at INFO; the story is told by whetstone.operator.
+    logging.getLogger("kopf").setLevel(logging.WARNING)
+    wait_for_crds(_api_client(config))
+    return asyncio.run(_run(config))
+
+
+async def _run(config: OperatorConfig) -> int:
     import kopf
 
-    from .handlers import Reconciler, register
+    from .handlers import Reconciler, Resync, label_selectors, register
+    from .kube import Kube
+    from .leader import LeaseElector
     from .metrics import OperatorMetrics, serve
+    from .poller import StatusPoller
+    from .store import Store
+    from .workqueue import WorkQueue
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # kopf logs every handler call at INFO; the story is told by whetstone.operator's lines.
-    logging.getLogger("kopf").setLevel(logging.WARNING)
-    wait_for_crds(_api_client())
-    registry = kopf.OperatorRegistry()
     metrics = OperatorMetrics()
-    state: dict[str, Any] = {"metrics": metrics}
-    register(registry, config, state)
+    kube = Kube(_api_client(config))
+    kube.on_call = lambda resource, verb: metrics.api_calls.labels(resource, verb).inc()
+    identity = config.identity or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+    http = await serve(metrics, config.host, config.port)
+    LOG.info("operator %s: /healthz and /metrics on %s:%d", identity, config.host, config.port)
+    loop = asyncio.get_running_loop()
+    stop = threading.Event()
+    stop_flag = asyncio.Event()
+    lost = threading.Event()
+    elector = None
+    try:
+        if config.leader_election:
+            elector = LeaseElector(
+                kube,
+                config.lease_namespace,
+                config.lease_name,
+                identity,
+                duration=config.lease_seconds,
+                renew_deadline=config.lease_seconds * 2 / 3,
+                retry=max(config.lease_seconds / 7.5, 0.5),
+            )
+            acquire = loop.run_in_executor(None, elector.acquire, stop)
+            try:
+                if not await asyncio.shield(acquire):
+                    return 0
+            except asyncio.CancelledError:
+                stop.set()
+                raise
 
-    @kopf.on.login(registry=registry)
-    def login(**kwargs: Any) -> Any:
-        # An own registry has none of kopf's default login handlers: use the kubeconfig / in-cluster config.
-        return kopf.login_via_client(**kwargs)
+            def on_lost() -> None:
+                lost.set()
+                loop.call_soon_threadsafe(stop_flag.set)
 
-    @kopf.on.startup(registry=registry)
-    async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-        settings.persistence.finalizer = "whetstone.dev/finalizer"
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="whetstone.dev")
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix="whetstone.dev", key="last-handled-configuration"
+            threading.Thread(target=elector.keep, args=(stop, on_lost), name="lease", daemon=True).start()
+
+        store = Store()
+        queue_ref: list[WorkQueue] = []
+        poller = StatusPoller(
+            threads=config.poll_threads,
+            deadline=config.poll_deadline_seconds,
+            on_done=lambda key: queue_ref[0].add(key[:2]),
         )
-        settings.watching.server_timeout = 600
-        settings.watching.client_timeout = 660
-        settings.networking.error_backoffs = [1, 2, 5, 10, 20, 30]
-        settings.execution.max_workers = config.workers
-        settings.scanning.disabled = True
-        settings.posting.level = logging.INFO
-        state["reconciler"] = Reconciler(config, _api_client(), metrics)
-        state["http"] = await serve(metrics, config.host, config.port)
-        logging.getLogger("whetstone.operator").info(
-            "operator started: /healthz and /metrics on %s:%d, namespaces %s",
-            config.host,
-            config.port,
-            ",".join(config.namespaces) or "all",
+        reconciler = Reconciler(
+            config,
+            kube,
+            store,
+            metrics,
+            poller,
+            leading=(lambda: elector.leading) if elector else (lambda: True),
+            identity=identity,
         )
+        queue = WorkQueue(reconciler.reconcile, config.workers)
+        queue_ref.append(queue)
+        ready = threading.Event()
+        registry = kopf.OperatorRegistry()
+        register(registry, store, queue, metrics, ready, reconciler.forget)
 
-    @kopf.on.cleanup(registry=registry)
-    async def cleanup(**_: Any) -> None:
-        if "http" in state:
-            await state["http"].cleanup()
+        @kopf.on.login(registry=registry)
+        def login(**kwargs: Any) -> Any:
+            # An own registry has no default login handlers: use the kubeconfig / in-cluster config.
+            return kopf.login_via_client(**kwargs)
 
-    asyncio.run(
-        kopf.operator(
-            registry=registry,
-            standalone=True,
-            clusterwide=not config.namespaces,
-            namespaces=config.namespaces,
-        )
-    )
+        @kopf.on.startup(registry=registry)
+        async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+            settings.watching.server_timeout = 600
+            settings.watching.client_timeout = 660
+            for resource, selector in label_selectors().items():
+                settings.watching.label_selectors[resource if len(resource) > 1 else resource[0]] = selector
+            settings.networking.error_backoffs = [1, 2, 5, 10, 20, 30]
+            settings.execution.max_workers = 4
+            settings.scanning.disabled = True
+            settings.posting.enabled = False
+            settings.peering.standalone = True
+
+        queue.start()
+        resync = Resync(store, queue, config.resync_seconds, ready)
+        resync.start()
+        LOG.info("operator %s: watching %s", identity, ",".join(config.namespaces) or "all namespaces")
+        try:
+            await kopf.operator(
+                registry=registry,
+                standalone=True,
+                clusterwide=not config.namespaces,
+                namespaces=config.namespaces,
+                stop_flag=stop_flag,
+            )
+        finally:
+            stop.set()
+            resync.stopping.set()
+            queue.stop()
+            poller.shutdown()
+    finally:
+        stop.set()
+        if elector is not None:
+            elector.release()
+        await http.cleanup()
+    return 1 if lost.is_set() else 0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -127,13 +198,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--namespace",
         action="append",
         default=[],
-        help="watch this namespace (repeatable; default: all)",
+        help="watch this namespace (repeatable; default: all; give the RBAC of `python -m "
+        "whetstone_operator.rbac --namespaces ...`)",
     )
     p.add_argument("--port", type=int, default=8080, help="port of /healthz and /metrics (default 8080)")
     p.add_argument("--host", default="0.0.0.0", help="address of /healthz and /metrics (default 0.0.0.0)")
     p.add_argument("--resync-seconds", type=float, default=10.0, help="level-based resync of every job")
     p.add_argument(
-        "--progress-seconds", type=float, default=15.0, help="least time between status.progress writes"
+        "--progress-seconds", type=float, default=15.0, help="least time between reads of a trainer's /status"
     )
     p.add_argument("--trainer-image", default=DEFAULT_TRAINER_IMAGE, help="image of jobs without spec.image")
     p.add_argument(
@@ -145,9 +217,47 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--master-port", type=int, default=MASTER_PORT, help="rendezvous port of rank 0 (MASTER_PORT)"
     )
-    p.add_argument("--workers", type=int, default=16, help="threads running handlers")
+    p.add_argument("--workers", type=int, default=16, help="reconcile worker threads")
+    p.add_argument("--poll-threads", type=int, default=4, help="threads reading the trainers' /status")
+    p.add_argument(
+        "--poll-deadline-seconds", type=float, default=2.0, help="deadline of one whole /status read"
+    )
     p.add_argument(
         "--termination-grace-seconds", type=int, default=30, help="grace period of the trainer pods"
+    )
+    p.add_argument(
+        "--leader-elect",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="hold a Lease before acting, so one replica acts (default: on)",
+    )
+    p.add_argument(
+        "--lease-namespace",
+        default=os.environ.get("POD_NAMESPACE", "whetstone-system"),
+        help="namespace of the Lease (default: $POD_NAMESPACE, else whetstone-system)",
+    )
+    p.add_argument("--lease-name", default="whetstone-operator", help="name of the Lease")
+    p.add_argument("--lease-seconds", type=float, default=15.0, help="Lease duration (takeover after it)")
+    p.add_argument(
+        "--identity", default=os.environ.get("POD_NAME", ""), help="holder identity (default: $POD_NAME)"
+    )
+    p.add_argument(
+        "--network-policy",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="give each job a NetworkPolicy: its ports reachable only from its own pods and the operator",
+    )
+    p.add_argument(
+        "--operator-namespace",
+        default=os.environ.get("POD_NAMESPACE", "whetstone-system"),
+        help="namespace of the operator's pods (allowed to the trainers' status port)",
+    )
+    p.add_argument(
+        "--operator-pod-label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="label of the operator's pods (repeatable; default app.kubernetes.io/name=whetstone-operator)",
     )
     p.add_argument(
         "--trainer-node-selector",
@@ -165,9 +275,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=parse_toleration,
         help="toleration of trainer pods whose job sets none (repeatable; without =VALUE: operator Exists)",
     )
+    p.add_argument(
+        "--status-port-from-namespace",
+        action="append",
+        default=[],
+        metavar="NAMESPACE",
+        help="namespace whose pods may also reach the trainers' status port, e.g. monitoring (repeatable)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> OperatorConfig:
+    labels = tuple(tuple(item.split("=", 1)) for item in args.operator_pod_label if "=" in item)
     return OperatorConfig(
         namespaces=list(args.namespace),
         port=args.port,
@@ -175,11 +293,22 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         resync_seconds=args.resync_seconds,
         progress_seconds=args.progress_seconds,
         workers=args.workers,
+        poll_threads=args.poll_threads,
+        poll_deadline_seconds=args.poll_deadline_seconds,
+        leader_election=args.leader_elect,
+        lease_namespace=args.lease_namespace,
+        lease_name=args.lease_name,
+        lease_seconds=args.lease_seconds,
+        identity=args.identity,
         children=ChildSettings(
             trainer_image=args.trainer_image,
             termination_grace_seconds=args.termination_grace_seconds,
             master_port=args.master_port,
             status_port=args.trainer_status_port,
+            network_policy=args.network_policy,
+            operator_namespace=args.operator_namespace,
+            operator_pod_labels=labels or ChildSettings.operator_pod_labels,  # type: ignore[arg-type]
+            status_port_namespaces=tuple(args.status_port_from_namespace),
             default_node_selector=tuple(args.trainer_node_selector),
             default_tolerations=tuple(args.trainer_toleration),
         ),
@@ -210,5 +339,4 @@ def parse_toleration(text: str) -> tuple[tuple[str, str], ...]:
 
 
 def main(args: argparse.Namespace) -> int:
-    run_operator(config_from_args(args))
-    return 0
+    return run_operator(config_from_args(args))

@@ -1,43 +1,106 @@
-"""The operator's permissions, defined once: `RULES` renders the ClusterRole of the kustomize base
-(`manifests/base/rbac.yaml`) and of the Helm chart (`helm/whetstone/templates/rbac.yaml`);
-tests/test_operator_rbac.py fails when either file is stale, and the e2e tests run the operator with a token
-of this ServiceAccount, so a missing verb fails there.
+"""The operator's permissions, defined once and derived from what the code does: every API call in kube.py
+declares its (group, resource, verb), every watch in handlers.WATCHED needs list + watch, and
+tests/test_operator_rbac.py fails when a rule is missing or unused.
 
-    python -m whetstone_operator.rbac        # rewrite both files
+Two modes, like KubeRay's single-namespace install:
+- cluster-wide (the operator watches all namespaces): a ClusterRole and ClusterRoleBinding;
+- given namespaces (`whetstone operator -n a -n b`): a Role and RoleBinding in each, nothing cluster-wide but
+  `get` on nodes (whether a node is gone, before a stuck pod is force-deleted).
+In both modes the Lease of leader election is reachable only in the operator's own namespace.
+
+Renders the kustomize base (`manifests/base/rbac.yaml`, cluster-wide) and the Helm chart's template
+(`helm/whetstone/templates/rbac.yaml`, both modes: `.Values.watchNamespaces` lists the namespaces).
+
+    python -m whetstone_operator.rbac                      # rewrite both files
+    python -m whetstone_operator.rbac --namespaces a,b     # print the namespaced objects
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
-from whetstone_api import API_GROUP
 
 NAME = "whetstone-operator"
 NAMESPACE = "whetstone-system"
+Json = dict[str, Any]
 
-RULES: list[dict[str, Any]] = [
-    # The jobs: watched; kopf patches its finalizer and annotations; deleted after ttlSecondsAfterFinished.
-    {
-        "apiGroups": [API_GROUP],
-        "resources": ["finetunejobs"],
-        "verbs": ["get", "list", "watch", "patch", "delete"],
-    },
-    {"apiGroups": [API_GROUP], "resources": ["finetunejobs/status"], "verbs": ["get", "patch"]},
-    # Children with blockOwnerDeletion need update on the owner's finalizers where that admission is on.
-    {"apiGroups": [API_GROUP], "resources": ["finetunejobs/finalizers"], "verbs": ["update"]},
-    # One Checkpoint per saved checkpoint; pruned ones are deleted.
-    {"apiGroups": [API_GROUP], "resources": ["checkpoints"], "verbs": ["get", "list", "create", "delete"]},
-    {"apiGroups": [API_GROUP], "resources": ["checkpoints/status"], "verbs": ["patch"]},
-    # The trainer pods: watched (index of pods by job), created per attempt, deleted on restart or suspend.
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "delete"]},
-    {"apiGroups": [""], "resources": ["services", "configmaps"], "verbs": ["create"]},
-    # One Event per state change (kopf posts core/v1 Events).
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
-    {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+
+def _rule(group: str, resources: list[str], verbs: list[str]) -> Json:
+    return {"apiGroups": [group], "resources": resources, "verbs": verbs}
+
+
+# Everything in job namespaces (ClusterRole, or a Role per watched namespace).
+RULES: list[Json] = [
+    # The jobs: watched; read fresh before destructive decisions; a finalizer of an earlier version removed
+    # (patch); deleted after ttlSecondsAfterFinished.
+    _rule("whetstone.dev", ["finetunejobs"], ["get", "list", "watch", "patch", "delete"]),
+    _rule("whetstone.dev", ["finetunejobs/status"], ["patch"]),
+    # Not a call the operator makes: the OwnerReferencesPermissionEnforcement admission plugin asks for it
+    # when a child names the job with blockOwnerDeletion.
+    *(ADMISSION_RULES := [_rule("whetstone.dev", ["finetunejobs/finalizers"], ["update"])]),
+    # RFT jobs wait for their graders and snapshot them.
+    _rule("whetstone.dev", ["rewardgraders"], ["list", "watch"]),
+    # One Checkpoint per saved checkpoint: pruned ones deleted, kept ones orphaned (patch).
+    _rule("whetstone.dev", ["checkpoints"], ["list", "watch", "create", "patch", "delete"]),
+    _rule("whetstone.dev", ["checkpoints/status"], ["patch"]),
+    # The trainer pods: watched, listed fresh before destructive decisions, created per attempt, deleted.
+    _rule("", ["pods"], ["list", "watch", "create", "delete"]),
+    _rule("", ["services", "configmaps"], ["list", "watch", "create"]),
+    _rule("networking.k8s.io", ["networkpolicies"], ["list", "watch", "create"]),
+    # One Event per state change.
+    _rule("", ["events"], ["create"]),
 ]
+# Cluster-scoped, in both modes.
+NODE_RULES: list[Json] = [_rule("", ["nodes"], ["get"])]
+# In the operator's own namespace only.
+LEASE_RULES: list[Json] = [_rule("coordination.k8s.io", ["leases"], ["get", "create", "update"])]
+
+
+def _binding(
+    kind: str, name: str, role_kind: str, account: str, sa_namespace: str, namespace: str | None = None
+) -> Json:
+    meta: Json = {"name": name}
+    if namespace is not None:
+        meta["namespace"] = namespace
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": kind,
+        "metadata": meta,
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": role_kind, "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": sa_namespace}],
+    }
+
+
+def _role(kind: str, name: str, rules: list[Json], namespace: str | None = None) -> Json:
+    meta: Json = {"name": name}
+    if namespace is not None:
+        meta["namespace"] = namespace
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": kind, "metadata": meta, "rules": rules}
+
+
+def objects(namespace: str = NAMESPACE, name: str = NAME, watch: list[str] | None = None) -> list[Json]:
+    """ServiceAccount, the job-namespace rules (cluster-wide, or one Role per namespace in `watch`), the
+    node rule and the Lease rule."""
+    out: list[Json] = [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": namespace}}
+    ]
+    if watch:
+        for ns in watch:
+            out.append(_role("Role", name, RULES, ns))
+            out.append(_binding("RoleBinding", name, "Role", name, namespace, ns))
+    else:
+        out.append(_role("ClusterRole", name, RULES))
+        out.append(_binding("ClusterRoleBinding", name, "ClusterRole", name, namespace))
+    out.append(_role("ClusterRole", f"{name}-nodes", NODE_RULES))
+    out.append(_binding("ClusterRoleBinding", f"{name}-nodes", "ClusterRole", name, namespace))
+    out.append(_role("Role", f"{name}-leader", LEASE_RULES, namespace))
+    out.append(_binding("RoleBinding", f"{name}-leader", "Role", name, namespace, namespace))
+    return out
+
 
 ROOT = Path(__file__).resolve().parents[2]
 KUSTOMIZE_FILE = ROOT / "manifests" / "base" / "rbac.yaml"
@@ -45,36 +108,36 @@ HELM_FILE = ROOT / "helm" / "whetstone" / "templates" / "rbac.yaml"
 HEADER = "# Generated by `python -m whetstone_operator.rbac`; do not edit.\n"
 
 
-def objects(namespace: str = NAMESPACE, name: str = NAME) -> list[dict[str, Any]]:
-    return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": namespace}},
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRole",
-            "metadata": {"name": name},
-            "rules": RULES,
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRoleBinding",
-            "metadata": {"name": name},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
-            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
-        },
-    ]
-
-
 def render_kustomize() -> str:
     return HEADER + yaml.safe_dump_all(objects(), sort_keys=False)
 
 
-def render_helm() -> str:
-    # Placeholders survive YAML dumping as plain strings and become template expressions afterwards.
-    text = yaml.safe_dump_all(objects("HELM_NAMESPACE", "HELM_NAME"), sort_keys=False)
-    text = text.replace("HELM_NAMESPACE", "{{ .Release.Namespace }}").replace(
-        "HELM_NAME", '{{ include "whetstone.operatorName" . }}'
+def _helm_text(docs: list[Json]) -> str:
+    text = yaml.safe_dump_all(docs, sort_keys=False)
+    return (
+        text.replace("HELM_NAMESPACE", "{{ $.Release.Namespace }}")
+        .replace("HELM_NAME", '{{ include "whetstone.operatorName" $ }}')
+        .replace("HELM_WATCHED", "{{ $ns }}")
     )
-    return HEADER.replace("#", "{{- /*", 1).rstrip("\n") + " */}}\n" + text
+
+
+def render_helm() -> str:
+    """Both modes: cluster-wide unless `.Values.watchNamespaces` lists namespaces."""
+    # Placeholders survive YAML dumping as plain strings and become template expressions afterwards.
+    every = objects("HELM_NAMESPACE", "HELM_NAME", ["HELM_WATCHED"])
+    account, role, binding, *rest = every
+    cluster = objects("HELM_NAMESPACE", "HELM_NAME")[1:3]
+    header = HEADER.replace("#", "{{- /*", 1).rstrip("\n") + " */}}\n"
+    return (
+        header
+        + _helm_text([account])
+        + "{{- if .Values.watchNamespaces }}\n{{- range $ns := .Values.watchNamespaces }}\n---\n"
+        + _helm_text([role, binding])
+        + "{{- end }}\n{{- else }}\n---\n"
+        + _helm_text(cluster)
+        + "{{- end }}\n---\n"
+        + _helm_text(rest)
+    )
 
 
 def write_all() -> list[Path]:
@@ -86,7 +149,22 @@ def write_all() -> list[Path]:
     return out
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m whetstone_operator.rbac")
+    parser.add_argument("--namespaces", help="comma-separated namespaces the operator watches: print Roles")
+    parser.add_argument("--operator-namespace", default=NAMESPACE)
+    args = parser.parse_args(argv)
+    if args.namespaces:
+        watch = [n for n in args.namespaces.split(",") if n]
+        print(
+            HEADER + yaml.safe_dump_all(objects(args.operator_namespace, NAME, watch), sort_keys=False),
+            end="",
+        )
+        return 0
     for p in write_all():
         print(p)
-    sys.exit(0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

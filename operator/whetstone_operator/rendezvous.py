@@ -8,16 +8,31 @@ reachable as `<job>-node-0.<job>`; `MASTER_*`, `WORLD_SIZE`, `NODE_RANK` for cod
 
 from __future__ import annotations
 
+import hashlib
+
 from whetstone_api.wire import MASTER_PORT
+
+MAX_HOSTNAME = 63  # a pod's hostname is a DNS label
 
 
 def pod_name(job: str, rank: int) -> str:
     return f"{job}-node-{rank}"
 
 
+def hostname(job: str, rank: int) -> str:
+    """The pod's hostname: its name when that is a valid DNS label, else the job name shortened with a digest
+    of the whole name, so long job names (and many nodes) still give valid, distinct hostnames."""
+    plain = pod_name(job, rank)
+    if len(plain) <= MAX_HOSTNAME:
+        return plain
+    digest = hashlib.sha256(job.encode()).hexdigest()[:8]
+    tail = f"-{digest}-node-{rank}"
+    return job[: MAX_HOSTNAME - len(tail)].rstrip("-") + tail
+
+
 def master_address(job: str) -> str:
     # The hostname.subdomain record of rank 0 in the headless Service named after the job.
-    return f"{pod_name(job, 0)}.{job}"
+    return f"{hostname(job, 0)}.{job}"
 
 
 def processes_per_node(gpus_per_node: int) -> int:

@@ -7,9 +7,24 @@ took). Every rank validates and trains; rank 0 writes checkpoints and the output
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
+
+from whetstone_api.wire import ENV_TERMINATION_LOG, termination_message
+
+
+def _stop(error: str) -> int:
+    """A permanent error (retrying cannot fix it): said on stderr and, in a pod, in the container's
+    termination message, marked permanent, so the operator fails the job at once with this text even though
+    torchrun turns the exit code into 1."""
+    print(error, file=sys.stderr)
+    path = os.environ.get(ENV_TERMINATION_LOG)
+    if path:
+        with contextlib.suppress(OSError):
+            Path(path).write_text(termination_message(error, permanent=True))
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,18 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         job = load_resource(path)
     except ManifestError as e:
-        print(e, file=sys.stderr)
-        return 2
+        return _stop(str(e))
     if not isinstance(job, FineTuneJob) or job.spec.method != "sft":
-        print(f"{path}: this trainer runs FineTuneJobs with method sft", file=sys.stderr)
-        return 2
+        return _stop(f"{path}: this trainer runs FineTuneJobs with method sft")
     base_dir = path.resolve().parent
     problems = preflight(job.spec, base_dir)
     if problems:
-        print(
-            f"{path}: pre-flight found {len(problems)} problem(s):\n" + "\n".join(problems), file=sys.stderr
-        )
-        return 2
+        return _stop(f"{path}: pre-flight found {len(problems)} problem(s):\n" + "\n".join(problems))
     output = (
         Path(args.output) if args.output else resolve_uri(job.spec.output.uri, base_dir, "spec.output.uri")
     )
@@ -64,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         train_sft(job.spec, output, base_dir, observer=status)
     except DatasetError as e:
         status.fail(str(e))
-        print(e, file=sys.stderr)
-        return 2
+        return _stop(str(e))
     return 0
 
 

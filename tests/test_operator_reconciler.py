@@ -1,0 +1,437 @@
+"""The reconciler (handlers.Reconciler) against an in-memory API server: what it writes, when it writes
+nothing, and how it behaves when the server disagrees (a conflict, a refusal, a stale cache).
+
+The fake stands in for the API server's object store only (resourceVersions, merge patches, preconditions);
+what the real API server decides (validation, admission, garbage collection) is tested in e2e/."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from kubernetes.client.rest import ApiException
+from whetstone_api.wire import TrainerReport
+from whetstone_operator import children
+from whetstone_operator.config import OperatorConfig
+from whetstone_operator.handlers import Reconciler
+from whetstone_operator.metrics import OperatorMetrics
+from whetstone_operator.poller import PollResult
+from whetstone_operator.store import Store
+
+Json = dict[str, Any]
+KEY = ("ns", "j")
+
+
+def merge(target: Json, patch: Json) -> Json:
+    out = dict(target)
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def api_error(status: int, message: str = "") -> ApiException:
+    e = ApiException(
+        status=status, reason={409: "Conflict", 422: "Unprocessable Entity"}.get(status, "Error")
+    )
+    e.body = json.dumps({"message": message})
+    return e
+
+
+class FakeKube:
+    """The API calls of kube.Kube, on dicts; every call is recorded."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self.jobs: dict[str, Json] = {}
+        self.pods: dict[str, Json] = {}
+        self.checkpoints: dict[str, Json] = {}
+        self.events: list[tuple[str, str, str]] = []
+        self.created: list[Json] = []
+        self.deleted: list[tuple[str, int | None]] = []
+        self.refuse: dict[str, Exception] = {}
+        self.nodes: dict[str, bool] = {}
+        self.rv = 10
+
+    def _bump(self, obj: Json) -> None:
+        self.rv += 1
+        obj["metadata"]["resourceVersion"] = str(self.rv)
+
+    def get_job(self, namespace: str, name: str) -> Json | None:
+        self.calls["get_job"] += 1
+        return copy.deepcopy(self.jobs.get(name))
+
+    def patch_job_status(self, namespace: str, name: str, status: Json, resource_version: str) -> Json:
+        self.calls["patch_job_status"] += 1
+        job = self.jobs[name]
+        if job["metadata"]["resourceVersion"] != resource_version:
+            raise api_error(409, "the object has been modified")
+        job["status"] = merge(job.get("status") or {}, json.loads(json.dumps(status)))
+        self._bump(job)
+        return copy.deepcopy(job)
+
+    def remove_finalizer(
+        self, namespace: str, name: str, finalizers: list[str], resource_version: str
+    ) -> None:
+        self.calls["remove_finalizer"] += 1
+        self.jobs[name]["metadata"]["finalizers"] = finalizers
+        self._bump(self.jobs[name])
+
+    def delete_job(self, namespace: str, name: str, uid: str) -> None:
+        self.calls["delete_job"] += 1
+        self.jobs.pop(name, None)
+
+    def list_pods(self, namespace: str, selector: str) -> list[Json]:
+        self.calls["list_pods"] += 1
+        return [copy.deepcopy(p) for p in self.pods.values()]
+
+    def _create(self, kind: str, body: Json) -> None:
+        self.calls[f"create_{kind}"] += 1
+        if kind in self.refuse:
+            raise self.refuse[kind]
+        self.created.append(body)
+
+    def create_pod(self, namespace: str, body: Json) -> None:
+        self._create("pod", body)
+        self.pods[body["metadata"]["name"]] = body
+
+    def delete_pod(self, namespace: str, name: str, uid: str, grace_seconds: int | None = None) -> None:
+        self.calls["delete_pod"] += 1
+        self.deleted.append((name, grace_seconds))
+
+    def create_config_map(self, namespace: str, body: Json) -> None:
+        self._create("config_map", body)
+
+    def create_service(self, namespace: str, body: Json) -> None:
+        self._create("service", body)
+
+    def create_network_policy(self, namespace: str, body: Json) -> None:
+        self._create("network_policy", body)
+
+    def create_checkpoint(self, namespace: str, body: Json) -> Json:
+        self.calls["create_checkpoint"] += 1
+        self.checkpoints[body["metadata"]["name"]] = body
+        return {**body, "metadata": {**body["metadata"], "generation": 1}}
+
+    def patch_checkpoint_status(self, namespace: str, name: str, status: Json) -> None:
+        self.calls["patch_checkpoint_status"] += 1
+
+    def orphan_checkpoint(self, namespace: str, name: str) -> None:
+        self.calls["orphan_checkpoint"] += 1
+
+    def delete_checkpoint(self, namespace: str, name: str) -> None:
+        self.calls["delete_checkpoint"] += 1
+
+    def node_ready(self, name: str) -> bool | None:
+        self.calls["node_ready"] += 1
+        return self.nodes.get(name)
+
+    def create_event(
+        self, obj: Json, kind: str, etype: str, reason: str, message: str, instance: str
+    ) -> None:
+        self.calls["create_event"] += 1
+        self.events.append((etype, reason, message))
+
+
+class FakePoller:
+    def __init__(self) -> None:
+        self.results: dict[Any, PollResult] = {}
+        self.requested: list[Any] = []
+
+    def due(self, key: Any, interval: float) -> bool:
+        return True
+
+    def request(self, key: Any, host: str, port: int) -> bool:
+        self.requested.append((key, host, port))
+        return True
+
+    def take(self, key: Any) -> PollResult | None:
+        return self.results.pop(key, None)
+
+    def forget(self, key: Any) -> None:
+        pass
+
+
+def new_job(**spec: Any) -> Json:
+    return {
+        "apiVersion": "whetstone.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "j", "namespace": "ns", "uid": "u", "generation": 1, "resourceVersion": "5"},
+        "spec": {
+            "method": "sft",
+            "baseModel": {"uri": "whetstone://tiny"},
+            "dataset": {"uri": "pvc://work/train.jsonl"},
+            "lora": {},
+            "output": {"uri": "pvc://work/out/j"},
+            "nodes": 1,
+            "backoffLimit": 2,
+            "checkpointing": {"everySteps": 10, "keepLast": 2},
+            **spec,
+        },
+    }
+
+
+class World:
+    """A reconciler, its cache and the fake server, with helpers to let the watch catch up."""
+
+    def __init__(self, **spec: Any) -> None:
+        self.kube = FakeKube()
+        self.store = Store()
+        self.metrics = OperatorMetrics()
+        self.poller = FakePoller()
+        self.leading = True
+        config = OperatorConfig(progress_seconds=15)
+        self.reconciler = Reconciler(
+            config,
+            self.kube,
+            self.store,
+            self.metrics,
+            self.poller,
+            leading=lambda: self.leading,  # type: ignore[arg-type]
+        )
+        job = new_job(**spec)
+        self.kube.jobs["j"] = job
+        self.store.put_job(copy.deepcopy(job))
+
+    def watch(self) -> None:
+        """Deliver what the server holds to the cache, as the watch streams would."""
+        self.store.put_job(copy.deepcopy(self.kube.jobs["j"]))
+        for body in self.kube.created:
+            kind = body["kind"]
+            if kind == "Pod":
+                continue
+            self.store.put_child(kind, {**body, "metadata": {**body["metadata"]}})
+        for pod in self.kube.pods.values():
+            self.store.put_pod(pod)
+
+    def set_pod(self, rank: int, phase: str, **status: Any) -> None:
+        name = f"j-node-{rank}"
+        pod = self.kube.pods[name]
+        pod.setdefault("metadata", {}).setdefault("uid", f"pod-{rank}")
+        pod["metadata"].setdefault("creationTimestamp", datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+        pod["status"] = {"phase": phase, "podIP": f"10.0.0.{rank}", **status}
+
+    def run(self) -> float | None:
+        self.kube.calls.clear()
+        return self.reconciler.reconcile(KEY)
+
+    @property
+    def status(self) -> Json:
+        return self.kube.jobs["j"].get("status") or {}
+
+
+def running_world(**spec: Any) -> World:
+    w = World(**spec)
+    w.run()
+    w.watch()
+    w.set_pod(0, "Running")
+    w.watch()
+    w.run()
+    w.watch()
+    assert w.status["phase"] == "Running"
+    return w
+
+
+def test_a_new_job_gets_its_children_then_a_steady_job_costs_no_api_call() -> None:
+    w = World()
+    w.run()
+    kinds = [b["kind"] for b in w.kube.created]
+    assert kinds == ["ConfigMap", "Service", "NetworkPolicy", "Pod"]
+    assert w.status["phase"] == "Pending" and w.kube.events == [
+        ("Normal", "Created", "creating 1 trainer pod(s)")
+    ]
+    w = running_world()
+    for _ in range(3):
+        w.run()
+        assert sum(w.kube.calls.values()) == 0, w.kube.calls
+
+
+def test_status_writes_apply_only_to_the_version_they_were_planned_from() -> None:
+    w = World()
+    w.run()
+    w.watch()
+    w.set_pod(0, "Running")
+    w.watch()
+    # Another writer (a second replica, a user) changes the job after our cache saw it.
+    w.kube.jobs["j"]["metadata"]["resourceVersion"] = "999"
+    again = w.run()
+    assert w.kube.calls["patch_job_status"] == 1 and again == 0.0
+    assert w.status["phase"] == "Pending", "a plan on an outdated job is never written"
+    assert w.kube.calls["get_job"] == 1 and w.store.job(KEY)["metadata"]["resourceVersion"] == "999"
+    w.run()
+    assert w.status["phase"] == "Running"
+
+
+def test_a_restart_is_decided_again_on_a_fresh_list_of_pods() -> None:
+    w = running_world()
+    # The cache says rank 0 failed; the API server says it runs (the cache was wrong, or a watch was missed).
+    stale = copy.deepcopy(w.kube.pods["j-node-0"])
+    stale["status"] = {
+        "phase": "Failed",
+        "containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": 1}}}],
+    }
+    w.store.put_pod(stale)
+    w.run()
+    assert w.kube.calls["list_pods"] == 1 and w.kube.calls["get_job"] == 1
+    assert w.kube.calls["delete_pod"] == 0 and w.status["phase"] == "Running" and "restartCount" in w.status
+    assert w.status["restartCount"] == 0
+
+
+def test_a_failure_restarts_the_group_and_the_message_carries_the_trainers_error() -> None:
+    w = running_world()
+    w.set_pod(
+        0,
+        "Failed",
+        containerStatuses=[
+            {
+                "name": "trainer",
+                "state": {
+                    "terminated": {"exitCode": 1, "reason": "Error", "message": "RuntimeError: NCCL timeout"}
+                },
+            }
+        ],
+    )
+    w.watch()
+    w.run()
+    assert w.status["phase"] == "Restarting" and w.status["attempt"] == 1 and w.status["restartCount"] == 1
+    assert "RuntimeError: NCCL timeout" in w.status["message"]
+    assert w.kube.deleted == [("j-node-0", None)]
+    assert ("Warning", "PodFailed", w.status["message"]) in w.kube.events
+
+
+def test_a_refused_create_is_reported_with_the_servers_message_and_retried_after_a_backoff() -> None:
+    w = World()
+    w.kube.refuse["pod"] = api_error(422, 'Pod "j-node-0" is invalid: spec.volumes[3].name: Invalid value')
+    again = w.run()
+    assert w.kube.calls["create_pod"] == 1 and again == 0.0
+    w.watch()
+    again = w.run()
+    created = next(c for c in w.status["conditions"] if c["type"] == "Created")
+    assert created["status"] == "False" and created["reason"] == "FailedCreate"
+    assert (
+        created["message"] == 'Pod j-node-0: Pod "j-node-0" is invalid: spec.volumes[3].name: Invalid value'
+    )
+    assert ("Warning", "FailedCreate", created["message"]) in w.kube.events
+    assert w.kube.calls["create_pod"] == 0 and again is not None and 1 <= again <= 5, "no hot loop"
+    w.watch()
+    for _ in range(3):
+        w.run()
+    assert w.kube.calls["create_pod"] == 0
+    # The client refusing to send a body (pydantic) is a refusal too.
+    w2 = World()
+    w2.kube.refuse["pod"] = ValueError("1 validation error for CoreV1Api.create_namespaced_pod")
+    w2.run()
+    w2.watch()
+    w2.run()
+    assert "validation error" in w2.status["message"]
+
+
+def test_a_stuck_pod_is_force_deleted_only_when_its_node_is_gone_or_not_ready() -> None:
+    w = running_world(suspend=False)
+    w.kube.jobs["j"]["spec"]["suspend"] = True
+    w.watch()
+    w.run()
+    assert w.status["phase"] == "Suspended" and w.kube.deleted == [("j-node-0", None)]
+    w.kube.deleted.clear()
+    past = (datetime.now(UTC) - timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    pod = w.kube.pods["j-node-0"]
+    pod["metadata"]["deletionTimestamp"] = past
+    pod["spec"]["nodeName"] = "gpu-node-1"
+    w.watch()
+    w.kube.nodes["gpu-node-1"] = True
+    w.run()
+    assert w.kube.deleted == [] and w.kube.calls["node_ready"] == 1
+    w.kube.nodes["gpu-node-1"] = False
+    w.run()
+    assert w.kube.deleted == [("j-node-0", 0)]
+    assert w.kube.events[-1][1] == "ForceDeletedPod" and "not ready" in w.kube.events[-1][2]
+
+
+def test_the_trainers_report_becomes_progress_and_bounded_checkpoints() -> None:
+    w = running_world()
+    checkpoints = [{"step": s, "uri": f"/mnt/pvc/work/out/j/checkpoints/step-{s:08d}"} for s in range(1, 101)]
+    checkpoints.append({"step": 500, "uri": "/mnt/pvc/elsewhere/x"})
+    body = {
+        "job": "j",
+        "phase": "Training",
+        "step": 100,
+        "totalSteps": 200,
+        "loss": None,
+        "reward": 0.5,
+        "checkpoints": checkpoints,
+    }
+    report = TrainerReport.parse(json.dumps(body).encode())
+    w.poller.results[("ns", "j", "u")] = PollResult(report, None, 0.0)
+    w.run()
+    assert w.status["progress"]["step"] == 100 and "loss" not in w.status["progress"]
+    assert w.kube.calls["create_checkpoint"] == 2, "at most keepLast new Checkpoints per pass"
+    assert sorted(w.kube.checkpoints) == ["j-step-00000099", "j-step-00000100"]
+    assert w.status["latestCheckpoint"]["name"] == "j-step-00000100"
+    assert any(e[1] == "CheckpointRefused" and "pvc://elsewhere/x" in e[2] for e in w.kube.events)
+    metrics = w.metrics.exposition().decode()
+    assert 'whetstone_job_step{job="j",namespace="ns"} 100.0' in metrics
+    assert 'whetstone_job_reward{job="j",namespace="ns"} 0.5' in metrics
+    w.reconciler.forget("ns", "j", "u")
+    assert "whetstone_job_step{" not in w.metrics.exposition().decode()
+    assert w.poller.requested and w.poller.requested[-1][1:] == ("10.0.0.0", 8080)
+
+
+def test_a_job_not_running_is_never_polled() -> None:
+    w = World()
+    w.run()
+    w.watch()
+    w.set_pod(0, "Pending")
+    w.watch()
+    w.run()
+    assert w.poller.requested == []
+
+
+def test_the_finalizer_of_an_earlier_version_is_removed_and_a_deleted_job_left_alone() -> None:
+    w = World()
+    w.kube.jobs["j"]["metadata"]["finalizers"] = ["whetstone.dev/finalizer"]
+    w.watch()
+    w.run()
+    assert w.kube.calls["remove_finalizer"] == 1 and w.kube.jobs["j"]["metadata"]["finalizers"] == []
+    w.kube.jobs["j"]["metadata"]["finalizers"] = ["whetstone.dev/finalizer"]
+    w.kube.jobs["j"]["metadata"]["deletionTimestamp"] = "2026-11-28T18:00:00Z"
+    w.watch()
+    w.run()
+    assert w.kube.calls["remove_finalizer"] == 1 and w.kube.calls["create_pod"] == 0
+
+
+def test_a_replica_that_does_not_lead_does_nothing() -> None:
+    w = World()
+    w.leading = False
+    w.run()
+    assert sum(w.kube.calls.values()) == 0
+
+
+def test_kept_checkpoints_are_orphaned_in_any_phase() -> None:
+    w = World()
+    w.kube.jobs["j"]["status"] = {"phase": "Succeeded"}
+    w.watch()
+    body = children.checkpoint_resource(
+        w.kube.jobs["j"], 10, "pvc://work/out/j/checkpoints/step-00000010", "resumable"
+    )
+    body["metadata"]["annotations"] = {"whetstone.dev/keep": "true"}
+    w.store.put_checkpoint(body)
+    w.run()
+    assert w.kube.calls["orphan_checkpoint"] == 1
+
+
+@pytest.mark.parametrize("gpus", [0, 8])
+def test_pods_are_created_for_cpu_and_gpu_jobs(gpus: int) -> None:
+    w = World(gpusPerNode=gpus, nodes=2)
+    w.run()
+    pods = [b for b in w.kube.created if b["kind"] == "Pod"]
+    assert [p["metadata"]["name"] for p in pods] == ["j-node-0", "j-node-1"]
+    resources = pods[0]["spec"]["containers"][0].get("resources", {})
+    assert resources.get("limits", {}).get("nvidia.com/gpu") == (str(gpus) if gpus else None)
