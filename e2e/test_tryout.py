@@ -457,6 +457,12 @@ def test_kustomize_overlay_runs_the_operator_and_wait_reports_a_failure(tryout: 
     kill_trainer(tryout.state_dir / "runner", name)
     wait_for(lambda: tryout.job(name)["status"].get("restartCount", 0) == 1, 180, "a group restart")
     tryout.whetstone("wait", name, "--for=phase=Running", "--timeout=5m", timeout=330)
+    # An eviction is a disruption: the group restarts without counting against backoffLimit.
+    eviction = {"metadata": {"name": f"{name}-node-0", "namespace": "default"}}
+    tryout.core.create_namespaced_pod_eviction(f"{name}-node-0", "default", eviction)
+    wait_for(lambda: tryout.job(name)["status"].get("disruptionCount", 0) == 1, 180, "a disruption restart")
+    tryout.whetstone("wait", name, "--for=phase=Running", "--timeout=5m", timeout=330)
+    assert tryout.job(name)["status"]["restartCount"] == 1
     tryout.whetstone("delete", "ftj", name, "--wait")
 
     # A job that cannot succeed: `whetstone wait` stops when it fails and says why.

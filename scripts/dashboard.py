@@ -113,6 +113,17 @@ ROWS: list[Row] = [
                 description="Creation to all pods running, first attempt, over the dashboard's range.",
             ),
             Panel(
+                "API calls per second",
+                [
+                    (
+                        "sum by (resource, verb) "
+                        "(rate(whetstone_operator_api_calls_total[$__rate_interval]))",
+                        "{{verb}} {{resource}}",
+                    )
+                ],
+                description="What the operator costs the API server (watches excluded).",
+            ),
+            Panel(
                 "Group restarts",
                 [
                     (
@@ -121,6 +132,17 @@ ROWS: list[Row] = [
                     )
                 ],
                 kind="stat",
+            ),
+            Panel(
+                "Restarts after disruptions",
+                [
+                    (
+                        f"sum by (namespace) (increase(whetstone_job_disruptions_total{NS}[$__range]))",
+                        "{{namespace}}",
+                    )
+                ],
+                kind="stat",
+                description="Preemptions and evictions: restarts not counted against backoffLimit.",
             ),
             Panel(
                 "Checkpoints created",
@@ -148,6 +170,14 @@ ROWS: list[Row] = [
                 [(f"{by_job('step')} / {by_job('total_steps')}", "{{job}}")],
                 unit="percentunit",
                 width=12,
+            ),
+            Panel(
+                "Step and loss as the operator reads them",
+                [
+                    (f"max by (namespace, job) (whetstone_job_step{SEL})", "{{job}} step"),
+                    (f"max by (namespace, job) (whetstone_job_loss{SEL})", "{{job}} loss"),
+                ],
+                description="From rank 0's /status through the operator's /metrics: no PodMonitor needed.",
             ),
             Panel("Tokens per second", [(by_job("tokens_per_second"), "{{job}}")]),
             Panel(
@@ -207,6 +237,11 @@ ROWS: list[Row] = [
                     (by_job("eval_reward_mean"), "{{job}} eval"),
                 ],
                 width=12,
+            ),
+            Panel(
+                "Reward as the operator reads it",
+                [(f"max by (namespace, job) (whetstone_job_reward{SEL})", "{{job}}")],
+                description="From rank 0's /status through the operator's /metrics: no PodMonitor needed.",
             ),
             Panel(
                 "Reward by grader",

@@ -41,34 +41,23 @@ def _api_client(config: OperatorConfig) -> Any:
     return kubernetes.client.ApiClient(configuration)
 
 
-def wait_for_crds(api_client: Any, timeout: float = 120.0) -> None:
+def wait_for_crds(kube: Any, timeout: float = 120.0) -> None:
     """kopf looks its resources up once, at start (scanning is off, so RBAC needs no cluster-wide list of
     CRDs): an operator started before its CRDs (a first install, where the pod can win the race) would never
     serve them. Wait until the API serves every Whetstone kind; after `timeout`, exit so the pod restarts."""
-    import kubernetes
     from whetstone_api import API_GROUP, API_VERSION
     from whetstone_api.crd import KINDS
 
     wanted = {k.plural for k in KINDS}
-    custom = kubernetes.client.CustomObjectsApi(api_client)
     deadline, said = time.monotonic() + timeout, False
-    while True:
-        try:
-            served = {r.name for r in custom.get_api_resources(API_GROUP, API_VERSION).resources}
-        except kubernetes.client.ApiException as e:
-            if e.status != 404:
-                raise
-            served = set()
-        missing = sorted(wanted - served)
-        if not missing:
-            return
+    while missing := sorted(wanted - kube.served_resources(API_GROUP, API_VERSION)):
         if time.monotonic() > deadline:
             raise SystemExit(
                 f"the CRDs of {', '.join(missing)}.{API_GROUP} are not installed: apply crds/ "
                 "(kubectl apply --server-side -f crds/) or install the chart with crds.install=true"
             )
         if not said:
-            logging.getLogger("whetstone.operator").info("waiting for the CRDs of %s", ", ".join(missing))
+            LOG.info("waiting for the CRDs of %s", ", ".join(missing))
             said = True
         time.sleep(2)
 
@@ -77,7 +66,9 @@ def run_operator(config: OperatorConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # kopf logs every watch event at DEBUG and handler runs at INFO; the story is told by whetstone.operator.
     logging.getLogger("kopf").setLevel(logging.WARNING)
-    wait_for_crds(_api_client(config))
+    from .kube import Kube
+
+    wait_for_crds(Kube(_api_client(config)))
     return asyncio.run(_run(config))
 
 

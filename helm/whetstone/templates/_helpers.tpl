@@ -51,8 +51,14 @@ app.kubernetes.io/component: operator
 {{- if $op.bindPodIP }}
 - "--host=$(POD_IP)"
 {{- end }}
-{{- range $op.watchNamespaces }}
+{{- range .Values.watchNamespaces }}
 - {{ printf "--namespace=%s" . | quote }}
+{{- end }}
+{{- if $op.leaderElection }}
+- "--leader-elect"
+- {{ printf "--lease-name=%s" (include "whetstone.operatorName" .) | quote }}
+{{- else }}
+- "--no-leader-elect"
 {{- end }}
 - {{ printf "--resync-seconds=%v" $op.resyncSeconds | quote }}
 - {{ printf "--progress-seconds=%v" $op.progressSeconds | quote }}
@@ -61,6 +67,17 @@ app.kubernetes.io/component: operator
 - {{ printf "--trainer-status-port=%v" $tr.statusPort | quote }}
 - {{ printf "--master-port=%v" $tr.masterPort | quote }}
 - {{ printf "--termination-grace-seconds=%v" $tr.terminationGracePeriodSeconds | quote }}
+{{- if $tr.networkPolicy }}
+- "--network-policy"
+{{- range $key, $value := fromYaml (include "whetstone.operatorSelector" .) }}
+- {{ printf "--operator-pod-label=%s=%s" $key $value | quote }}
+{{- end }}
+{{- range $tr.metricsFromNamespaces }}
+- {{ printf "--status-port-from-namespace=%s" . | quote }}
+{{- end }}
+{{- else }}
+- "--no-network-policy"
+{{- end }}
 {{- range $key, $value := $tr.nodeSelector }}
 - {{ printf "--trainer-node-selector=%s=%s" $key $value | quote }}
 {{- end }}
