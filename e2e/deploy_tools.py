@@ -22,7 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from localcluster import BUILD_SCRIPT, free_port
+from localcluster import BUILD_SCRIPT, SOURCE_DIRS, free_port
+
+# The checkout's own packages first, as pytest's pythonpath does for tests/ (e2e/pytest.ini has none): the
+# venv's editable install may point at another checkout.
+for _folder in reversed(SOURCE_DIRS):
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
 
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "helm" / "whetstone"

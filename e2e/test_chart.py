@@ -41,7 +41,10 @@ def test_lint_and_template(tools: Tools, values: Path | None) -> None:
     deployment = next(o for (k, _, _), o in rendered.items() if k == "Deployment")
     pod = deployment["spec"]["template"]["spec"]
     args = pod["containers"][0]["args"]
-    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    replicas = 2 if values and values.name == "namespaced-values.yaml" else 1
+    assert deployment["spec"]["replicas"] == replicas and deployment["spec"]["strategy"] == {
+        "type": "Recreate"
+    }
     assert (
         pod["securityContext"]["runAsNonRoot"]
         and pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"]
@@ -52,17 +55,30 @@ def test_lint_and_template(tools: Tools, values: Path | None) -> None:
             "ClusterRoleBinding",
             "CustomResourceDefinition",
             "Deployment",
+            "Role",
+            "RoleBinding",
             "Service",
             "ServiceAccount",
         ]
+        assert "--leader-elect" in args and "--lease-name=whetstone-operator" in args
+        assert "--operator-pod-label=app.kubernetes.io/component=operator" in args
         assert "--trainer-toleration=nvidia.com/gpu:NoSchedule" in args
         crd = rendered[("CustomResourceDefinition", "", "finetunejobs.whetstone.dev")]
         assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
         assert crd["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"] == "-1"
     elif values.name == "monitoring-values.yaml":
         assert {"ServiceMonitor", "PodMonitor", "PrometheusRule", "ConfigMap"} <= set(kinds)
+        assert "--status-port-from-namespace=monitoring" in args
     elif values.name == "namespaced-values.yaml":
         assert "CustomResourceDefinition" not in kinds
+        # RBAC only in the watched namespaces (and the Lease's Role in the release's).
+        roles = {(ns, name) for (k, ns, name) in rendered if k == "Role"}
+        assert roles == {
+            ("team-a", "ft-operator"),
+            ("team-b", "ft-operator"),
+            ("whetstone-system", "ft-operator-leader"),
+        }
+        assert ("ClusterRole", "", "ft-operator") not in rendered
         assert [a for a in args if a.startswith("--namespace")] == [
             "--namespace=team-a",
             "--namespace=team-b",
@@ -98,6 +114,15 @@ def test_a_mistake_in_values_fails_on_the_schema(
         assert failed.returncode != 0, command
         out = failed.stdout + failed.stderr
         assert "values don't meet the specifications of the schema" in out and named in out, out
+
+
+def test_several_replicas_need_leader_election(tools: Tools) -> None:
+    argv = [tools.helm, "template", "whetstone", CHART, "--set", "operator.replicas=2"]
+    failed = run([*argv, "--set", "operator.leaderElection=false"], check=False)
+    assert (
+        failed.returncode != 0 and "operator.replicas above 1 needs operator.leaderElection" in failed.stderr
+    )
+    assert "replicas: 2" in run(argv).stdout
 
 
 def test_generated_install_files_are_fresh(tools: Tools) -> None:

@@ -6,8 +6,8 @@
 | helm/whetstone/files/dashboards/whetstone.json | scripts/dashboard.py |
 | manifests/argocd/argocd-cm-health.yaml | manifests/argocd/health/whetstone.dev/*/health.lua |
 | manifests/base/{crds,operator}.yaml | the chart rendered with its defaults (`helm template`) |
-| manifests/overlays/prometheus/monitoring.yaml | the chart rendered with ci/monitoring-values.yaml |
-| manifests/overlays/local/{operator-patch,work-claim}.yaml | the chart rendered with values-local.yaml |
+| manifests/overlays/prometheus/*.yaml | the chart rendered with ci/monitoring-values.yaml |
+| manifests/overlays/local/*.yaml | the chart rendered with values-local.yaml |
 
 manifests/base/rbac.yaml and the chart's templates/rbac.yaml come from `python -m whetstone_operator.rbac`;
 this script checks that the chart renders the same RBAC. Tests fail when any file is stale:
@@ -171,32 +171,51 @@ def from_chart(helm: str) -> dict[Path, str]:
     }
 
     defaults = {key(o) for o in default}
-    monitoring = [
-        o for o in helm_template(helm, CHART / "ci" / "monitoring-values.yaml") if key(o) not in defaults
-    ]
-    files[MANIFESTS / "overlays" / "prometheus" / "monitoring.yaml"] = dump(
-        monitoring, "helm/whetstone with ci/monitoring-values.yaml"
-    )
-
-    local = helm_template(helm, CHART / "values-local.yaml")
-    deployment = next(o for o in local if o["kind"] == "Deployment")
-    pod = deployment["spec"]["template"]["spec"]
-    container = pod["containers"][0]
-    # A JSON patch of the base's Deployment: exactly the fields values-local.yaml changes.
-    patch = [
-        {"op": "replace", "path": "/spec/template/spec/containers/0/args", "value": container["args"]},
-        {"op": "replace", "path": "/spec/template/spec/containers/0/env", "value": container["env"]},
-        {"op": "add", "path": "/spec/template/spec/nodeSelector", "value": pod["nodeSelector"]},
-        {"op": "add", "path": "/spec/template/spec/tolerations", "value": pod["tolerations"]},
-    ]
-    files[MANIFESTS / "overlays" / "local" / "operator-patch.yaml"] = dump(
-        [patch], "helm/whetstone with values-local.yaml"
-    )
-    extra = [o for o in local if key(o) not in defaults and o["kind"] != "Deployment"]
-    files[MANIFESTS / "overlays" / "local" / "work-claim.yaml"] = dump(
-        extra, "helm/whetstone with values-local.yaml (extraObjects)"
-    )
+    base_deployment = next(o for o in default if o["kind"] == "Deployment")
+    overlays = {
+        "prometheus": (CHART / "ci" / "monitoring-values.yaml", "monitoring.yaml"),
+        "local": (CHART / "values-local.yaml", "work-claim.yaml"),
+    }
+    for overlay, (values, extra_file) in overlays.items():
+        rendered = helm_template(helm, values)
+        source = f"helm/whetstone with {values.relative_to(CHART)}"
+        extra = [o for o in rendered if key(o) not in defaults]
+        files[MANIFESTS / "overlays" / overlay / extra_file] = dump(extra, source)
+        deployment = next(o for o in rendered if o["kind"] == "Deployment")
+        files[MANIFESTS / "overlays" / overlay / "operator-patch.yaml"] = dump(
+            [deployment_patch(base_deployment, deployment)], source
+        )
     return files
+
+
+def deployment_patch(base: Json, overlay: Json) -> list[Json]:
+    """A JSON patch of the base's operator Deployment: exactly the pod fields the overlay's values change."""
+    ops: list[Json] = []
+    pod, new_pod = base["spec"]["template"]["spec"], overlay["spec"]["template"]["spec"]
+    container, new_container = pod["containers"][0], new_pod["containers"][0]
+    for field in ("args", "env"):
+        if container.get(field) != new_container.get(field):
+            path = f"/spec/template/spec/containers/0/{field}"
+            ops.append(
+                {
+                    "op": "replace" if field in container else "add",
+                    "path": path,
+                    "value": new_container[field],
+                }
+            )
+    for field in ("nodeSelector", "tolerations"):
+        if pod.get(field) != new_pod.get(field):
+            ops.append(
+                {
+                    "op": "replace" if field in pod else "add",
+                    "path": f"/spec/template/spec/{field}",
+                    "value": new_pod[field],
+                }
+            )
+    rest = {k: v for k, v in new_pod.items() if k not in ("containers", "nodeSelector", "tolerations")}
+    if rest != {k: v for k, v in pod.items() if k not in ("containers", "nodeSelector", "tolerations")}:
+        raise SystemExit("an overlay's values change more of the operator pod than this patch covers")
+    return ops
 
 
 def write(files: dict[Path, str]) -> None:
