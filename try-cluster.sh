@@ -13,8 +13,8 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$repo"
-say() { printf '\033[1m[try-cluster]\033[0m %s\n' "$*" >&2; }
-[[ -n "${NO_COLOR:-}" || ! -t 2 ]] && say() { printf '[try-cluster] %s\n' "$*" >&2; }
+say() { printf '\033[1m[try-cluster %(%H:%M:%S)T]\033[0m %s\n' -1 "$*" >&2; }
+[[ -n "${NO_COLOR:-}" || ! -t 2 ]] && say() { printf '[try-cluster %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
 python="$("$repo/scripts/bootstrap.sh")"
 bin="$(dirname "$python")"
