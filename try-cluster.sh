@@ -25,9 +25,18 @@ if [[ "${1:-}" == "down" ]]; then
 fi
 [[ $# -eq 0 ]] || { echo "usage: $0 [down]" >&2; exit 2; }
 
-# The control plane, kwok and helm, built from Go modules once (cached in ~/.cache/whetstone/k8s-bin).
-WHETSTONE_E2E_TOOLS="kube etcd kwok helm" bash "$repo/e2e/tools/build.sh" >/dev/null
-helm="$(bash "$repo/e2e/tools/build.sh" --print | sed -n 's/^HELM_BIN_DIR=//p')/helm"
+# The control plane, kwok and helm, built from Go modules once (cached in ~/.cache/whetstone/k8s-bin); the
+# build script (which waits for any other build of the cache) runs only when one is missing.
+dirs="$(bash "$repo/e2e/tools/build.sh" --print)"
+bin_of() { sed -n "s/^$1=//p" <<<"$dirs"; }
+helm="$(bin_of HELM_BIN_DIR)/helm"
+for tool in "$(bin_of KUBE_BIN_DIR)/kube-apiserver" "$(bin_of ETCD_BIN_DIR)/etcd" "$(bin_of KWOK_BIN_DIR)/kwok" "$helm"; do
+  if [[ ! -x "$tool" ]]; then
+    say "building the control plane and helm from Go modules (first run: ~25 min on 2 cores)"
+    WHETSTONE_E2E_TOOLS="kube etcd kwok helm" bash "$repo/e2e/tools/build.sh" >/dev/null
+    break
+  fi
+done
 
 if "$repo/e2e/cluster" status >/dev/null 2>&1; then
   say "the local cluster is already up; reusing it"
