@@ -340,8 +340,10 @@ def other_crds(tryout: TryOut, tools: Tools) -> None:
 def test_every_rendered_object_passes_a_server_side_dry_run(
     tryout: TryOut, tools: Tools, other_crds: None, tmp_path: Path
 ) -> None:
-    # The kueue overlay's own namespace: a dry run of a namespace does not make its contents valid.
-    tryout.kubectl("create", "namespace", "ml-team")
+    # Namespaces the renders put objects in (the kueue overlay's, the namespaced values' watched ones): a dry
+    # run of a namespace does not make what goes into it valid.
+    for namespace in ("ml-team", "team-a", "team-b"):
+        tryout.kubectl("create", "namespace", namespace)
     renders = {
         "chart defaults": helm_template(tools),
         **{
@@ -464,7 +466,11 @@ def test_kustomize_overlay_runs_the_operator_and_wait_reports_a_failure(tryout: 
     wait_for(lambda: tryout.job(name)["status"].get("restartCount", 0) == 1, 180, "a group restart")
     tryout.whetstone("wait", name, "--for=phase=Running", "--timeout=5m", timeout=330)
     # An eviction is a disruption: the group restarts without counting against backoffLimit.
-    eviction = {"metadata": {"name": f"{name}-node-0", "namespace": "default"}}
+    eviction = {
+        "apiVersion": "policy/v1",
+        "kind": "Eviction",
+        "metadata": {"name": f"{name}-node-0", "namespace": "default"},
+    }
     tryout.core.create_namespaced_pod_eviction(f"{name}-node-0", "default", eviction)
     wait_for(lambda: tryout.job(name)["status"].get("disruptionCount", 0) == 1, 180, "a disruption restart")
     tryout.whetstone("wait", name, "--for=phase=Running", "--timeout=5m", timeout=330)
