@@ -64,17 +64,16 @@ whetstone wait "ftj/$job" --for=condition=Succeeded --timeout=10m
 whetstone get ftj "$job"
 
 state_dir="$("$python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["state_dir"])' "$repo/e2e/.cluster/state.json")"
-cat <<MSG
-
-The cluster is still running. In another shell:
-
-  export KUBECONFIG=$KUBECONFIG
-  kubectl get finetunejobs,checkpoints            # what the operator recorded
-  kubectl describe finetunejob $job               # or: whetstone describe ftj $job
-  kubectl get pods -A -o wide                     # the operator runs in whetstone-system
-  whetstone plot $job --pvc-root $state_dir/runner/pvc/default -o $job.png
-  kubectl delete ftj $job && kubectl apply -f manifests/examples/cluster/$job.yaml && whetstone logs $job -f
-
-Tools: kubectl and whetstone are in $bin; helm is $helm.
-Stop everything with: ./try-cluster.sh down
-MSG
+hint() { printf '  %-60s # %s\n' "$1" "$2"; }
+echo
+echo "The cluster is still running. In another shell:"
+echo
+echo "  export KUBECONFIG=$KUBECONFIG"
+hint "kubectl get finetunejobs,checkpoints" "what the operator recorded"
+hint "whetstone describe ftj $job" "progress, conditions, events (or kubectl describe)"
+hint "kubectl get pods -A -o wide" "the operator runs in whetstone-system"
+hint "whetstone plot $job --pvc-root $state_dir/runner/pvc/default" "loss curves to $job-curves.png"
+hint "kubectl delete ftj $job" "then apply it again, and: whetstone logs $job -f"
+echo
+echo "Tools: kubectl and whetstone are in $bin; helm is $helm."
+echo "Stop everything with: ./try-cluster.sh down"
