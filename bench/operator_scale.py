@@ -27,6 +27,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -336,11 +337,8 @@ def measure(
     window: float,
     timeout: float,
 ) -> Json:
-    namespace = (
-        f"bench-{label.replace(' ', '-').replace('(', '').replace(')', '').replace('/', '-')}-{n}".lower()[
-            :63
-        ]
-    )
+    slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+    namespace = f"bench-{slug[:45].strip('-')}-{n}"
     cluster.core.create_namespace({"metadata": {"name": namespace}})
     wait_for(lambda: cluster.core.read_namespaced_service_account("default", namespace), 60, "default SA")
     create_jobs(cluster, namespace, kind, n)
