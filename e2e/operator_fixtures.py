@@ -213,10 +213,18 @@ def operator_args(identity: str = OPERATOR_IDENTITY) -> list[str]:
 PORTS = (free_port(), free_port())
 
 
+# The session's one operator. The fixtures below are star-imported into every operator test module, which
+# makes each module's copy a fixture of its own: without this, two session operators would run (and act).
+_SESSION: dict[str, OperatorProcess] = {}
+
+
 @pytest.fixture(scope="session")
 def operator(
     cluster: Cluster, crds_applied: list[str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
+    if "operator" in _SESSION:
+        yield _SESSION["operator"]
+        return
     folder = tmp_path_factory.mktemp("operator")
     apply_rbac(cluster)
     proc = OperatorProcess(
@@ -225,8 +233,10 @@ def operator(
         operator_args(),
     )
     proc.start()
+    _SESSION["operator"] = proc
     yield proc
     proc.stop()
+    _SESSION.pop("operator", None)
     print(f"operator log: {proc.log}")
 
 

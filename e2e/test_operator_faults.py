@@ -7,6 +7,7 @@ these tests take seconds each; e2e/kwok/stages.yaml says how KWOK plays the imag
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import subprocess
@@ -362,11 +363,29 @@ def test_namespaced_rbac_is_enough_for_a_namespace_mode_operator(
 ) -> None:
     """The Roles of `python -m whetstone_operator.rbac --namespaces NS` let an operator started with `-n NS`
     run a job (a missing verb would fail here), with nothing cluster-wide but reading nodes."""
-    from operator_fixtures import apply_rbac, token_kubeconfig
-    from whetstone_operator import rbac
+    from localcluster import SOURCE_DIRS
+    from operator_fixtures import REPO, apply_rbac, token_kubeconfig
 
     sa = "whetstone-operator-scoped"
-    apply_rbac(cluster, rbac.objects(OPERATOR_NS, sa, [namespace]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(map(str, SOURCE_DIRS)))
+    rendered = subprocess.run(
+        [sys.executable, "-m", "whetstone_operator.rbac", "--namespaces", namespace, "--name", sa],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        cwd=REPO,
+    ).stdout
+    docs = list(yaml.safe_load_all(rendered))
+    assert {d["kind"] for d in docs} == {
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "ClusterRole",
+        "ClusterRoleBinding",
+    }
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "ClusterRole"] == [f"{sa}-nodes"]
+    apply_rbac(cluster, docs)
     kubeconfig = token_kubeconfig(cluster, tmp_path, sa)
     scoped = OperatorProcess(
         kubeconfig,

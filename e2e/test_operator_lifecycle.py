@@ -278,7 +278,9 @@ def test_a_bad_dataset_line_fails_at_once_with_the_trainers_own_message(
     assert final["phase"] == "Failed" and failed["reason"] == "PermanentError", final
     assert final["restartCount"] == 0 and "restart" not in " ".join(job.phases_seen).lower()
     assert (
-        "exit code 1" in failed["message"] and "bad.jsonl" in failed["message"] and ":3" in failed["message"]
+        "exit code 1" in failed["message"]
+        and "bad.jsonl" in failed["message"]
+        and "line 3" in failed["message"]
     ), failed
     assert "permanent error" not in failed["message"]
     # The failed pod stays for its logs.

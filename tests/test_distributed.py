@@ -20,7 +20,7 @@ from whetstone_trainer.synthetic import make_rows, write_jsonl
 def _train(job: Path, out: Path, procs: int) -> list[dict]:
     env = {
         **os.environ,
-        "PYTHONPATH": f"{ROOT / 'operator'}:{ROOT / 'trainer-image'}",
+        "PYTHONPATH": f"{ROOT / 'api'}:{ROOT / 'trainer-image'}",
         "OMP_NUM_THREADS": "1",
     }
     # --standalone: a local rendezvous on a free port; --status-port 0: any free port for /status.

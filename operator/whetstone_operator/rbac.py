@@ -152,14 +152,13 @@ def write_all() -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m whetstone_operator.rbac")
     parser.add_argument("--namespaces", help="comma-separated namespaces the operator watches: print Roles")
-    parser.add_argument("--operator-namespace", default=NAMESPACE)
+    parser.add_argument("--operator-namespace", default=NAMESPACE, help="the operator's own namespace")
+    parser.add_argument("--name", default=NAME, help="name of the ServiceAccount and roles")
     args = parser.parse_args(argv)
     if args.namespaces:
         watch = [n for n in args.namespaces.split(",") if n]
-        print(
-            HEADER + yaml.safe_dump_all(objects(args.operator_namespace, NAME, watch), sort_keys=False),
-            end="",
-        )
+        docs = objects(args.operator_namespace, args.name, watch)
+        print(HEADER + yaml.safe_dump_all(docs, sort_keys=False), end="")
         return 0
     for p in write_all():
         print(p)
