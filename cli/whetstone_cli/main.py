@@ -7,6 +7,15 @@ whetstone grader test FILE.yaml...     run the testCases of the RewardGraders in
 whetstone crds [DIR]                   regenerate the CustomResourceDefinitions
 whetstone operator [--port N] [-n NS]  run the operator against the current kubeconfig
 whetstone serve --base-model URI       the Tinker-compatible training service, here
+
+On a cluster (kubectl's habits: -n, -A, -o json|yaml, --kubeconfig, --context):
+whetstone get ftj|ckpt|rg|ts [NAME]    list resources (-w to follow changes)
+whetstone describe ftj NAME            conditions, events, progress, checkpoints, pods, rank 0's report
+whetstone logs JOB [-f]                the rank-0 trainer's log, following the job across restarts
+whetstone wait ftj/NAME --for=condition=Succeeded [--timeout 1h]
+whetstone delete ftj NAME...           delete resources
+whetstone create -f FILE [--dry-run]   validate and create, or print resolved with defaults
+whetstone plot JOB|DIR [-o FILE.png]   loss / reward curves from the trainer's metrics.jsonl
 """
 
 from __future__ import annotations
@@ -14,9 +23,39 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import crds, grader, models, operator, run, serve, validate
+from . import (
+    crds,
+    create,
+    delete,
+    describe,
+    get,
+    grader,
+    logs,
+    models,
+    operator,
+    plot,
+    run,
+    serve,
+    validate,
+    wait,
+)
 
-SUBCOMMANDS = (validate, run, models, crds, operator, grader, serve)
+SUBCOMMANDS = (
+    validate,
+    run,
+    models,
+    crds,
+    operator,
+    grader,
+    serve,
+    get,
+    describe,
+    logs,
+    wait,
+    delete,
+    create,
+    plot,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

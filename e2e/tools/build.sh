@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Builds the e2e control-plane binaries (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok,
-# helm) from Go modules into a cache outside the repository, keyed by version.
+# helm) from Go modules into a cache outside the repository, keyed by version; also the small tools of the
+# deployment tests: luahealth (Argo CD's Lua runtime for health checks, e2e/tools/luahealth) and the CRDs of
+# the Prometheus Operator and Kueue, read from their Go modules (promcrds, kueuecrds).
 #
 #   e2e/tools/build.sh              build what is missing or stale, print the bin folders
 #   e2e/tools/build.sh --print      print the bin folders (KEY=DIR lines) without building
 #   e2e/tools/build.sh --regenerate rewrite the wrapper go.mod/go.sum files from the pinned versions
 #
 # Environment: WHETSTONE_K8S_BIN (cache root, default ~/.cache/whetstone/k8s-bin), WHETSTONE_E2E_TOOLS
-# (space-separated subset of "kube etcd kwok helm"), BUILD_TIMEOUT (seconds per tool, default 3600).
+# (space-separated subset of "kube etcd kwok helm luahealth promcrds kueuecrds"), BUILD_TIMEOUT (seconds per
+# tool, default 3600).
 #
 # Each tool has its own wrapper module under e2e/tools/<tool>/ so that minimal version selection never mixes
 # etcd's and Kubernetes' pins. The wrapper is copied into the cache before building because -mod=mod may touch
@@ -18,6 +21,8 @@ K8S_VERSION="${K8S_VERSION:-v1.37.2}"
 ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
 KWOK_VERSION="${KWOK_VERSION:-v0.8.0}"
 HELM_VERSION="${HELM_VERSION:-v3.22.0}"
+PROM_OPERATOR_VERSION="${PROM_OPERATOR_VERSION:-v0.85.0}"
+KUEUE_VERSION="${KUEUE_VERSION:-v0.17.0}"
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="${WHETSTONE_K8S_BIN:-$HOME/.cache/whetstone/k8s-bin}"
@@ -35,6 +40,10 @@ kube_dir() { echo "$ROOT/kubernetes-$K8S_VERSION"; }
 etcd_dir() { echo "$ROOT/etcd-$ETCD_VERSION"; }
 kwok_dir() { echo "$ROOT/kwok-$KWOK_VERSION"; }
 helm_dir() { echo "$ROOT/helm-$HELM_VERSION"; }
+# Keyed by the sources: a change to main.go or the pinned gopher-lua rebuilds it.
+luahealth_dir() { echo "$ROOT/luahealth-$(cat "$HERE"/luahealth/{go.mod,go.sum,main.go} | sha256sum | cut -c1-12)"; }
+promcrds_dir() { echo "$ROOT/prometheus-operator-crds-$PROM_OPERATOR_VERSION"; }
+kueuecrds_dir() { echo "$ROOT/kueue-crds-$KUEUE_VERSION"; }
 
 # --- wrapper generation -------------------------------------------------------------------------------------
 
@@ -162,17 +171,61 @@ build_kwok() {
   version_ok "$out/kwok" "${KWOK_VERSION#v}"
 }
 
+helm_k8s_stamp() {
+  local minor="${K8S_VERSION#v1.}"
+  echo "-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=${minor%%.*}"
+}
+
 build_helm() {
   local out; out="$(helm_dir)"
-  if version_ok "$out/helm" "$HELM_VERSION" version; then log "helm $HELM_VERSION: cached in $out"; return 0; fi
+  # The marker: built with the Kubernetes version stamped (as upstream's Makefile does), so `helm template`
+  # checks a chart's kubeVersion against v1.37, not client-go's unstamped default (v1.20).
+  if version_ok "$out/helm" "$HELM_VERSION" version && [[ -f "$out/.k8s-$K8S_VERSION" ]]; then
+    log "helm $HELM_VERSION: cached in $out"; return 0
+  fi
   local w; w="$(workdir_for helm)"
   log "helm $HELM_VERSION: building"
   mkdir -p "$out.tmp"
   ( cd "$w" && timeout "$BUILD_TIMEOUT" nice -n 10 go build -p "$GO_P" -trimpath \
-      -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
+      -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION $(helm_k8s_stamp)" \
       -o "$out.tmp/helm" helm.sh/helm/v3/cmd/helm )
+  touch "$out.tmp/.k8s-$K8S_VERSION"
   rm -rf "$out" && mv "$out.tmp" "$out"
   version_ok "$out/helm" "$HELM_VERSION" version
+}
+
+build_luahealth() {
+  local out; out="$(luahealth_dir)"
+  if [[ -x "$out/luahealth" ]]; then log "luahealth: cached in $out"; return 0; fi
+  local w="$ROOT/.work/luahealth"
+  rm -rf "$w" && mkdir -p "$w" && cp "$HERE"/luahealth/{go.mod,go.sum,main.go} "$w/"
+  log "luahealth (gopher-lua): building"
+  mkdir -p "$out.tmp"
+  ( cd "$w" && timeout "$BUILD_TIMEOUT" nice -n 10 go build -p "$GO_P" -trimpath -ldflags "-s -w" \
+      -o "$out.tmp/luahealth" . )
+  rm -rf "$out" && mv "$out.tmp" "$out"
+}
+
+# CRD YAMLs shipped inside a Go module: download the module (no build) and copy the folder out of the module
+# cache. $1 module@version, $2 folder inside it, $3 output folder.
+module_crds() {
+  local out="$3" dir
+  if compgen -G "$out/*.yaml" >/dev/null; then log "$1 CRDs: cached in $out"; return 0; fi
+  log "$1 CRDs: downloading the module"
+  dir="$(cd "$ROOT" && GOFLAGS= timeout "$BUILD_TIMEOUT" go mod download -json "$1" \
+    | sed -n 's/^\s*"Dir": "\(.*\)",\?$/\1/p')"
+  [[ -d "$dir/$2" ]] || { log "no $2 in $1"; return 1; }
+  rm -rf "$out.tmp" && mkdir -p "$out.tmp" && cp "$dir/$2"/*.yaml "$out.tmp/" && chmod -R u+w "$out.tmp"
+  rm -rf "$out" && mv "$out.tmp" "$out"
+}
+
+build_promcrds() {
+  module_crds "github.com/prometheus-operator/prometheus-operator@$PROM_OPERATOR_VERSION" \
+    example/prometheus-operator-crd "$(promcrds_dir)"
+}
+
+build_kueuecrds() {
+  module_crds "sigs.k8s.io/kueue@$KUEUE_VERSION" config/components/crd/bases "$(kueuecrds_dir)"
 }
 
 print_dirs() {
@@ -180,6 +233,9 @@ print_dirs() {
   echo "ETCD_BIN_DIR=$(etcd_dir)"
   echo "KWOK_BIN_DIR=$(kwok_dir)"
   echo "HELM_BIN_DIR=$(helm_dir)"
+  echo "LUAHEALTH_BIN_DIR=$(luahealth_dir)"
+  echo "PROM_CRDS_DIR=$(promcrds_dir)"
+  echo "KUEUE_CRDS_DIR=$(kueuecrds_dir)"
 }
 
 case "${1:-}" in

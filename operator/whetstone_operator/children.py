@@ -69,6 +69,10 @@ class ChildSettings:
     # Other ports than the defaults only where pods share a network (the e2e pod runner runs two clusters).
     master_port: int = MASTER_PORT
     status_port: int = STATUS_PORT
+    # Where jobs that say nothing about placement go (the chart's trainer.nodeSelector / trainer.tolerations,
+    # e.g. a GPU pool): a job's own nodeSelector or tolerations replace these, they are never merged.
+    default_node_selector: tuple[tuple[str, str], ...] = ()
+    default_tolerations: tuple[tuple[tuple[str, str], ...], ...] = ()
     # The NetworkPolicy of a job's pods: the operator's pods (namespace and labels) may reach the status port.
     network_policy: bool = True
     operator_namespace: str = "whetstone-system"
@@ -337,8 +341,12 @@ def trainer_pod(
     }
     if spec.node_selector:
         pod_spec["nodeSelector"] = dict(spec.node_selector)
+    elif settings.default_node_selector:
+        pod_spec["nodeSelector"] = dict(settings.default_node_selector)
     if spec.tolerations:
         pod_spec["tolerations"] = [t.to_wire() for t in spec.tolerations]
+    elif settings.default_tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in settings.default_tolerations]
     if spec.affinity:
         pod_spec["affinity"] = spec.affinity
     if spec.image_pull_secrets:

@@ -69,6 +69,17 @@ class Kube:
         self._calls_lock = threading.Lock()
         self.on_call: Callable[[str, str], None] | None = None
 
+    # --- discovery (a non-resource URL every authenticated user may read: no RBAC rule)
+
+    def served_resources(self, group: str, version: str) -> set[str]:
+        """The resources the API server serves in group/version; empty while the group's CRDs are missing."""
+        try:
+            return {r.name for r in self.custom.get_api_resources(group, version).resources}
+        except ApiException as e:
+            if e.status == 404:
+                return set()
+            raise
+
     # --- FineTuneJobs
 
     @api_call(API_GROUP, FTJ, "get")

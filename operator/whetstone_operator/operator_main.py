@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -40,10 +41,34 @@ def _api_client(config: OperatorConfig) -> Any:
     return kubernetes.client.ApiClient(configuration)
 
 
+def wait_for_crds(kube: Any, timeout: float = 120.0) -> None:
+    """kopf looks its resources up once, at start (scanning is off, so RBAC needs no cluster-wide list of
+    CRDs): an operator started before its CRDs (a first install, where the pod can win the race) would never
+    serve them. Wait until the API serves every Whetstone kind; after `timeout`, exit so the pod restarts."""
+    from whetstone_api import API_GROUP, API_VERSION
+    from whetstone_api.crd import KINDS
+
+    wanted = {k.plural for k in KINDS}
+    deadline, said = time.monotonic() + timeout, False
+    while missing := sorted(wanted - kube.served_resources(API_GROUP, API_VERSION)):
+        if time.monotonic() > deadline:
+            raise SystemExit(
+                f"the CRDs of {', '.join(missing)}.{API_GROUP} are not installed: apply crds/ "
+                "(kubectl apply --server-side -f crds/) or install the chart with crds.install=true"
+            )
+        if not said:
+            LOG.info("waiting for the CRDs of %s", ", ".join(missing))
+            said = True
+        time.sleep(2)
+
+
 def run_operator(config: OperatorConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # kopf logs every watch event at DEBUG and handler runs at INFO; the story is told by whetstone.operator.
     logging.getLogger("kopf").setLevel(logging.WARNING)
+    from .kube import Kube
+
+    wait_for_crds(Kube(_api_client(config)))
     return asyncio.run(_run(config))
 
 
@@ -125,6 +150,11 @@ async def _run(config: OperatorConfig) -> int:
                 leading=(lambda: elector.leading) if elector else (lambda: True),
             ),
         )
+        queue = WorkQueue(reconciler.reconcile, config.workers)
+        queue_ref.append(queue)
+        ready = threading.Event()
+        registry = kopf.OperatorRegistry()
+        register(registry, store, queue, metrics, ready, reconciler.forget)
 
         register_sessions(registry, config, kube)
 
@@ -238,6 +268,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="label of the operator's pods (repeatable; default app.kubernetes.io/name=whetstone-operator)",
     )
     p.add_argument(
+        "--trainer-node-selector",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        type=parse_node_selector,
+        help="node selector of trainer pods whose job sets none (repeatable)",
+    )
+    p.add_argument(
+        "--trainer-toleration",
+        action="append",
+        default=[],
+        metavar="KEY[=VALUE][:EFFECT]",
+        type=parse_toleration,
+        help="toleration of trainer pods whose job sets none (repeatable; without =VALUE: operator Exists)",
+    )
+    p.add_argument(
         "--status-port-from-namespace",
         action="append",
         default=[],
@@ -271,8 +317,33 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
             operator_namespace=args.operator_namespace,
             operator_pod_labels=labels or ChildSettings.operator_pod_labels,  # type: ignore[arg-type]
             status_port_namespaces=tuple(args.status_port_from_namespace),
+            default_node_selector=tuple(args.trainer_node_selector),
+            default_tolerations=tuple(args.trainer_toleration),
         ),
     )
+
+
+def parse_node_selector(text: str) -> tuple[str, str]:
+    """KEY=VALUE, as `kubectl label`."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
+    return key, value
+
+
+def parse_toleration(text: str) -> tuple[tuple[str, str], ...]:
+    """KEY[=VALUE][:EFFECT], the spelling of `kubectl taint`; without a value the toleration uses Exists."""
+    rest, _, effect = text.rpartition(":") if ":" in text else (text, "", "")
+    key, sep, value = rest.partition("=")
+    if effect and effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
+        raise argparse.ArgumentTypeError(f"{text!r}: unknown effect {effect!r}")
+    fields = {"key": key} if key else {}
+    fields["operator"] = "Equal" if sep else "Exists"
+    if sep:
+        fields["value"] = value
+    if effect:
+        fields["effect"] = effect
+    return tuple(fields.items())
 
 
 def main(args: argparse.Namespace) -> int:
