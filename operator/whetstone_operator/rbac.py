@@ -37,6 +37,21 @@ RULES: list[dict[str, Any]] = [
     # One Event per state change (kopf posts core/v1 Events).
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
     {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+    # Kueue (kueue.py): one Workload per queued job, created and owned by it; spec.active follows
+    # spec.suspend; the status gets the quota released after an eviction and Finished at the end.
+    {
+        "apiGroups": ["kueue.x-k8s.io"],
+        "resources": ["workloads"],
+        "verbs": ["get", "list", "watch", "create", "patch"],
+    },
+    {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads/status"], "verbs": ["get", "patch"]},
+    # The assigned flavors' node labels and tolerations go into the pods; a job's priority class gives
+    # its Workload's priority.
+    {
+        "apiGroups": ["kueue.x-k8s.io"],
+        "resources": ["resourceflavors", "workloadpriorityclasses"],
+        "verbs": ["get", "list", "watch"],
+    },
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
