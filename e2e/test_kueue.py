@@ -194,10 +194,20 @@ def wait_gate(
     )
 
 
-def patch_status(cluster: Cluster, namespace: str, name: str, patch: Json) -> None:
-    cluster.custom.patch_namespaced_custom_object_status(
-        kueue.GROUP, V, namespace, kueue.WORKLOADS, name, patch
-    )
+def patch_status(cluster: Cluster, namespace: str, name: str, make_patch: Any) -> None:
+    """Write `make_patch(workload)` to the Workload's status as the operator does: the patch carries the
+    resourceVersion it was computed from; on a conflict (Kueue wrote in between) read again and retry."""
+    for _ in range(10):
+        body = make_patch(workload(cluster, namespace, name))
+        try:
+            cluster.custom.patch_namespaced_custom_object_status(
+                kueue.GROUP, V, namespace, kueue.WORKLOADS, name, body
+            )
+            return
+        except kubernetes.client.ApiException as e:
+            if e.status != 409:
+                raise
+    raise AssertionError(f"Workload {name}: 10 conflicting writes in a row")
 
 
 def test_kueue_admits_into_a_gpu_cluster_queue(
@@ -271,12 +281,8 @@ def test_a_job_that_does_not_fit_waits_until_the_first_finishes(
     assert kueue.WorkloadView.of(workload(cluster, namespace, first_wl)).admitted
     assert not kueue.WorkloadView.of(workload(cluster, namespace, second_wl)).quota_reserved
 
-    now = datetime.now(UTC)
     patch_status(
-        cluster,
-        namespace,
-        first_wl,
-        kueue.finished_patch(workload(cluster, namespace, first_wl), True, "done", now),
+        cluster, namespace, first_wl, lambda wl: kueue.finished_patch(wl, True, "done", datetime.now(UTC))
     )
     wait_gate(cluster, second, second_wl, "admitted after the first finished", lambda g: g.may_run)
 
@@ -335,12 +341,7 @@ def test_a_higher_priority_job_preempts_a_lower_one(
     view = kueue.WorkloadView.of(workload(cluster, namespace, low_wl))
     assert view.evicted_reason == "Preempted" and view.preempted_reason == "InClusterQueue"
     assert not kueue.gate(high, workload(cluster, namespace, high_wl), 0).may_run  # not before the release
-    patch_status(
-        cluster,
-        namespace,
-        low_wl,
-        kueue.release_patch(workload(cluster, namespace, low_wl), datetime.now(UTC)),
-    )
+    patch_status(cluster, namespace, low_wl, lambda wl: kueue.release_patch(wl, datetime.now(UTC)))
 
     wait_gate(cluster, high, high_wl, "admitted after the preemption", lambda g: g.may_run)
     requeued = workload(cluster, namespace, low_wl)
@@ -349,10 +350,7 @@ def test_a_higher_priority_job_preempts_a_lower_one(
 
     # When the high-priority job ends, the low one is admitted again (and resumes from its checkpoints).
     patch_status(
-        cluster,
-        namespace,
-        high_wl,
-        kueue.finished_patch(workload(cluster, namespace, high_wl), True, "done", datetime.now(UTC)),
+        cluster, namespace, high_wl, lambda wl: kueue.finished_patch(wl, True, "done", datetime.now(UTC))
     )
     gate = wait_gate(cluster, low, low_wl, "admitted again", lambda g: g.may_run)
     assert not kueue.WorkloadView.of(workload(cluster, namespace, low_wl)).evicted

@@ -17,8 +17,6 @@ import yaml
 from conftest import ROOT, SOURCE_DIRS, valid_job
 from whetstone_trainer.synthetic import make_rows, write_jsonl
 
-pytest.importorskip("deepspeed", reason="deepspeed is part of the trainer extra (pyproject)")
-
 WORKER = Path(__file__).resolve().parent / "zero_run.py"
 STEPS = 6
 

@@ -38,7 +38,9 @@ What DeepSpeed does and what stays ours:
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -97,6 +99,12 @@ def deepspeed_config(
     }
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def even_micro_batches(rows: Sequence[T], world: World, micro: int) -> list[list[T]]:
     """This rank's share of a step's rows (rank r takes rows r, r + size, ...), cut into micro-batches of at
     most `micro`, padded with empty micro-batches to the count of the rank with the most rows. Every rank
@@ -134,7 +142,13 @@ class ZeroModel:
 
         config = deepspeed_config(spec, world.size, micro_batch, micro_steps, bf16)
         # DeepSpeed's communication layer over the process group distributed.join() made; zero.Init (ZeRO-3
-        # loading) reads the world size from it.
+        # loading) reads the world size from it. One process without torchrun (`whetstone run`) gets a
+        # group of one, on the env torchrun would have set (DeepSpeed would otherwise look for MPI).
+        if not world.distributed:
+            for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+                os.environ.setdefault(name, value)
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         hf_config = None
         if config["zero_optimization"]["stage"] == 3:
