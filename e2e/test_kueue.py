@@ -218,7 +218,7 @@ def test_kueue_admits_into_a_gpu_cluster_queue(
     lq, cq = gpu_queue(cluster, namespace, cluster_scoped, gpus=16)
     obj = cluster.custom.get_cluster_custom_object(kueue.GROUP, V, "clusterqueues", cq)
     quotas = obj["spec"]["resourceGroups"][0]["flavors"][0]["resources"]
-    assert {"name": "nvidia.com/gpu", "nominalQuota": 16} in quotas
+    assert {"name": "nvidia.com/gpu", "nominalQuota": "16"} in quotas  # quantities come back as strings
     # Kueue's validating webhook answers by URL: a Workload asking for the resource Kueue reserves for itself
     # ("pods") passes the CRD schema and is refused by the webhook alone.
     bad = {
