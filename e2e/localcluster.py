@@ -54,7 +54,15 @@ STATE_DIR_PREFIX = "whetstone-e2e-"
 POD_NETWORK_ADDRESS = "198.18.0.1/15"
 
 # Order matters for `down`: stop the runner and the controllers before the API server, etcd last.
-STOP_ORDER = ["pod-runner", "kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"]
+STOP_ORDER = [
+    "pod-runner",
+    "kueue",
+    "kwok",
+    "kube-scheduler",
+    "kube-controller-manager",
+    "kube-apiserver",
+    "etcd",
+]
 
 
 class ClusterError(RuntimeError):
@@ -78,11 +86,16 @@ class Binaries:
     etcd_dir: Path
     kwok_dir: Path
     helm_dir: Path
+    # Kueue (binary, CRDs, webhook list), built only when asked (`with_kueue`, `e2e/cluster up --kueue`).
+    kueue_dir: Path = Path("/nonexistent")
 
     def path(self, name: str) -> Path:
-        folder = {"etcd": self.etcd_dir, "kwok": self.kwok_dir, "helm": self.helm_dir}.get(
-            name, self.kube_dir
-        )
+        folder = {
+            "etcd": self.etcd_dir,
+            "kwok": self.kwok_dir,
+            "helm": self.helm_dir,
+            "kueue": self.kueue_dir,
+        }.get(name, self.kube_dir)
         return folder / name
 
     def missing(self) -> list[str]:
@@ -90,19 +103,24 @@ class Binaries:
         return [n for n in names if not os.access(self.path(n), os.X_OK)]
 
 
-def locate_binaries(build: bool = False) -> Binaries:
-    """Ask the build script where the binaries of the pinned versions live; build them if asked."""
+def locate_binaries(build: bool = False, kueue: bool = False) -> Binaries:
+    """Ask the build script where the binaries of the pinned versions live; build them if asked (Kueue too
+    when `kueue`)."""
     args = ["bash", str(BUILD_SCRIPT)] + ([] if build else ["--print"])
     if build:
         # The control plane needs no helm; later issues build it explicitly.
-        env = {**os.environ, "WHETSTONE_E2E_TOOLS": os.environ.get("WHETSTONE_E2E_TOOLS", "kube etcd kwok")}
+        tools = os.environ.get("WHETSTONE_E2E_TOOLS", "kube etcd kwok")
+        if kueue and "kueue" not in tools.split():
+            tools += " kueue"
+        env = {**os.environ, "WHETSTONE_E2E_TOOLS": tools}
     else:
         env = dict(os.environ)
     # Build progress goes to stderr (the terminal); the KEY=DIR lines come on stdout.
     out = subprocess.run(args, check=True, text=True, env=env, stdout=subprocess.PIPE)
     dirs = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
     return Binaries(
-        *(Path(dirs[k]) for k in ("KUBE_BIN_DIR", "ETCD_BIN_DIR", "KWOK_BIN_DIR", "HELM_BIN_DIR"))
+        *(Path(dirs[k]) for k in ("KUBE_BIN_DIR", "ETCD_BIN_DIR", "KWOK_BIN_DIR", "HELM_BIN_DIR")),
+        kueue_dir=Path(dirs.get("KUEUE_BIN_DIR", "/nonexistent")),
     )
 
 
@@ -459,6 +477,7 @@ class LocalCluster:
         with_runner: bool = True,
         audit_log: Path | None = None,
         audit_users: Sequence[str] = (),
+        with_kueue: bool = False,
     ) -> None:
         self.cluster_dir = Path(cluster_dir).resolve()
         self.attached = attached
@@ -468,6 +487,7 @@ class LocalCluster:
         # an operator's calls by its user).
         self.audit_log = audit_log
         self.audit_users = list(audit_users)  # only these users' requests (all when empty)
+        self.with_kueue = with_kueue
         self.state: ClusterState | None = None
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -488,7 +508,7 @@ class LocalCluster:
             self._remove_state(existing)
         if shutil.which("openssl") is None:
             raise ClusterError("openssl is not installed (apt-get install -y openssl)")
-        bins = locate_binaries(build=build)
+        bins = locate_binaries(build=build, kueue=self.with_kueue)
         if missing := bins.missing():
             raise ClusterError(f"missing binaries {missing}; run e2e/tools/build.sh")
 
@@ -695,6 +715,11 @@ class LocalCluster:
             timeout,
             self._check_alive,
         )
+        if self.with_kueue:
+            # Imported here: kueue_local builds on this module's helpers.
+            from kueue_local import start_kueue
+
+            self._procs["kueue"] = start_kueue(st, bins, api, self.attached, timeout)
         write_kubeconfig(self.kubeconfig, st.api_server, pki)
 
     def _audit_flags(self, state_dir: Path) -> list[str]:
@@ -854,6 +879,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     up = sub.add_parser("up", help="start the cluster; prints the kubeconfig path")
     up.add_argument("--no-build", action="store_true", help="fail instead of building missing binaries")
     up.add_argument("--no-runner", action="store_true", help="do not start the pod runner")
+    up.add_argument(
+        "--kueue", action="store_true", help="also install and start Kueue (built on first use, cached)"
+    )
     sub.add_parser("down", help="stop everything and remove the state")
     sub.add_parser("status", help="print the state (ports, pids, logs folder)")
     parser.add_argument("--cluster-dir", type=Path, default=DEFAULT_CLUSTER_DIR)
@@ -863,6 +891,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "up":
         started = time.monotonic()
         cluster.with_runner = not args.no_runner
+        cluster.with_kueue = args.kueue
         state = cluster.up(build=not args.no_build)
         log(
             f"up in {time.monotonic() - started:.1f} s; API server {state.api_server}; "

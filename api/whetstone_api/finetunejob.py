@@ -559,6 +559,58 @@ class PodFailurePolicy(ApiModel):
     """Rules, checked in order."""
 
 
+class EnvVar(ApiModel):
+    """An environment variable for the collective-communication libraries of the trainer pods."""
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^(NCCL|TORCH_NCCL|UCX)_[A-Z0-9_]+$")
+    """Only NCCL_*, TORCH_NCCL_* and UCX_* names: tuning of the GPU interconnect (e.g. NCCL_IB_HCA,
+    NCCL_SOCKET_IFNAME, NCCL_DEBUG, UCX_TLS). The rendezvous and the trainer's own settings are not set
+    here."""
+    value: str = Field(max_length=4096)
+    """Its value."""
+
+
+class DistributedSpec(ApiModel):
+    """How the trainer processes of all nodes share the work (data parallel in every case)."""
+
+    RULES = (
+        Rule(
+            "!(has(self.offloadOptimizer) && self.offloadOptimizer) || "
+            "(has(self.strategy) && self.strategy != 'ddp')",
+            "offloadOptimizer needs strategy zero2 or zero3",
+            lambda d: not d.offload_optimizer or d.strategy != "ddp",
+            field="offloadOptimizer",
+        ),
+        Rule(
+            "!(has(self.offloadParams) && self.offloadParams) || "
+            "(has(self.strategy) && self.strategy == 'zero3')",
+            "offloadParams needs strategy zero3",
+            lambda d: not d.offload_params or d.strategy == "zero3",
+            field="offloadParams",
+        ),
+    )
+
+    strategy: Literal["ddp", "zero2", "zero3"] = "ddp"
+    """ddp: every process holds the whole model and optimizer (PyTorch DistributedDataParallel; the only
+    choice for LoRA). zero2: DeepSpeed ZeRO stage 2 shards the optimizer state and gradients over the
+    processes. zero3: ZeRO stage 3 also shards the weights, for models too big for one GPU. ZeRO needs
+    fullParameter."""
+    offload_optimizer: bool = False
+    """ZeRO only: keep the optimizer state in CPU memory (slower steps, much less GPU memory)."""
+    offload_params: bool = False
+    """zero3 only: keep the sharded weights in CPU memory between uses."""
+    env: list[EnvVar] = Field(default_factory=list, max_length=64)
+    """Extra NCCL_*, TORCH_NCCL_* and UCX_* environment variables for every trainer pod."""
+    shm_size: Quantity | None = None
+    """Size limit of the memory-backed /dev/shm of a GPU trainer pod (NCCL's intra-node transport and
+    data loaders use it), e.g. 64Gi; unset: bounded by the pod's memory limit."""
+
+    @property
+    def zero_stage(self) -> int | None:
+        """The DeepSpeed ZeRO stage, or None for DDP."""
+        return {"zero2": 2, "zero3": 3}.get(self.strategy)
+
+
 class FineTuneJobSpec(ApiModel):
     """What to fine-tune, on what, how, and where it runs."""
 
@@ -570,6 +622,13 @@ class FineTuneJobSpec(ApiModel):
             reason="FieldValueInvalid",
         ),
         *_section_rules(),
+        Rule(
+            "!has(self.distributed) || !has(self.distributed.strategy) || "
+            "self.distributed.strategy == 'ddp' || has(self.fullParameter)",
+            "spec.distributed.strategy zero2 and zero3 need spec.fullParameter (LoRA trains with ddp)",
+            lambda s: s.distributed.strategy == "ddp" or s.full_parameter is not None,
+            field="distributed.strategy",
+        ),
         Rule(
             LABEL_MAP_CEL.replace("self.", "self.nodeSelector.", 1),
             "nodeSelector keys must be label keys (an optional DNS-subdomain prefix and '/', then at most 63 "
@@ -614,6 +673,13 @@ class FineTuneJobSpec(ApiModel):
     """Trainer pods (machines); rank 0 is the master."""
     gpus_per_node: int = Field(default=0, ge=0, le=16)
     """GPUs (nvidia.com/gpu) per pod, one training process each; 0 trains on the CPU."""
+    gpu_type: str | None = Field(
+        default=None, min_length=1, max_length=63, pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+    )
+    """GPU model to run on, as the NVIDIA GPU feature discovery labels nodes (nvidia.com/gpu.product), e.g.
+    NVIDIA-H100-80GB-HBM3; unset: any node with free GPUs."""
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    """Data parallelism across processes and nodes: DDP, or DeepSpeed ZeRO for full-parameter training."""
     resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
     """CPU and memory of each trainer pod."""
     image: str | None = Field(default=None, min_length=1, max_length=1024, pattern=r"^[^\s]+$")

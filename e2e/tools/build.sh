@@ -2,15 +2,16 @@
 # Builds the e2e control-plane binaries (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok,
 # helm) from Go modules into a cache outside the repository, keyed by version; also the small tools of the
 # deployment tests: luahealth (Argo CD's Lua runtime for health checks, e2e/tools/luahealth) and the CRDs of
-# the Prometheus Operator and Kueue, read from their Go modules (promcrds, kueuecrds).
+# the Prometheus Operator and Kueue, read from their Go modules (promcrds, kueuecrds); and, when named, the
+# Kueue controller manager itself (kueue: binary, CRDs, webhook list).
 #
 #   e2e/tools/build.sh              build what is missing or stale, print the bin folders
 #   e2e/tools/build.sh --print      print the bin folders (KEY=DIR lines) without building
 #   e2e/tools/build.sh --regenerate rewrite the wrapper go.mod/go.sum files from the pinned versions
 #
 # Environment: WHETSTONE_K8S_BIN (cache root, default ~/.cache/whetstone/k8s-bin), WHETSTONE_E2E_TOOLS
-# (space-separated subset of "kube etcd kwok helm luahealth promcrds kueuecrds"), BUILD_TIMEOUT (seconds per
-# tool, default 3600).
+# (space-separated subset of "kube etcd kwok helm luahealth promcrds kueuecrds kueue"), BUILD_TIMEOUT (seconds
+# per tool, default 3600).
 #
 # Each tool has its own wrapper module under e2e/tools/<tool>/ so that minimal version selection never mixes
 # etcd's and Kubernetes' pins. The wrapper is copied into the cache before building because -mod=mod may touch
@@ -22,6 +23,8 @@ ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
 KWOK_VERSION="${KWOK_VERSION:-v0.8.0}"
 HELM_VERSION="${HELM_VERSION:-v3.22.0}"
 PROM_OPERATOR_VERSION="${PROM_OPERATOR_VERSION:-v0.85.0}"
+# Kueue v0.17.0 is the release the Go proxy serves here; it pins k8s.io/* v0.35.3 (no replace directives) and
+# talks to a 1.37 API server through the v1 APIs it uses.
 KUEUE_VERSION="${KUEUE_VERSION:-v0.17.0}"
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -44,6 +47,7 @@ helm_dir() { echo "$ROOT/helm-$HELM_VERSION"; }
 luahealth_dir() { echo "$ROOT/luahealth-$(cat "$HERE"/luahealth/{go.mod,go.sum,main.go} | sha256sum | cut -c1-12)"; }
 promcrds_dir() { echo "$ROOT/prometheus-operator-crds-$PROM_OPERATOR_VERSION"; }
 kueuecrds_dir() { echo "$ROOT/kueue-crds-$KUEUE_VERSION"; }
+kueue_dir() { echo "$ROOT/kueue-$KUEUE_VERSION"; }
 
 # --- wrapper generation -------------------------------------------------------------------------------------
 
@@ -92,6 +96,14 @@ gen_helm() {
   go mod init whetstone.invalid/e2e-tools/helm >/dev/null 2>&1
   go mod edit -go=1.26.0
   go get -tool "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+}
+
+gen_kueue() {
+  local d="$HERE/kueue"
+  rm -rf "$d" && mkdir -p "$d" && cd "$d"
+  go mod init whetstone.invalid/e2e-tools/kueue >/dev/null 2>&1
+  go mod edit -go=1.26.0
+  go get -tool "sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION"
 }
 
 # --- build ----------------------------------------------------------------------------------------------------
@@ -228,6 +240,32 @@ build_kueuecrds() {
   module_crds "sigs.k8s.io/kueue@$KUEUE_VERSION" config/components/crd/bases "$(kueuecrds_dir)"
 }
 
+# The binary has no --version flag; the module list the Go linker embeds names the Kueue version.
+kueue_version_ok() {
+  [[ -x "$1/kueue" && -f "$1/crds/kueue.x-k8s.io_workloads.yaml" && -f "$1/webhook-manifests.yaml" ]] || return 1
+  go version -m "$1/kueue" 2>/dev/null | grep -Eq "sigs\.k8s\.io/kueue[[:space:]]+$KUEUE_VERSION([[:space:]]|\$)"
+}
+
+build_kueue() {
+  local out; out="$(kueue_dir)"
+  if kueue_version_ok "$out"; then log "kueue $KUEUE_VERSION: cached in $out"; return 0; fi
+  local w; w="$(workdir_for kueue)"
+  log "kueue $KUEUE_VERSION: building"
+  rm -rf "$out.tmp" && mkdir -p "$out.tmp/crds"
+  local v=sigs.k8s.io/kueue/pkg/version
+  ( cd "$w" && timeout "$BUILD_TIMEOUT" nice -n 10 go build -p "$GO_P" -trimpath \
+      -ldflags "-s -w -X $v.GitVersion=$KUEUE_VERSION -X $v.GitCommit=module -X $v.BuildDate=1970-01-01" \
+      -o "$out.tmp/kueue" sigs.k8s.io/kueue/cmd/kueue )
+  # The CRDs and the webhook list come from the same module version as the binary (its kustomize bases);
+  # e2e/localcluster.py installs them with URL-based client configs.
+  local src; src="$(cd "$w" && go list -m -f '{{.Dir}}' sigs.k8s.io/kueue)"
+  cp "$src"/config/components/crd/bases/*.yaml "$out.tmp/crds/"
+  cp "$src/config/components/webhook/manifests.yaml" "$out.tmp/webhook-manifests.yaml"
+  chmod -R u+w "$out.tmp"
+  rm -rf "$out" && mv "$out.tmp" "$out"
+  kueue_version_ok "$out"
+}
+
 print_dirs() {
   echo "KUBE_BIN_DIR=$(kube_dir)"
   echo "ETCD_BIN_DIR=$(etcd_dir)"
@@ -236,6 +274,7 @@ print_dirs() {
   echo "LUAHEALTH_BIN_DIR=$(luahealth_dir)"
   echo "PROM_CRDS_DIR=$(promcrds_dir)"
   echo "KUEUE_CRDS_DIR=$(kueuecrds_dir)"
+  echo "KUEUE_BIN_DIR=$(kueue_dir)"
 }
 
 case "${1:-}" in
