@@ -108,9 +108,15 @@ def operator_series() -> set[str]:
 
 
 def trainer_series() -> set[str]:
-    from whetstone_trainer.status_server import TrainerMetrics
+    # Every series has a job label, so none has samples before a run: the names come from metrics.ALL.
+    from whetstone_trainer.metrics import ALL, PREFIX
 
-    return {s.name for family in TrainerMetrics("j").registry.collect() for s in family.samples}
+    names = set()
+    for m in ALL:
+        base = PREFIX + m.name.removesuffix("_total")
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}.get(m.kind, [""])
+        names |= {base + s for s in suffixes}
+    return names
 
 
 def named_metrics(expr: str) -> set[str]:
