@@ -33,6 +33,9 @@ from datetime import datetime
 from typing import Any
 
 from whetstone_api import GROUP_VERSION
+from whetstone_api import reasons as R
+
+from .children import JOB_LABEL, MANAGED_BY, MANAGED_BY_LABEL
 
 Json = dict[str, Any]
 
@@ -59,15 +62,11 @@ FINISHED = "Finished"
 # Evicted reasons after which Kueue's job framework marks the Workload Requeued=True (queued again at once).
 _REQUEUE_AT_ONCE = {"Preempted", "NodeFailures"}
 
-# Reasons of the FineTuneJob's condition while Kueue holds it (phase B moves them to whetstone_api.reasons).
-REASON_QUEUED = "Queued"
-"""Waiting in a LocalQueue for Kueue to admit all of the job's pods."""
-REASON_ADMITTED = "Admitted"
-"""Kueue admitted the job's Workload: the pods may start."""
-REASON_PREEMPTED = "Preempted"
-"""Kueue preempted the Workload for a higher-priority one: pods deleted, checkpoints kept, queued again."""
-REASON_EVICTED = "Evicted"
-"""Kueue evicted the Workload for another cause (queue stopped, deactivated, ...): pods deleted."""
+# Reasons of the FineTuneJob's Suspended condition while Kueue holds it (whetstone_api.reasons documents them).
+REASON_QUEUED = R.REASON_QUEUED
+REASON_ADMITTED = R.REASON_ADMITTED
+REASON_PREEMPTED = R.REASON_PREEMPTED
+REASON_EVICTED = R.REASON_EVICTED
 
 
 def queue_name(job: Json) -> str | None:
@@ -146,7 +145,8 @@ def workload_for(job: Json, pod: Json, priority: int | None = None) -> Json:
         "metadata": {
             "name": workload_name(job),
             "namespace": meta["namespace"],
-            "labels": {"whetstone.dev/job": meta["name"], JOB_UID_LABEL: meta["uid"]},
+            # Our child labels: the operator watches Workloads by them, as it watches pods.
+            "labels": {JOB_LABEL: meta["name"], MANAGED_BY_LABEL: MANAGED_BY, JOB_UID_LABEL: meta["uid"]},
             "ownerReferences": [
                 {
                     "apiVersion": GROUP_VERSION,
@@ -265,6 +265,9 @@ def gate(job: Json, workload: Json | None, pods_left: int) -> Gate:
         what = "preempted" if preempted else f"evicted ({view.evicted_reason})"
         detail = f": {view.evicted_message}" if view.evicted_message else ""
         message = f"Kueue {what} Workload {view.name}{detail}; pods deleted, checkpoints kept"
+        if pods_left == 0 and not view.quota_reserved:
+            # The quota was given back: the job waits in its queue again.
+            message += f"; queued again in LocalQueue {queue}: {view.pending_message or 'waiting for quota'}"
         return Gate(
             False,
             REASON_PREEMPTED if preempted else REASON_EVICTED,
