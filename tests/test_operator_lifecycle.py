@@ -607,7 +607,8 @@ def test_the_end_of_a_queued_job_marks_its_workload_finished_once() -> None:
     )
     finished = workload(("Finished", "True", "Succeeded", "done"))
     assert plan(done, Observed(workload=finished), NOW).finish_workload is None
-    assert plan(queued_job({"phase": "Failed"}), Observed(workload=ADMITTED_WL), NOW).finish_workload[0] is False
+    failed = plan(queued_job({"phase": "Failed"}), Observed(workload=ADMITTED_WL), NOW)
+    assert failed.finish_workload is not None and failed.finish_workload[0] is False
 
 
 def test_suspending_a_queued_job_deactivates_its_workload() -> None:

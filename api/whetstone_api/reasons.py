@@ -109,7 +109,8 @@ REASON_SNAPSHOT_LOST: Final = "SnapshotLost"
 """The trainer ConfigMap of a started RFT job was deleted and a grader changed since the job started, so the
 snapshot cannot be restored."""
 # Reasons of a job queued with Kueue (label kueue.x-k8s.io/queue-name): the Suspended condition while Kueue
-# holds it, Created when it lets it start. The message names the LocalQueue (and ClusterQueue) and Kueue's words.
+# holds it, Created when it lets it start. The message names the LocalQueue (and ClusterQueue) and says
+# why, in Kueue's words.
 REASON_QUEUED: Final = "Queued"
 """Waiting in a LocalQueue for Kueue to admit all of the job's pods at once: no pod exists."""
 REASON_ADMITTED: Final = "Admitted"

@@ -62,7 +62,7 @@ FINISHED = "Finished"
 # Evicted reasons after which Kueue's job framework marks the Workload Requeued=True (queued again at once).
 _REQUEUE_AT_ONCE = {"Preempted", "NodeFailures"}
 
-# Reasons of the FineTuneJob's Suspended condition while Kueue holds it (whetstone_api.reasons documents them).
+# Reasons of the job's Suspended condition while Kueue holds it (documented in whetstone_api.reasons).
 REASON_QUEUED = R.REASON_QUEUED
 REASON_ADMITTED = R.REASON_ADMITTED
 REASON_PREEMPTED = R.REASON_PREEMPTED
