@@ -500,8 +500,13 @@ def _kueue(
         reason = R.REASON_KUEUE_UNAVAILABLE
         _hold(out, job, _Desired(R.SUSPENDED, reason, message, stalled=(reason, message)), live_ours, now)
         return True, None
+    failure = seen.create_failure if seen.workload is None else None
     if seen.workload is None:
-        out.create_workload = True
+        # A refused create (a missing WorkloadPriorityClass, Kueue's webhook) is retried after its back-off.
+        if failure is None or now >= failure.retry_at:
+            out.create_workload = True
+        else:
+            out.requeue((failure.retry_at - now).total_seconds())
     elif (patch := kueue.active_patch(job, seen.workload)) is not None:
         out.workload_active = patch["spec"]["active"]
     if spec.get("suspend"):
@@ -514,7 +519,10 @@ def _kueue(
         return False, gate
     out.release_workload = gate.release_quota
     stopped = gate.reason in (R.REASON_PREEMPTED, R.REASON_EVICTED)
-    _hold(out, job, _Desired(R.SUSPENDED, gate.reason, gate.message), live_ours, now, warning=stopped)
+    d = _Desired(R.SUSPENDED, gate.reason, gate.message)
+    if failure is not None:
+        d.stalled = (R.REASON_FAILED_CREATE, failure.message)
+    _hold(out, job, d, live_ours, now, warning=stopped)
     return True, None
 
 
