@@ -207,8 +207,9 @@ def test_a_job_that_fits_starts_whole_and_one_that_does_not_waits_without_pods_u
     lq, cq = gpu_queue(cluster, namespace, cluster_scoped, gpus=16)
     first = JobWatch(cluster, namespace, "first")
     first.create(queued_job("first", lq, nodes=2))
-    status = first.wait_phase("Running", timeout=120)
-    assert condition(status, "Created")["reason"] == "Admitted" and f"ClusterQueue {cq}" in status["message"]
+    first.wait_phase("Running", timeout=120)
+    said = {e["reason"]: e["message"] for e in first.events()}
+    assert f"LocalQueue {lq}" in said["Queued"] and f"ClusterQueue {cq}" in said["Admitted"]
     pods = first.pods()
     assert sorted(p["metadata"]["name"] for p in pods) == ["first-node-0", "first-node-1"]
     for p in pods:
@@ -218,7 +219,6 @@ def test_a_job_that_fits_starts_whole_and_one_that_does_not_waits_without_pods_u
     wl = job_workload(cluster, first)
     assert wl["metadata"]["ownerReferences"][0]["uid"] == first.get()["metadata"]["uid"]
     assert wl["spec"]["podSets"][0]["count"] == 2
-    assert reasons(first)[:2] == ["Queued", "Admitted"]
 
     # 16 GPUs of quota are taken: the second job waits in the queue, suspended, and creates no pod.
     second = JobWatch(cluster, namespace, "second")
