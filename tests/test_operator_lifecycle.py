@@ -447,6 +447,12 @@ def test_unschedulable_pods_are_reported_and_flagged_when_it_lasts() -> None:
     later = plan(settle(pending, p), seen(stuck), NOW + timedelta(seconds=700))
     assert later.phase is None and condition(later, "Stalled")["reason"] == "UnschedulableTooLong"
     assert later.events and later.events[0][:2] == ("Warning", "UnschedulableTooLong")
+    # The whole group is named: how many of the job's pods, which, since when, and what would help.
+    assert later.status["message"].startswith("2 of 2 trainer pod(s) cannot be scheduled for 700 s")
+    assert (
+        "j-node-0, j-node-1" in later.status["message"]
+        and "kueue.x-k8s.io/queue-name" in later.status["message"]
+    )
 
 
 def test_pods_stuck_terminating_past_their_grace_period_are_candidates_for_force_deletion() -> None:

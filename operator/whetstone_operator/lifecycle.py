@@ -20,7 +20,7 @@ from typing import Any
 
 from whetstone_api import reasons as R
 
-from . import kueue
+from . import gang, kueue
 from .failures import Judgement, Verdict, judge, worst
 from .views import ChildView, GraderView, PodView, parse_time, rfc3339
 
@@ -442,6 +442,7 @@ def plan(job: Json, seen: Observed, now: datetime | None = None) -> Plan:
 
     # Pods that do not start: say why; image and configuration errors fail after the start-up deadline.
     startup = int(spec.get("startupDeadlineSeconds", 600))
+    unplaced: list[gang.Unschedulable] = []
     for p in sorted(live_current, key=lambda p: p.rank):
         if p.phase != "Pending":
             continue
@@ -454,15 +455,20 @@ def plan(job: Json, seen: Observed, now: datetime | None = None) -> Plan:
             out.requeue(startup - waited)
             d.stalled = d.stalled or (p.waiting_reason, detail)
         elif p.unschedulable:
-            waited = (now - (p.unschedulable_since or p.created or now)).total_seconds()
-            detail = f"pod {p.name} cannot be scheduled: {p.unschedulable}"
-            if waited > startup:
-                reason = R.REASON_UNSCHEDULABLE_TOO_LONG
-                detail += f" (for {int(waited)} s, longer than startupDeadlineSeconds {startup})"
-            else:
-                reason = R.REASON_UNSCHEDULABLE
-                out.requeue(startup - waited)
-            d.stalled = d.stalled or (reason, detail)
+            since = p.unschedulable_since or p.created or now
+            unplaced.append(gang.Unschedulable(p.name, since, p.unschedulable))
+    # Pods the scheduler cannot place: said at once (Unschedulable), and for the whole group once it lasts
+    # longer than startupDeadlineSeconds (UnschedulableTooLong); the job keeps waiting (the cluster may grow).
+    too_long = gang.late_message(unplaced, nodes, now, startup)
+    if too_long:
+        d.stalled = d.stalled or (R.REASON_UNSCHEDULABLE_TOO_LONG, too_long)
+    elif unplaced:
+        first = unplaced[0]
+        d.stalled = d.stalled or (
+            R.REASON_UNSCHEDULABLE,
+            f"pod {first.pod} cannot be scheduled: {first.message}",
+        )
+        out.requeue(startup - max((now - u.since).total_seconds() for u in unplaced))
 
     running = [p for p in live_current if p.phase == "Running" and not p.deleting]
     if (
