@@ -25,7 +25,7 @@ def job(**spec: Any) -> dict[str, Any]:
 
 
 def env_of(pod: dict[str, Any]) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
+    return {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
 
 
 def test_every_child_is_labelled_and_owned_by_the_job() -> None:
@@ -114,6 +114,9 @@ def test_pod_spec() -> None:
     env = env_of(pod)
     assert env["PET_NODE_RANK"] == "1" and env["WHETSTONE_PVC_ROOT"] == "/mnt/pvc"
     assert env["WHETSTONE_TERMINATION_LOG"] == "/dev/termination-log"
+    # The status server binds the pod's own IP (downward API), not every address of the host.
+    (pod_ip,) = [e for e in c["env"] if e["name"] == "WHETSTONE_POD_IP"]
+    assert pod_ip["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     assert mounts["pvc-data"] == "/mnt/pvc/data" and mounts["pvc-out"] == "/mnt/pvc/out"
     assert mounts["job-config"] == "/etc/whetstone" and mounts["user-scratch"] == "/scratch"

@@ -24,6 +24,7 @@ from whetstone_api.wire import (
     CONFIG_KEY,
     ENV_CACHE,
     ENV_GRADER_SECRETS,
+    ENV_POD_IP,
     ENV_PVC_ROOT,
     ENV_STATUS_PORT,
     ENV_TERMINATION_LOG,
@@ -289,6 +290,7 @@ def trainer_pod(
     env = [
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": ENV_STATUS_PORT, "value": str(settings.status_port)},
+        {"name": ENV_POD_IP, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": ENV_PVC_ROOT, "value": PVC_ROOT},
         {"name": ENV_CACHE, "value": f"{SCRATCH_DIR}/models"},
         {"name": "HOME", "value": SCRATCH_DIR},
