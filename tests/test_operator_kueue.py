@@ -88,6 +88,7 @@ def test_the_workload_is_one_pod_set_of_all_nodes_with_per_pod_requests() -> Non
     # Kueue's labels stay off the template; ours stay on.
     assert kueue.QUEUE_LABEL not in pod_set["template"]["metadata"]["labels"]
     assert pod_set["template"]["metadata"]["labels"][children.JOB_LABEL] == "sft-tiny-reverse"
+    assert children.RANK_LABEL not in pod_set["template"]["metadata"]["labels"]  # one template for all ranks
     assert "priority" not in wl["spec"] and "priorityClassRef" not in wl["spec"]
 
 

@@ -1,13 +1,13 @@
 """Gang admission through Kueue, as pure functions: the Workload a queued FineTuneJob is admitted as, what
 Kueue's answer means for the job, and the status patches the operator writes back. No API calls here.
 
-The design (README "Queues: Kueue"): a FineTuneJob labelled `kueue.x-k8s.io/queue-name: <LocalQueue>` is ONE
-Kueue Workload that this operator creates and owns through the job (controller ownerReference: deleting the
-job deletes it). The Workload has one pod set, `trainer`, with `count` = spec.nodes and the trainer pod's
-scheduling fields as template (per-pod GPU, CPU and memory requests, node selector, tolerations, affinity),
-so Kueue reserves quota for every pod at once or for none. No pod exists until the Workload is Admitted;
-eviction or preemption deletes the pods (checkpoints stay) and gives the quota back; the end of the job marks
-the Workload Finished, which frees the quota for the next one.
+The design (README "Gang admission with Kueue"): a FineTuneJob labelled `kueue.x-k8s.io/queue-name:
+<LocalQueue>` is ONE Kueue Workload that this operator creates and owns through the job (controller
+ownerReference: deleting the job deletes it). The Workload has one pod set, `trainer`, with `count` =
+spec.nodes and the trainer pod's scheduling fields as template (per-pod GPU, CPU and memory requests, node
+selector, tolerations, affinity), so Kueue reserves quota for every pod at once or for none. No pod exists
+until the Workload is Admitted; eviction or preemption deletes the pods (checkpoints stay) and gives the quota
+back; the end of the job marks the Workload Finished, which frees the quota for the next one.
 
 Why this way, checked in Kueue v0.17.0's source:
 - Kueue's scheduler and its core workload controller (pkg/controller/core/workload_controller.go) act on any
@@ -35,7 +35,7 @@ from typing import Any
 from whetstone_api import GROUP_VERSION
 from whetstone_api import reasons as R
 
-from .children import JOB_LABEL, MANAGED_BY, MANAGED_BY_LABEL
+from .children import ATTEMPT_LABEL, JOB_LABEL, MANAGED_BY, MANAGED_BY_LABEL, RANK_LABEL, ROLE_LABEL
 
 Json = dict[str, Any]
 
@@ -114,7 +114,12 @@ def pod_set_template(pod: Json) -> Json:
     for key in _POD_SPEC_KEYS:
         if spec.get(key):
             template[key] = copy.deepcopy(spec[key])
-    labels = {k: v for k, v in (pod["metadata"].get("labels") or {}).items() if not k.startswith(GROUP)}
+    # The job's labels only: rank, role and attempt differ between the pods of the one pod set.
+    labels = {
+        k: v
+        for k, v in (pod["metadata"].get("labels") or {}).items()
+        if not k.startswith(GROUP) and k not in (RANK_LABEL, ROLE_LABEL, ATTEMPT_LABEL)
+    }
     return {"metadata": {"labels": labels}, "spec": template}
 
 
