@@ -1,16 +1,13 @@
-"""A real Kueue controller (built from its Go module, started by e2e/kueue_local.py) admitting FineTuneJobs
-as whetstone's operator will queue them: one Workload per job, owned by the job (kueue.py).
-
-Here the test itself plays the operator's part (create the Workload, read the gate, give the quota back after
-a preemption, mark it Finished); what is checked is Kueue's side: a Workload owned by a kind Kueue does not
-know is admitted as a whole, one that does not fit waits until quota is freed, a higher priority preempts,
-and garbage collection follows the owner. The FineTuneJobs are created suspended and without the queue label,
-so an operator running in the same session leaves them alone; only their Workloads are queued.
+"""Gang admission of FineTuneJobs by a real Kueue controller (built from its Go module, started by
+e2e/kueue_local.py), driven by the operator: a job labelled kueue.x-k8s.io/queue-name becomes one Workload
+owned by the job, has no pod until Kueue admits all of them, is suspended (pods deleted, Checkpoints kept)
+when Kueue preempts it, resumes as a new attempt when admitted again, and marks its Workload Finished when it
+ends. The pods run on the KWOK GPU pool; a trainer finishing is played by setting its pods' status as a
+kubelet would (KWOK is the fake kubelet here and has no trainer to run).
 """
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -19,11 +16,11 @@ from typing import Any
 
 import kubernetes
 import pytest
-import yaml
 from helpers import Cluster, wait_for
 from kueue_local import start_kueue
 from localcluster import LocalCluster, locate_binaries, pid_alive, stop_process_group
-from operator_fixtures import crds_applied  # noqa: F401 - fixture
+from operator_fixtures import *  # noqa: F403 - fixtures
+from operator_fixtures import GROUP, VERSION, JobWatch, OperatorProcess, kwok_job
 from whetstone_operator import children, kueue
 
 REPO = Path(__file__).resolve().parent.parent
@@ -145,69 +142,164 @@ def gpu_queue(
     return lq, cq
 
 
-def finetunejob(cluster: Cluster, namespace: str, name: str, nodes: int, gpus: int) -> Json:
-    """A FineTuneJob to own a Workload. Stored suspended and without the queue label (an operator in the
-    same session then creates nothing for it)."""
-    doc = yaml.safe_load((REPO / "manifests" / "examples" / "sft-tiny-reverse.yaml").read_text())
-    doc["metadata"] = {"name": name, "namespace": namespace}
-    doc["spec"].update(
-        nodes=nodes,
-        gpusPerNode=gpus,
-        suspend=True,
-        resources={"requests": {"cpu": "8", "memory": "64Gi"}},
-        tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-    )
-    return cluster.custom.create_namespaced_custom_object(
-        "whetstone.dev", "v1alpha1", namespace, "finetunejobs", doc
-    )
+@pytest.fixture
+def kueue_operator(kueue_running: int, operator: OperatorProcess) -> OperatorProcess:
+    """The session's operator, watching Kueue's Workloads: it finds Kueue when it starts, so one started
+    before Kueue was installed (by an earlier test module) is restarted once."""
+    text = operator.log_text()
+    if "Kueue serves" not in text[text.rfind("=== start") :]:
+        operator.stop()
+        operator.start()
+    return operator
 
 
-def queue_workload(
-    cluster: Cluster, stored_job: Json, queue: str, priority: tuple[str, int] | None = None
-) -> tuple[Json, str]:
-    """Create the Workload the operator would create for `stored_job` queued in `queue`; returns the job as
-    the operator sees it (labelled, running) and the Workload's name."""
-    job = copy.deepcopy(stored_job)
-    job["metadata"].setdefault("labels", {})[kueue.QUEUE_LABEL] = queue
+def queued_job(name: str, queue: str, nodes: int, priority: str | None = None) -> Json:
+    """A job for the KWOK GPU pool (8 GPUs a pod), queued in LocalQueue `queue`."""
+    body = kwok_job(name, nodes=nodes, gpus=8)
+    body["metadata"]["labels"] = {kueue.QUEUE_LABEL: queue}
     if priority:
-        job["metadata"]["labels"][kueue.PRIORITY_CLASS_LABEL] = priority[0]
-    job["spec"]["suspend"] = False
-    pod = children.trainer_pod(job, 0, 0, children.ChildSettings())
-    body = kueue.workload_for(job, pod, priority[1] if priority else None)
-    ns = job["metadata"]["namespace"]
-    cluster.custom.create_namespaced_custom_object(kueue.GROUP, V, ns, kueue.WORKLOADS, body)
-    return job, body["metadata"]["name"]
+        body["metadata"]["labels"][kueue.PRIORITY_CLASS_LABEL] = priority
+    return body
 
 
-def workload(cluster: Cluster, namespace: str, name: str) -> Json:
-    return cluster.custom.get_namespaced_custom_object(kueue.GROUP, V, namespace, kueue.WORKLOADS, name)
+def condition(status: Json, ctype: str) -> Json:
+    return next(c for c in status.get("conditions") or [] if c["type"] == ctype)
 
 
-def wait_gate(
-    cluster: Cluster, job: Json, name: str, what: str, probe: Any, timeout: float = 90
-) -> kueue.Gate:
-    ns = job["metadata"]["namespace"]
-    return wait_for(
-        lambda: (g := kueue.gate(job, workload(cluster, ns, name), pods_left=0)) and probe(g) and g,
-        timeout,
-        f"Workload {name}: {what}",
+def job_workload(cluster: Cluster, job: JobWatch) -> Json:
+    """The job's Workload, found by the labels the operator gives it."""
+    (wl,) = cluster.custom.list_namespaced_custom_object(
+        kueue.GROUP, V, job.namespace, kueue.WORKLOADS, label_selector=f"whetstone.dev/job={job.name}"
+    )["items"]
+    return wl
+
+
+def finish_pods(cluster: Cluster, job: JobWatch) -> None:
+    """The trainers exit 0: what a kubelet reports then (KWOK leaves these pods running until deleted)."""
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for pod in job.pods():
+        container = pod["spec"]["containers"][0]
+        terminated = {"exitCode": 0, "reason": "Completed", "startedAt": now, "finishedAt": now}
+        status = {
+            "phase": "Succeeded",
+            "conditions": [{"type": "Ready", "status": "False", "reason": "PodCompleted"}],
+            "containerStatuses": [
+                {
+                    "name": container["name"],
+                    "image": container["image"],
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": 0,
+                    "state": {"terminated": terminated},
+                }
+            ],
+        }
+        cluster.core.patch_namespaced_pod_status(pod["metadata"]["name"], job.namespace, {"status": status})
+
+
+def reasons(job: JobWatch) -> list[str]:
+    return [e["reason"] for e in sorted(job.events(), key=lambda e: e["metadata"]["creationTimestamp"])]
+
+
+def test_a_job_that_fits_starts_whole_and_one_that_does_not_waits_without_pods_until_the_first_finishes(
+    cluster: Cluster, namespace: str, kueue_operator: OperatorProcess, cluster_scoped: list[tuple[str, str]]
+) -> None:
+    lq, cq = gpu_queue(cluster, namespace, cluster_scoped, gpus=16)
+    first = JobWatch(cluster, namespace, "first")
+    first.create(queued_job("first", lq, nodes=2))
+    first.wait_phase("Running", timeout=120)
+    said = {e["reason"]: e["message"] for e in first.events()}
+    assert f"LocalQueue {lq}" in said["Queued"] and f"ClusterQueue {cq}" in said["Admitted"]
+    pods = first.pods()
+    assert sorted(p["metadata"]["name"] for p in pods) == ["first-node-0", "first-node-1"]
+    for p in pods:
+        # Placed on the ResourceFlavor Kueue assigned (the job itself names no GPU model); no queue label.
+        assert p["spec"]["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
+        assert kueue.QUEUE_LABEL not in p["metadata"]["labels"]
+    wl = job_workload(cluster, first)
+    assert wl["metadata"]["ownerReferences"][0]["uid"] == first.get()["metadata"]["uid"]
+    assert wl["spec"]["podSets"][0]["count"] == 2
+
+    # 16 GPUs of quota are taken: the second job waits in the queue, suspended, and creates no pod.
+    second = JobWatch(cluster, namespace, "second")
+    second.create(queued_job("second", lq, nodes=1))
+    status = second.wait(lambda s: "insufficient" in (s.get("message") or "") and s, "judged by Kueue", 90)
+    assert status["phase"] == "Suspended" and condition(status, "Suspended")["reason"] == "Queued"
+    assert f"LocalQueue {lq}" in status["message"]
+    assert second.pods() == [] and "Queued" in reasons(second)
+
+    finish_pods(cluster, first)
+    first.wait_phase("Succeeded", timeout=90)
+    wait_for(
+        lambda: kueue.WorkloadView.of(job_workload(cluster, first)).finished, 60, "first's Workload Finished"
+    )
+    second.wait_phase("Running", timeout=120)
+    assert [p["metadata"]["name"] for p in second.pods()] == ["second-node-0"]
+
+    # Deleting a job deletes its Workload (garbage collection through the owner reference).
+    second.delete()
+    wait_for(
+        lambda: (
+            not cluster.custom.list_namespaced_custom_object(
+                kueue.GROUP, V, namespace, kueue.WORKLOADS, label_selector="whetstone.dev/job=second"
+            )["items"]
+        ),
+        90,
+        "second's Workload garbage-collected with the job",
     )
 
 
-def patch_status(cluster: Cluster, namespace: str, name: str, make_patch: Any) -> None:
-    """Write `make_patch(workload)` to the Workload's status as the operator does: the patch carries the
-    resourceVersion it was computed from; on a conflict (Kueue wrote in between) read again and retry."""
-    for _ in range(10):
-        body = make_patch(workload(cluster, namespace, name))
-        try:
-            cluster.custom.patch_namespaced_custom_object_status(
-                kueue.GROUP, V, namespace, kueue.WORKLOADS, name, body
-            )
-            return
-        except kubernetes.client.ApiException as e:
-            if e.status != 409:
-                raise
-    raise AssertionError(f"Workload {name}: 10 conflicting writes in a row")
+def test_a_higher_priority_job_preempts_a_lower_one_which_keeps_its_checkpoints_and_resumes(
+    cluster: Cluster, namespace: str, kueue_operator: OperatorProcess, cluster_scoped: list[tuple[str, str]]
+) -> None:
+    lq, _ = gpu_queue(
+        cluster, namespace, cluster_scoped, gpus=16, preemption={"withinClusterQueue": "LowerPriority"}
+    )
+    for level, value in (("low", 10), ("high", 1000)):
+        create_cluster_scoped(
+            cluster,
+            kueue.WORKLOAD_PRIORITY_CLASSES,
+            {
+                "apiVersion": kueue.API_VERSION,
+                "kind": "WorkloadPriorityClass",
+                "metadata": {"name": f"{level}-{namespace}"},
+                "value": value,
+            },
+            cluster_scoped,
+        )
+    low = JobWatch(cluster, namespace, "low")
+    low.create(queued_job("low", lq, nodes=2, priority=f"low-{namespace}"))
+    before = low.wait_phase("Running", timeout=120)
+    assert job_workload(cluster, low)["spec"]["priority"] == 10
+    # A checkpoint the trainer reported (the operator records it so); the trainer is not run here.
+    ckpt = children.checkpoint_resource(
+        low.get(), 20, "s3://e2e-out/low/checkpoints/step-00000020", "resumable"
+    )
+    cluster.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "checkpoints", ckpt)
+
+    high = JobWatch(cluster, namespace, "high")
+    high.create(queued_job("high", lq, nodes=2, priority=f"high-{namespace}"))
+    status = low.wait(
+        lambda s: s.get("phase") == "Suspended" and condition(s, "Suspended")["reason"] == "Preempted" and s,
+        "preempted",
+        120,
+    )
+    assert "checkpoints kept" in status["message"]
+    wait_for(lambda: low.pods() == [], 60, "low's pods deleted")
+    assert "Preempted" in reasons(low)
+    high.wait_phase("Running", timeout=120)
+    low_status = low.status()
+    assert low_status["phase"] == "Suspended" and low.pods() == []
+    assert f"queued again in LocalQueue {lq}" in low_status["message"]
+    assert [c["metadata"]["name"] for c in low.checkpoints()] == [ckpt["metadata"]["name"]]
+
+    # The high-priority job ends: the low one is admitted again and resumes as a new attempt.
+    finish_pods(cluster, high)
+    high.wait_phase("Succeeded", timeout=90)
+    after = low.wait_phase("Running", timeout=120)
+    assert after["attempt"] > before["attempt"] and after.get("restartCount", 0) == 0
+    assert {p["metadata"]["labels"]["whetstone.dev/attempt"] for p in low.pods()} == {str(after["attempt"])}
+    assert [c["metadata"]["name"] for c in low.checkpoints()] == [ckpt["metadata"]["name"]]
 
 
 def test_kueue_admits_into_a_gpu_cluster_queue(
@@ -246,111 +338,3 @@ def test_kueue_admits_into_a_gpu_cluster_queue(
     with pytest.raises(kubernetes.client.ApiException) as refused:
         cluster.custom.create_namespaced_custom_object(kueue.GROUP, V, namespace, kueue.WORKLOADS, bad)
     assert "reserved for internal kueue use" in refused.value.body
-
-
-def test_a_job_that_does_not_fit_waits_until_the_first_finishes(
-    cluster: Cluster,
-    kueue_running: int,
-    crds_applied: list[str],  # noqa: F811
-    namespace: str,
-    cluster_scoped: list[tuple[str, str]],
-) -> None:
-    lq, cq = gpu_queue(cluster, namespace, cluster_scoped, gpus=16)
-    first, first_wl = queue_workload(cluster, finetunejob(cluster, namespace, "first", nodes=2, gpus=8), lq)
-    gate = wait_gate(cluster, first, first_wl, "admitted", lambda g: g.may_run)
-    assert gate.reason == kueue.REASON_ADMITTED and cq in gate.message
-    admitted = workload(cluster, namespace, first_wl)
-    (assignment,) = admitted["status"]["admission"]["podSetAssignments"]
-    assert assignment["count"] == 2 and assignment["resourceUsage"]["nvidia.com/gpu"] in (16, "16")
-    # The flavor's node labels and tolerations are what the pods would get.
-    flavors = {
-        f"h100-{namespace}": cluster.custom.get_cluster_custom_object(
-            kueue.GROUP, V, "resourceflavors", f"h100-{namespace}"
-        )
-    }
-    where = kueue.placement(kueue.WorkloadView.of(admitted), flavors)
-    assert where.node_selector == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
-
-    second, second_wl = queue_workload(
-        cluster, finetunejob(cluster, namespace, "second", nodes=1, gpus=8), lq
-    )
-    gate = wait_gate(cluster, second, second_wl, "judged inadmissible", lambda g: "insufficient" in g.message)
-    assert not gate.may_run and gate.reason == kueue.REASON_QUEUED and f"LocalQueue {lq}" in gate.message
-
-    # Kueue leaves a Workload owned by a kind it does not know alone: still there, still admitted.
-    assert kueue.WorkloadView.of(workload(cluster, namespace, first_wl)).admitted
-    assert not kueue.WorkloadView.of(workload(cluster, namespace, second_wl)).quota_reserved
-
-    patch_status(
-        cluster, namespace, first_wl, lambda wl: kueue.finished_patch(wl, True, "done", datetime.now(UTC))
-    )
-    wait_gate(cluster, second, second_wl, "admitted after the first finished", lambda g: g.may_run)
-
-    # Deleting the job deletes its Workload (garbage collection through the owner reference).
-    cluster.custom.delete_namespaced_custom_object(
-        "whetstone.dev", "v1alpha1", namespace, "finetunejobs", "first"
-    )
-
-    def gone() -> bool:
-        try:
-            workload(cluster, namespace, first_wl)
-            return False
-        except kubernetes.client.ApiException as e:
-            return e.status == 404
-
-    wait_for(gone, 90, f"Workload {first_wl} garbage-collected with its FineTuneJob")
-
-
-def test_a_higher_priority_job_preempts_a_lower_one(
-    cluster: Cluster,
-    kueue_running: int,
-    crds_applied: list[str],  # noqa: F811
-    namespace: str,
-    cluster_scoped: list[tuple[str, str]],
-) -> None:
-    lq, cq = gpu_queue(
-        cluster, namespace, cluster_scoped, gpus=16, preemption={"withinClusterQueue": "LowerPriority"}
-    )
-    priorities = {}
-    for level, value in (("low", 10), ("high", 1000)):
-        name = f"{level}-{namespace}"
-        create_cluster_scoped(
-            cluster,
-            kueue.WORKLOAD_PRIORITY_CLASSES,
-            {
-                "apiVersion": kueue.API_VERSION,
-                "kind": "WorkloadPriorityClass",
-                "metadata": {"name": name},
-                "value": value,
-            },
-            cluster_scoped,
-        )
-        wpc = cluster.custom.get_cluster_custom_object(kueue.GROUP, V, kueue.WORKLOAD_PRIORITY_CLASSES, name)
-        priorities[level] = (name, kueue.priority_of(wpc))
-
-    low, low_wl = queue_workload(cluster, finetunejob(cluster, namespace, "low", 2, 8), lq, priorities["low"])
-    wait_gate(cluster, low, low_wl, "admitted", lambda g: g.may_run)
-    high, high_wl = queue_workload(
-        cluster, finetunejob(cluster, namespace, "high", 2, 8), lq, priorities["high"]
-    )
-
-    # Kueue preempts the low one: Evicted (Preempted) and Preempted (InClusterQueue). The operator stops its
-    # pods (here there are none) and then gives the quota back.
-    gate = wait_gate(cluster, low, low_wl, "preempted", lambda g: g.reason == kueue.REASON_PREEMPTED)
-    assert not gate.may_run and gate.release_quota and "checkpoints kept" in gate.message
-    view = kueue.WorkloadView.of(workload(cluster, namespace, low_wl))
-    assert view.evicted_reason == "Preempted" and view.preempted_reason == "InClusterQueue"
-    assert not kueue.gate(high, workload(cluster, namespace, high_wl), 0).may_run  # not before the release
-    patch_status(cluster, namespace, low_wl, lambda wl: kueue.release_patch(wl, datetime.now(UTC)))
-
-    wait_gate(cluster, high, high_wl, "admitted after the preemption", lambda g: g.may_run)
-    requeued = workload(cluster, namespace, low_wl)
-    assert not kueue.WorkloadView.of(requeued).quota_reserved
-    assert any(c["type"] == "Requeued" and c["status"] == "True" for c in requeued["status"]["conditions"])
-
-    # When the high-priority job ends, the low one is admitted again (and resumes from its checkpoints).
-    patch_status(
-        cluster, namespace, high_wl, lambda wl: kueue.finished_patch(wl, True, "done", datetime.now(UTC))
-    )
-    gate = wait_gate(cluster, low, low_wl, "admitted again", lambda g: g.may_run)
-    assert not kueue.WorkloadView.of(workload(cluster, namespace, low_wl)).evicted

@@ -326,26 +326,24 @@ def test_an_rft_job_waits_for_its_graders_then_runs_with_their_snapshot(
     )
     assert missing["phase"] == "Pending" and "RewardGrader exact does not exist" in missing["message"]
     assert not job.pods() and events(job, "GraderMissing")
+    # A test case that fails: the operator's grader check marks it Failed, so the job waits for it.
+    wrong = {"sample": "41", "item": {"answer": "42"}, "expectedScore": 1}
     grader = {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "RewardGrader",
         "metadata": {"name": "exact"},
-        "spec": {"stringCheck": {"reference": "{{ item.answer }}"}},
+        "spec": {"stringCheck": {"reference": "{{ item.answer }}"}, "testCases": [wrong]},
     }
-    created = cluster.custom.create_namespaced_custom_object(
-        GROUP, VERSION, namespace, "rewardgraders", grader
-    )
+    cluster.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "rewardgraders", grader)
     job.wait(lambda s: condition(s, "GradersReady").get("reason") == "GraderNotReady", "not ready")
     assert not job.pods()
-    # What the graders' own reconcile would write once the test cases pass.
-    ready = {"status": {"phase": "Ready", "observedGeneration": created["metadata"]["generation"]}}
-    cluster.custom.patch_namespaced_custom_object_status(
-        GROUP, VERSION, namespace, "rewardgraders", "exact", ready
-    )
+    # The test case fixed: the check passes, the grader turns Ready and the job starts with its snapshot.
+    fixed = {"spec": {"testCases": [{**wrong, "sample": "42"}]}}
+    cluster.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, "rewardgraders", "exact", fixed)
     status = job.wait_phase("Running", timeout=120)
     assert condition(status, "GradersReady")["status"] == "True"
     (snap,) = status["graders"]
-    assert snap["name"] == "exact" and snap["generation"] == 1
+    assert snap["name"] == "exact" and snap["generation"] == 2
     config = cluster.core.read_namespaced_config_map("rft-config", namespace).data["job.yaml"]
     docs = list(yaml.safe_load_all(config))
     assert [d["kind"] for d in docs] == ["FineTuneJob", "RewardGrader"]

@@ -1,7 +1,8 @@
 """The FineTuneJob operator on the real control plane, with trainer pods the pod runner really runs.
 
-The pod runner has no network namespaces, so the trainer's status server (0.0.0.0:8080) and the rendezvous
-port exist once per host: these tests run one single-node job at a time.
+The pod runner has no network namespaces: each pod has an address of its own on the host's loopback, and the
+trainer's status server binds its pod's IP (downward API), so the pods of a multi-node job all serve it; the
+rendezvous port (rank 0's only) exists once per host, so these tests run one job at a time.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 from pathlib import Path
 
 import kubernetes
@@ -141,8 +143,9 @@ def test_sft_job_trains_to_succeeded_with_checkpoints(
     assert {c["metadata"]["name"] for c in job.checkpoints()} == {keep, "sft-final"}
 
 
-def kill_trainer(cluster: Cluster, job: str) -> None:
-    """SIGKILL the trainer container's processes, as an OOM kill of the container (its cgroup) would.
+def kill_trainer(cluster: Cluster, job: str, rank: int = 0) -> None:
+    """SIGKILL the trainer container's processes of pod `rank`, as an OOM kill of the container (its cgroup)
+    would.
 
     The runner records each container's process id; the pod's env tells which one is this job's. torchrun
     starts its workers in sessions of their own, so the whole process tree is killed, not the group."""
@@ -152,7 +155,7 @@ def kill_trainer(cluster: Cluster, job: str) -> None:
             env = Path(f"/proc/{entry.name}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if f"PET_MASTER_ADDR={job}-node-0.{job}".encode() in env:
+        if f"PET_MASTER_ADDR={job}-node-0.{job}".encode() in env and f"PET_NODE_RANK={rank}".encode() in env:
             tree = descendants(int(entry.name))
             for pid in tree:
                 with contextlib.suppress(ProcessLookupError):
@@ -216,6 +219,55 @@ def test_killed_trainer_restarts_the_group_and_resumes(
     restarts = [e["message"] for e in job.events() if e["reason"] == "PodFailed"]
     assert len(restarts) == 1 and "pod crash-node-0 failed, exit code 137" in restarts[0], restarts
     assert 'whetstone_job_restarts_total{namespace="' + namespace + '"} 1.0' in operator.metrics()
+
+
+def test_two_node_job_rendezvous_and_resumes_after_losing_rank_1(
+    cluster: Cluster, namespace: str, operator: OperatorProcess, work_claim: Path
+) -> None:
+    # Two pods, one process each, rendezvous through the headless Service (rank 0 as duo-node-0.duo) and
+    # train one DDP model with gloo; both serve /status on their own IP and the same port.
+    job = JobWatch(cluster, namespace, "duo")
+    job.create(tiny_job("duo", steps=24, every=4, nodes=2))
+    ckpt = work_claim / "out" / "duo" / "checkpoints"
+    wait_for(lambda: checkpoint_steps(ckpt), 600, "a first checkpoint", 1)
+    assert job.status()["phase"] == "Running", job.status()
+    pods = {p["metadata"]["name"]: p for p in job.pods()}
+    assert sorted(pods) == ["duo-node-0", "duo-node-1"]
+    port = operator_status_port(pods["duo-node-0"])
+    reports = {name: trainer_report(p["status"]["podIP"], port) for name, p in pods.items()}
+    assert reports["duo-node-0"]["rank"] == 0 and reports["duo-node-0"]["worldSize"] == 2, reports
+    assert reports["duo-node-1"]["rank"] == 1, reports  # rank 1's pod serves too: no port taken twice
+
+    kill_trainer(cluster, "duo", rank=1)
+    saved = max(checkpoint_steps(ckpt))
+    job.wait(lambda s: s.get("restartCount", 0) >= 1, "a group restart", timeout=300)
+    final = job.wait_phase("Succeeded", "Failed", timeout=900)
+    assert final["phase"] == "Succeeded", (final, job.log(), job.log(1))
+    assert final["restartCount"] == 1 and final["progress"]["step"] == 24
+    restarts = [e["message"] for e in job.events() if e["reason"] == "PodFailed"]
+    assert len(restarts) == 1 and "pod duo-node-1 failed" in restarts[0], restarts
+    # One run, one set of checkpoints: rank 0 writes them and logs the steps, resumed after the kill.
+    steps = trained_steps(work_claim / "out" / "duo")
+    assert steps.count(1) == 1 and steps[-1] == 24, steps
+    assert resumed_at(steps) > saved, (saved, steps)
+    names = [c["metadata"]["name"] for c in job.checkpoints()]
+    assert len(names) == len(set(names)) and "duo-final" in names, names
+
+
+def operator_status_port(pod: dict) -> int:
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    return int(env["WHETSTONE_STATUS_PORT"])
+
+
+def trainer_report(ip: str, port: int) -> dict:
+    def read() -> dict | None:
+        try:
+            with urllib.request.urlopen(f"http://{ip}:{port}/status", timeout=2) as r:
+                return json.loads(r.read())
+        except OSError:
+            return None
+
+    return wait_for(read, 120, f"/status on {ip}:{port}")
 
 
 def test_suspend_deletes_pods_keeps_checkpoints_and_resume_continues(

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from whetstone_operator import children
 from whetstone_operator.rendezvous import hostname, rendezvous_env
@@ -24,7 +25,7 @@ def job(**spec: Any) -> dict[str, Any]:
 
 
 def env_of(pod: dict[str, Any]) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
+    return {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
 
 
 def test_every_child_is_labelled_and_owned_by_the_job() -> None:
@@ -91,7 +92,8 @@ def test_pod_spec() -> None:
     spec, (c,) = pod["spec"], pod["spec"]["containers"]
     labels = pod["metadata"]["labels"]
     assert labels[children.RANK_LABEL] == "1" and labels[children.ROLE_LABEL] == "worker"
-    assert labels[children.ATTEMPT_LABEL] == "2" and labels["kueue.x-k8s.io/queue-name"] == "q"
+    # Kueue admits the job's Workload; its queue label never reaches the pods.
+    assert labels[children.ATTEMPT_LABEL] == "2" and "kueue.x-k8s.io/queue-name" not in labels
     assert spec["hostname"] == "sft-tiny-reverse-node-1" and spec["subdomain"] == "sft-tiny-reverse"
     assert spec["restartPolicy"] == "Never" and spec["automountServiceAccountToken"] is False
     assert spec["securityContext"]["runAsNonRoot"] is True
@@ -112,6 +114,9 @@ def test_pod_spec() -> None:
     env = env_of(pod)
     assert env["PET_NODE_RANK"] == "1" and env["WHETSTONE_PVC_ROOT"] == "/mnt/pvc"
     assert env["WHETSTONE_TERMINATION_LOG"] == "/dev/termination-log"
+    # The status server binds the pod's own IP (downward API), not every address of the host.
+    (pod_ip,) = [e for e in c["env"] if e["name"] == "WHETSTONE_POD_IP"]
+    assert pod_ip["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     assert mounts["pvc-data"] == "/mnt/pvc/data" and mounts["pvc-out"] == "/mnt/pvc/out"
     assert mounts["job-config"] == "/etc/whetstone" and mounts["user-scratch"] == "/scratch"
@@ -119,6 +124,34 @@ def test_pod_spec() -> None:
     assert volumes["pvc-out"]["persistentVolumeClaim"] == {"claimName": "out"}
     assert volumes["user-scratch"]["emptyDir"] == {"sizeLimit": "10Gi"}
     assert volumes["user-prompts"]["configMap"] == {"name": "p"}
+
+
+def test_gpu_pods_get_their_model_shm_nccl_env_and_one_process_per_gpu() -> None:
+    j = job(
+        nodes=2,
+        gpusPerNode=8,
+        gpuType="NVIDIA-H100-80GB-HBM3",
+        resources={"limits": {"cpu": "96", "memory": "1Ti"}},
+        distributed={"env": [{"name": "NCCL_IB_HCA", "value": "mlx5"}], "shmSize": "64Gi"},
+    )
+    # The chart's default placement (a GPU pool) still applies; the GPU model is added to it.
+    settings = children.ChildSettings(default_node_selector=(("pool", "gpu"),))
+    pod = children.trainer_pod(j, 1, 0, settings)
+    spec, (c,) = pod["spec"], pod["spec"]["containers"]
+    assert spec["nodeSelector"] == {"pool": "gpu", "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert c["resources"]["requests"]["nvidia.com/gpu"] == "8" == c["resources"]["limits"]["nvidia.com/gpu"]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}} in spec["volumes"]
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+    env = env_of(pod)
+    assert env["NCCL_IB_HCA"] == "mlx5" and env["OMP_NUM_THREADS"] == "12"  # 96 cores / 8 processes
+    assert env["PET_NPROC_PER_NODE"] == "8" and env["WORLD_SIZE"] == "16" and env["PET_NNODES"] == "2"
+    # A nodeSelector that contradicts gpuType is the user's error, named (the create is refused and reported).
+    clash = job(gpusPerNode=8, gpuType="NVIDIA-A100", nodeSelector={"nvidia.com/gpu.product": "NVIDIA-L4"})
+    with pytest.raises(ValueError, match="contradicts spec.gpuType"):
+        children.trainer_pod(clash, 0, 0, children.ChildSettings())
+    # CPU pods: no /dev/shm volume, no GPU model.
+    cpu = children.trainer_pod(job(gpuType="NVIDIA-A100"), 0, 0, children.ChildSettings())
+    assert "dshm" not in {v["name"] for v in cpu["spec"]["volumes"]} and "nodeSelector" not in cpu["spec"]
 
 
 def test_default_image_and_no_gpu_resources_on_cpu() -> None:

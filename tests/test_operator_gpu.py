@@ -83,15 +83,15 @@ def test_apply_gpu_settings_to_a_trainer_pod() -> None:
         resources={"limits": {"cpu": "64", "memory": "512Gi"}},
         distributed={"env": [{"name": "NCCL_SOCKET_IFNAME", "value": "eth0"}], "shmSize": "32Gi"},
     )
-    pod = children.trainer_pod(j, 1, 0, children.ChildSettings())
-    out = gpu.apply_gpu_settings(pod, children.parse_spec(j))
+    # The pod builder applies them itself; applying them again changes nothing.
+    out = children.trainer_pod(j, 1, 0, children.ChildSettings())
     assert out["spec"]["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
     assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "32Gi"}} in out["spec"]["volumes"]
     assert {"name": "dshm", "mountPath": "/dev/shm"} in out["spec"]["containers"][0]["volumeMounts"]
     env = env_of(out)
     assert env["NCCL_SOCKET_IFNAME"] == "eth0" and env["OMP_NUM_THREADS"] == "8"
     assert env["PET_NPROC_PER_NODE"] == "8" and env["WORLD_SIZE"] == "16"  # rendezvous.py's, unchanged
-    assert out["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert out["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
     # Idempotent: the pod builder may apply it to a pod that already has it.
     again = gpu.apply_gpu_settings(out, children.parse_spec(j))
     assert [v["name"] for v in again["spec"]["volumes"]].count("dshm") == 1

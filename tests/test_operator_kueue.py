@@ -79,8 +79,8 @@ def test_the_workload_is_one_pod_set_of_all_nodes_with_per_pod_requests() -> Non
     assert pod_set["name"] == "trainer" and pod_set["count"] == 4
     (container,) = pod_set["template"]["spec"]["containers"]
     # Per-pod requests: Kueue multiplies by count (4 pods x 8 GPUs = 32 GPUs of quota).
-    assert container["resources"]["requests"] == {"cpu": "32", "memory": "256Gi", "nvidia.com/gpu": 8}
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert container["resources"]["requests"] == {"cpu": "32", "memory": "256Gi", "nvidia.com/gpu": "8"}
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
     assert "env" not in container and "command" not in container  # only what decides quota and placement
     spec = pod_set["template"]["spec"]
     assert spec["nodeSelector"] == {"pool": "train"}
@@ -88,6 +88,7 @@ def test_the_workload_is_one_pod_set_of_all_nodes_with_per_pod_requests() -> Non
     # Kueue's labels stay off the template; ours stay on.
     assert kueue.QUEUE_LABEL not in pod_set["template"]["metadata"]["labels"]
     assert pod_set["template"]["metadata"]["labels"][children.JOB_LABEL] == "sft-tiny-reverse"
+    assert children.RANK_LABEL not in pod_set["template"]["metadata"]["labels"]  # one template for all ranks
     assert "priority" not in wl["spec"] and "priorityClassRef" not in wl["spec"]
 
 

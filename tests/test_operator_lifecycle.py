@@ -447,6 +447,12 @@ def test_unschedulable_pods_are_reported_and_flagged_when_it_lasts() -> None:
     later = plan(settle(pending, p), seen(stuck), NOW + timedelta(seconds=700))
     assert later.phase is None and condition(later, "Stalled")["reason"] == "UnschedulableTooLong"
     assert later.events and later.events[0][:2] == ("Warning", "UnschedulableTooLong")
+    # The whole group is named: how many of the job's pods, which, since when, and what would help.
+    assert later.status["message"].startswith("2 of 2 trainer pod(s) cannot be scheduled for 700 s")
+    assert (
+        "j-node-0, j-node-1" in later.status["message"]
+        and "kueue.x-k8s.io/queue-name" in later.status["message"]
+    )
 
 
 def test_pods_stuck_terminating_past_their_grace_period_are_candidates_for_force_deletion() -> None:
@@ -507,3 +513,118 @@ def test_a_started_rft_job_ignores_later_grader_edits_and_cannot_rebuild_a_lost_
     unchanged = {"exact": grader("exact"), "mix": grader("mix")}
     p = plan(running, seen(pods("Running", "Running"), graders=unchanged, children=lost), NOW)
     assert p.create_children == ["ConfigMap"] and [g.name for g in p.snapshot_graders] == ["exact", "mix"]
+
+
+# --- gang admission with Kueue (label kueue.x-k8s.io/queue-name)
+
+QUEUE = {"kueue.x-k8s.io/queue-name": "gpus"}
+
+
+def queued_job(status: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
+    j = job(status, **spec)
+    j["metadata"]["labels"] = dict(QUEUE)
+    return j
+
+
+def workload(*conds: tuple[str, str, str, str], admitted_to: str | None = None) -> dict[str, Any]:
+    status: dict[str, Any] = {
+        "conditions": [
+            {"type": t, "status": s, "reason": r, "message": m, "lastTransitionTime": "2026-11-28T17:00:00Z"}
+            for t, s, r, m in conds
+        ]
+    }
+    if admitted_to:
+        status["admission"] = {
+            "clusterQueue": admitted_to,
+            "podSetAssignments": [{"name": "trainer", "count": 2, "flavors": {"nvidia.com/gpu": "h100"}}],
+        }
+    return {
+        "metadata": {"name": "finetunejob-j-1a2b3", "generation": 1, "resourceVersion": "9"},
+        "spec": {"active": True},
+        "status": status,
+    }
+
+
+PENDING_WL = workload(("QuotaReserved", "False", "Pending", "couldn't assign flavors: insufficient quota"))
+ADMITTED_WL = workload(
+    ("QuotaReserved", "True", "QuotaReserved", ""), ("Admitted", "True", "Admitted", ""), admitted_to="cq"
+)
+PREEMPTED_WL = workload(
+    ("QuotaReserved", "True", "QuotaReserved", ""),
+    ("Admitted", "True", "Admitted", ""),
+    ("Evicted", "True", "Preempted", "Preempted to accommodate a workload due to prioritization"),
+    admitted_to="cq",
+)
+
+
+def test_a_queued_job_has_a_workload_and_no_pod_until_kueue_admits_it() -> None:
+    p = plan(queued_job(), Observed(), NOW)
+    assert p.create_workload and not p.create_pods and not p.create_children
+    assert p.phase == "Suspended" and conditions(p)["Suspended"] == "True"
+    assert condition(p, "Suspended")["reason"] == "Queued" and "LocalQueue gpus" in p.status["message"]
+    assert p.events == [("Normal", "Queued", p.status["message"])]
+    waiting = settle(queued_job(), p)
+    # Kueue judged it: the status says which queue and Kueue's own reason; still no pod, no new Event.
+    p = plan(waiting, Observed(workload=PENDING_WL), NOW)
+    assert not p.create_workload and not p.create_pods and p.phase is None and p.events == []
+    assert "queued in LocalQueue gpus" in p.status["message"] and "insufficient quota" in p.status["message"]
+
+
+def test_admission_creates_the_whole_group_as_a_new_attempt() -> None:
+    waiting = settle(queued_job(), plan(queued_job(), Observed(), NOW))
+    p = plan(waiting, Observed(workload=ADMITTED_WL), NOW)
+    assert p.phase == "Pending" and condition(p, "Created")["reason"] == "Admitted"
+    assert "ClusterQueue cq" in p.status["message"] and p.status["attempt"] == 1
+    assert p.events[0][:2] == ("Normal", "Admitted") and not p.create_pods
+    admitted = settle(waiting, p)
+    p = plan(admitted, Observed(workload=ADMITTED_WL), NOW)
+    assert p.create_pods and p.create_children == ["ConfigMap", "Service", "NetworkPolicy"]
+
+
+def test_preemption_suspends_the_job_then_gives_the_quota_back_and_it_resumes_when_admitted_again() -> None:
+    j = running_job(queued_job(), workload=ADMITTED_WL)
+    assert j["status"]["phase"] == "Running"
+    attempt = j["status"]["attempt"]
+    p = plan(j, seen(pods("Running", "Running", attempt=attempt), workload=PREEMPTED_WL), NOW)
+    assert p.phase == "Suspended" and condition(p, "Suspended")["reason"] == "Preempted"
+    assert sorted(p.delete_pods) == ["j-node-0", "j-node-1"] and not p.release_workload
+    assert p.events[0][:2] == ("Warning", "Preempted") and "checkpoints kept" in p.events[0][2]
+    assert "restartCount" not in p.status and "disruptionCount" not in p.status  # nothing counted
+    suspended = settle(j, p)
+    gone = [replace(v, gone=True) for v in pods("Running", "Running", attempt=attempt)]
+    p = plan(suspended, seen(gone, workload=PREEMPTED_WL), NOW)
+    assert p.release_workload and not p.delete_pods and not p.create_pods
+    released = workload(
+        ("QuotaReserved", "False", "Pending", "insufficient quota"),
+        ("Evicted", "True", "Preempted", "Preempted to accommodate a workload due to prioritization"),
+        ("Requeued", "True", "Preempted", ""),
+    )
+    p = plan(suspended, seen(gone, workload=released), NOW)
+    assert not p.release_workload and "queued again in LocalQueue gpus" in p.status["message"]
+    p = plan(suspended, seen(gone, workload=ADMITTED_WL), NOW)
+    assert p.phase == "Pending" and p.status["attempt"] == attempt + 1  # resumes from its checkpoint
+
+
+def test_the_end_of_a_queued_job_marks_its_workload_finished_once() -> None:
+    done = queued_job({"phase": "Succeeded", "message": "all 2 trainer pod(s) finished"})
+    assert plan(done, Observed(workload=ADMITTED_WL), NOW).finish_workload == (
+        True,
+        "all 2 trainer pod(s) finished",
+    )
+    finished = workload(("Finished", "True", "Succeeded", "done"))
+    assert plan(done, Observed(workload=finished), NOW).finish_workload is None
+    failed = plan(queued_job({"phase": "Failed"}), Observed(workload=ADMITTED_WL), NOW)
+    assert failed.finish_workload is not None and failed.finish_workload[0] is False
+
+
+def test_suspending_a_queued_job_deactivates_its_workload() -> None:
+    j = running_job(queued_job(), workload=ADMITTED_WL)
+    j["spec"]["suspend"] = True
+    p = plan(j, seen(pods("Running", "Running", attempt=j["status"]["attempt"]), workload=ADMITTED_WL), NOW)
+    assert p.workload_active is False and p.phase == "Suspended" and len(p.delete_pods) == 2
+
+
+def test_a_queue_label_without_kueue_is_reported_and_runs_nothing() -> None:
+    p = plan(queued_job(), Observed(kueue_served=False), NOW)
+    assert not p.create_workload and not p.create_pods and p.phase == "Suspended"
+    assert condition(p, "Stalled")["reason"] == "KueueUnavailable" and "install Kueue" in p.status["message"]

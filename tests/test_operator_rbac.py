@@ -64,7 +64,14 @@ def test_cluster_wide_and_namespaced_modes() -> None:
     } <= kinds
     cluster_roles = [o for o in scoped if o["kind"] == "ClusterRole"]
     assert [r["metadata"]["name"] for r in cluster_roles] == ["whetstone-operator-nodes"]
-    assert cluster_roles[0]["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}]
+    assert cluster_roles[0]["rules"] == [
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},
+        {
+            "apiGroups": ["kueue.x-k8s.io"],
+            "resources": ["resourceflavors", "workloadpriorityclasses"],
+            "verbs": ["get"],
+        },
+    ]
 
 
 def test_rbac_files_are_fresh() -> None:

@@ -59,6 +59,9 @@ class FakeKube:
         self.deleted: list[tuple[str, int | None]] = []
         self.refuse: dict[str, Exception] = {}
         self.nodes: dict[str, bool] = {}
+        self.workloads: dict[str, Json] = {}
+        self.flavors: dict[str, Json] = {}
+        self.priority_classes: dict[str, Json] = {}
         self.rv = 10
 
     def _bump(self, obj: Json) -> None:
@@ -130,6 +133,31 @@ class FakeKube:
     def delete_checkpoint(self, namespace: str, name: str) -> None:
         self.calls["delete_checkpoint"] += 1
 
+    def create_workload(self, namespace: str, body: Json) -> None:
+        self._create("workload", body)
+        self.workloads[body["metadata"]["name"]] = copy.deepcopy(body)
+        self._bump(self.workloads[body["metadata"]["name"]])
+
+    def patch_workload(self, namespace: str, name: str, patch: Json) -> None:
+        self.calls["patch_workload"] += 1
+        self.workloads[name] = merge(self.workloads[name], patch)
+
+    def patch_workload_status(self, namespace: str, name: str, patch: Json) -> None:
+        self.calls["patch_workload_status"] += 1
+        wl = self.workloads[name]
+        if patch["metadata"]["resourceVersion"] != wl["metadata"]["resourceVersion"]:
+            raise api_error(409, "the object has been modified")
+        wl["status"] = merge(wl.get("status") or {}, json.loads(json.dumps(patch["status"])))
+        self._bump(wl)
+
+    def get_resource_flavor(self, name: str) -> Json | None:
+        self.calls["get_resource_flavor"] += 1
+        return copy.deepcopy(self.flavors.get(name))
+
+    def get_workload_priority_class(self, name: str) -> Json | None:
+        self.calls["get_workload_priority_class"] += 1
+        return copy.deepcopy(self.priority_classes.get(name))
+
     def node_ready(self, name: str) -> bool | None:
         self.calls["node_ready"] += 1
         return self.nodes.get(name)
@@ -182,13 +210,13 @@ def new_job(**spec: Any) -> Json:
 class World:
     """A reconciler, its cache and the fake server, with helpers to let the watch catch up."""
 
-    def __init__(self, **spec: Any) -> None:
+    def __init__(self, labels: dict[str, str] | None = None, **spec: Any) -> None:
         self.kube = FakeKube()
         self.store = Store()
         self.metrics = OperatorMetrics()
         self.poller = FakePoller()
         self.leading = True
-        config = OperatorConfig(progress_seconds=15)
+        config = OperatorConfig(progress_seconds=15, kueue=True)
         self.reconciler = Reconciler(
             config,
             self.kube,
@@ -198,6 +226,8 @@ class World:
             leading=lambda: self.leading,  # type: ignore[arg-type]
         )
         job = new_job(**spec)
+        if labels:
+            job["metadata"]["labels"] = labels
         self.kube.jobs["j"] = job
         self.store.put_job(copy.deepcopy(job))
 
@@ -211,6 +241,8 @@ class World:
             self.store.put_child(kind, {**body, "metadata": {**body["metadata"]}})
         for pod in self.kube.pods.values():
             self.store.put_pod(pod)
+        for wl in self.kube.workloads.values():
+            self.store.put_workload(copy.deepcopy(wl))
 
     def set_pod(self, rank: int, phase: str, **status: Any) -> None:
         name = f"j-node-{rank}"
@@ -435,3 +467,62 @@ def test_pods_are_created_for_cpu_and_gpu_jobs(gpus: int) -> None:
     assert [p["metadata"]["name"] for p in pods] == ["j-node-0", "j-node-1"]
     resources = pods[0]["spec"]["containers"][0].get("resources", {})
     assert resources.get("limits", {}).get("nvidia.com/gpu") == (str(gpus) if gpus else None)
+
+
+def test_a_queued_job_waits_for_kueue_then_runs_where_its_flavor_says_and_finishes_its_workload() -> None:
+    w = World(
+        labels={"kueue.x-k8s.io/queue-name": "gpus", "kueue.x-k8s.io/priority-class": "high"},
+        gpusPerNode=8,
+        tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    )
+    w.run()
+    # A missing WorkloadPriorityClass is refused like any create, and said.
+    assert w.kube.workloads == {} and w.kube.pods == {}
+    w.run()
+    assert w.status["phase"] == "Suspended" and "WorkloadPriorityClass high" in w.status["message"]
+    w.kube.priority_classes["high"] = {"metadata": {"name": "high"}, "value": 1000}
+    w.reconciler._failures.clear()  # the back-off passed
+    w.run()
+    (wl,) = w.kube.workloads.values()
+    assert wl["spec"]["priority"] == 1000 and wl["spec"]["podSets"][0]["count"] == 1
+    assert wl["metadata"]["ownerReferences"][0]["uid"] == "u" and w.kube.pods == {}
+    w.watch()
+    w.run()
+    assert w.kube.pods == {} and w.status["phase"] == "Suspended"
+    # Kueue admits it on flavor h100: the pods go to its nodes, with its tolerations.
+    w.kube.flavors["h100"] = {
+        "metadata": {"name": "h100"},
+        "spec": {
+            "nodeLabels": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+            "tolerations": [{"key": "pool", "operator": "Equal", "value": "h100", "effect": "NoSchedule"}],
+        },
+    }
+    wl["status"] = {
+        "conditions": [
+            {"type": "QuotaReserved", "status": "True", "reason": "QuotaReserved", "message": ""},
+            {"type": "Admitted", "status": "True", "reason": "Admitted", "message": ""},
+        ],
+        "admission": {
+            "clusterQueue": "cq",
+            "podSetAssignments": [{"name": "trainer", "count": 1, "flavors": {"nvidia.com/gpu": "h100"}}],
+        },
+    }
+    w.watch()
+    w.run()
+    w.watch()
+    w.run()
+    (pod,) = w.kube.pods.values()
+    assert pod["spec"]["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
+    assert {"key": "pool", "operator": "Equal", "value": "h100", "effect": "NoSchedule"} in pod["spec"][
+        "tolerations"
+    ]
+    assert any(e[1] == "Admitted" and "ClusterQueue cq" in e[2] for e in w.kube.events)
+    w.watch()
+    w.set_pod(0, "Succeeded")
+    w.watch()
+    w.run()
+    assert w.status["phase"] == "Succeeded"
+    w.watch()
+    w.run()
+    finished = [c for c in wl["status"]["conditions"] if c["type"] == "Finished"]
+    assert finished and finished[0]["status"] == "True" and finished[0]["reason"] == "Succeeded"

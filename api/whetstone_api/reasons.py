@@ -108,6 +108,21 @@ REASON_UNSCHEDULABLE_TOO_LONG: Final = "UnschedulableTooLong"
 REASON_SNAPSHOT_LOST: Final = "SnapshotLost"
 """The trainer ConfigMap of a started RFT job was deleted and a grader changed since the job started, so the
 snapshot cannot be restored."""
+# Reasons of a job queued with Kueue (label kueue.x-k8s.io/queue-name): the Suspended condition while Kueue
+# holds it, Created when it lets it start. The message names the LocalQueue (and ClusterQueue) and says
+# why, in Kueue's words.
+REASON_QUEUED: Final = "Queued"
+"""Waiting in a LocalQueue for Kueue to admit all of the job's pods at once: no pod exists."""
+REASON_ADMITTED: Final = "Admitted"
+"""Kueue admitted the job's Workload: all its pods are created together, on the assigned ResourceFlavor."""
+REASON_PREEMPTED: Final = "Preempted"
+"""Kueue preempted the job for a higher-priority one: pods deleted, checkpoints kept, queued again; it resumes
+from its latest checkpoint when admitted again."""
+REASON_EVICTED: Final = "Evicted"
+"""Kueue evicted the job for another cause (its ClusterQueue stopped, the Workload deactivated, ...): pods
+deleted, checkpoints kept."""
+REASON_KUEUE_UNAVAILABLE: Final = "KueueUnavailable"
+"""The job is labelled for a Kueue queue but the operator found no Kueue Workload API when it started."""
 # Container waiting reasons of the kubelet that do not resolve by waiting; surfaced as the Stalled reason and,
 # after spec.startupDeadlineSeconds, fatal.
 STARTUP_ERROR_REASONS: Final = frozenset(

@@ -19,6 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 ENV_STATUS_PORT: Final = "WHETSTONE_STATUS_PORT"
 """Port of the trainer's /healthz, /metrics and /status."""
+ENV_POD_IP: Final = "WHETSTONE_POD_IP"
+"""The pod's own IP (downward API status.podIP): the status server binds it, not every address of the host,
+so pods that share a network (hostNetwork, the e2e pod runner) do not take each other's port. Unset (outside a
+pod): every address."""
 ENV_PVC_ROOT: Final = "WHETSTONE_PVC_ROOT"
 """Folder under which each claim named by a pvc:// URI is mounted, as <root>/<claim>."""
 ENV_CACHE: Final = "WHETSTONE_CACHE"

@@ -24,6 +24,7 @@ from whetstone_api.wire import (
     CONFIG_KEY,
     ENV_CACHE,
     ENV_GRADER_SECRETS,
+    ENV_POD_IP,
     ENV_PVC_ROOT,
     ENV_STATUS_PORT,
     ENV_TERMINATION_LOG,
@@ -36,6 +37,7 @@ from whetstone_api.wire import (
     checkpoint_resource_name,
 )
 
+from .gpu import GPU_RESOURCE, apply_gpu_settings
 from .rendezvous import hostname, pod_name, rendezvous_env
 
 Json = dict[str, Any]
@@ -52,7 +54,6 @@ MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "whetstone-operator"
 # A Checkpoint annotated so survives the deletion (and TTL) of its job.
 KEEP_ANNOTATION = "whetstone.dev/keep"
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 TRAINER_CONTAINER = "trainer"
 DEFAULT_TRAINER_IMAGE = "ghcr.io/whetstone-dev/whetstone-trainer:0.1.0"
@@ -256,8 +257,8 @@ def container_resources(spec: FineTuneJobSpec) -> Json:
     limits: Json = {k: quantity(v) for k, v in spec.resources.limits.items()}
     if spec.gpus_per_node:
         # Extended resources must be requested and limited equally.
-        requests["nvidia.com/gpu"] = quantity(spec.gpus_per_node)
-        limits["nvidia.com/gpu"] = quantity(spec.gpus_per_node)
+        requests[GPU_RESOURCE] = quantity(spec.gpus_per_node)
+        limits[GPU_RESOURCE] = quantity(spec.gpus_per_node)
     out: Json = {}
     if requests:
         out["requests"] = requests
@@ -274,7 +275,10 @@ def trainer_command() -> list[str]:
 def trainer_pod(
     job: Json, rank: int, attempt: int, settings: ChildSettings, grader_secrets: list[str] | None = None
 ) -> Json:
-    """Pod `rank` of attempt `attempt` of the job; `grader_secrets` are mounted for an RFT job's graders."""
+    """Pod `rank` of attempt `attempt` of the job; `grader_secrets` are mounted for an RFT job's graders.
+    GPU pods get what gpu.py adds (GPU model selection, /dev/shm, NCCL/UCX env, threads per process); torchrun
+    starts one process per GPU (PET_NPROC_PER_NODE). Kueue's queue label stays on the job: the job's Workload
+    is what Kueue admits, and a labelled pod would be taken for one of Kueue's own plain pods."""
     name = job["metadata"]["name"]
     spec = parse_spec(job)
     labels = {
@@ -282,13 +286,11 @@ def trainer_pod(
         ROLE_LABEL: "master" if rank == 0 else "worker",
         ATTEMPT_LABEL: str(attempt),
     }
-    queue = job["metadata"].get("labels", {}).get(KUEUE_QUEUE_LABEL)
-    if queue:
-        labels[KUEUE_QUEUE_LABEL] = queue
     volumes, mounts = volumes_and_mounts(job, spec, grader_secrets)
     env = [
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": ENV_STATUS_PORT, "value": str(settings.status_port)},
+        {"name": ENV_POD_IP, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": ENV_PVC_ROOT, "value": PVC_ROOT},
         {"name": ENV_CACHE, "value": f"{SCRATCH_DIR}/models"},
         {"name": "HOME", "value": SCRATCH_DIR},
@@ -351,12 +353,13 @@ def trainer_pod(
         pod_spec["affinity"] = spec.affinity
     if spec.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [s.to_wire() for s in spec.image_pull_secrets]
-    return {
+    pod = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": child_metadata(job, pod_name(name, rank), labels),
         "spec": pod_spec,
     }
+    return apply_gpu_settings(pod, spec)
 
 
 def checkpoint_resource(

@@ -27,4 +27,7 @@ class OperatorConfig:
     lease_name: str = "whetstone-operator"
     lease_seconds: float = 15.0
     identity: str = ""  # default: the host name and a random suffix
+    # Whether the cluster serves Kueue's Workload API (found at start): jobs labelled
+    # kueue.x-k8s.io/queue-name are then admitted through Kueue, else reported (KueueUnavailable).
+    kueue: bool = False
     children: ChildSettings = field(default_factory=ChildSettings)

@@ -38,6 +38,12 @@ def stuck_message(pods: list[Json], now: datetime, timeout_seconds: float) -> st
     """A message for the job's condition and Event when pods have been unschedulable for longer than
     `timeout_seconds`; None while none have (or not yet for that long)."""
     stuck = [u for p in pods if (u := unschedulable(p)) is not None]
+    return late_message(stuck, len(pods), now, timeout_seconds)
+
+
+def late_message(stuck: list[Unschedulable], total: int, now: datetime, timeout_seconds: float) -> str | None:
+    """The same from the scheduler's verdicts (the operator's lifecycle has them from its pod views); `total`
+    is the number of trainer pods of the job."""
     late = sorted(
         (u for u in stuck if (now - u.since).total_seconds() >= timeout_seconds), key=lambda u: u.pod
     )
@@ -47,7 +53,7 @@ def stuck_message(pods: list[Json], now: datetime, timeout_seconds: float) -> st
     waited = int((now - min(u.since for u in late)).total_seconds())
     names = ", ".join(u.pod for u in late[:8]) + (f" and {len(late) - 8} more" if len(late) > 8 else "")
     return (
-        f"{len(late)} of {len(pods)} trainer pod(s) cannot be scheduled for {waited} s ({names}): "
+        f"{len(late)} of {total} trainer pod(s) cannot be scheduled for {waited} s ({names}): "
         f"{first.message}. The job cannot start until all of them run; free capacity, lower nodes or "
         "gpusPerNode, or queue it with Kueue (label kueue.x-k8s.io/queue-name)"
     )

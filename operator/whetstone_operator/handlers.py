@@ -36,7 +36,7 @@ from kubernetes.client.rest import ApiException
 from whetstone_api import API_GROUP, API_VERSION
 from whetstone_api import reasons as R
 
-from . import children, lifecycle, reports
+from . import children, kueue, lifecycle, reports
 from .children import JOB_LABEL, MANAGED_BY, MANAGED_BY_LABEL
 from .config import OperatorConfig
 from .kube import Kube
@@ -76,6 +76,8 @@ WATCHED = (
     Watched("", "v1", "configmaps", CHILD_SELECTOR),
     Watched("", "v1", "services", CHILD_SELECTOR),
     Watched("networking.k8s.io", "v1", "networkpolicies", CHILD_SELECTOR),
+    # Only where Kueue is installed (register's `kueue`): its answer to a queued job is noticed at once.
+    Watched(kueue.GROUP, kueue.VERSION, kueue.WORKLOADS, CHILD_SELECTOR),
 )
 CHILD_KINDS = {"configmaps": "ConfigMap", "services": "Service", "networkpolicies": "NetworkPolicy"}
 
@@ -141,12 +143,15 @@ class Reconciler:
         kinds = lifecycle.CHILD_KINDS if self.config.children.network_policy else ("ConfigMap", "Service")
         graders = self.store.graders(key[0]) if spec.get("method") == "rft" else {}
         failure = self._failures.get(job["metadata"]["uid"])
+        queued = kueue.queue_name(job) is not None
         return Observed(
             pods=self.store.pods(key),
             children=self.store.children(key),
             graders=graders,
             create_failure=failure[0] if failure else None,
             child_kinds=kinds,
+            workload=self.store.workload(key, job["metadata"]["uid"]) if queued else None,
+            kueue_served=self.config.kueue,
         )
 
     def _reconcile(self, key: Key) -> float | None:
@@ -304,13 +309,83 @@ class Reconciler:
             self.kube.delete_pod(namespace, pod, view.uid if view else "")
         for view in plan.force_delete:
             self._force_delete(job, view)
-        again = None
+        again = self._sync_workload(job, key, plan)
         if plan.create_children or plan.create_pods:
             again = self._create_children(job, key, plan, seen)
         if plan.delete_job:
             LOG.info("FineTuneJob %s/%s: ttlSecondsAfterFinished reached, deleting the job", namespace, name)
             self.kube.delete_job(namespace, name, uid)
         return again
+
+    # --- Kueue
+
+    def _sync_workload(self, job: Json, key: Key, plan: lifecycle.Plan) -> float | None:
+        """The plan's Kueue part: the job's Workload created, (de)activated with spec.suspend, its quota given
+        back after an eviction once the pods are gone, marked Finished when the job ended."""
+        meta = job["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        if plan.create_workload:
+            if self._create(job, "Workload", self.kube.create_workload, lambda: self._workload_body(job)):
+                with self._lock:
+                    self._failures.pop(meta["uid"], None)
+                LOG.info("FineTuneJob %s/%s: queued in LocalQueue %s", namespace, name, kueue.queue_name(job))
+            return None
+        workload = self.store.workload(key, meta["uid"])
+        if workload is None:
+            return None
+        wname = workload["metadata"]["name"]
+        if plan.workload_active is not None:
+            self.kube.patch_workload(namespace, wname, {"spec": {"active": plan.workload_active}})
+        now = datetime.now(UTC)
+        if plan.release_workload:
+            patch, what = kueue.release_patch(workload, now), "gave its quota back"
+        elif plan.finish_workload is not None:
+            succeeded, message = plan.finish_workload
+            patch, what = kueue.finished_patch(workload, succeeded, message, now), "is Finished"
+        else:
+            return None
+        try:
+            self.kube.patch_workload_status(namespace, wname, patch)
+        except ApiException as e:
+            if e.status == 409:
+                return 1.0  # Kueue wrote in between: decide again on its newer Workload (the watch brings it)
+            if e.status != 404:
+                raise
+            return None
+        LOG.info("FineTuneJob %s/%s: Workload %s %s", namespace, name, wname, what)
+        return None
+
+    def _workload_body(self, job: Json) -> Json:
+        """The Workload of a queued job: its pods' scheduling fields, and the priority of the
+        WorkloadPriorityClass it names (a missing one is refused like any create, and reported)."""
+        attempt = lifecycle.current_attempt(job.get("status") or {})
+        pod = children.trainer_pod(job, 0, attempt, self.config.children)
+        priority = None
+        wpc = kueue.priority_class(job)
+        if wpc is not None:
+            found = self.kube.get_workload_priority_class(wpc)
+            if found is None:
+                raise ValueError(
+                    f"WorkloadPriorityClass {wpc} (label {kueue.PRIORITY_CLASS_LABEL}) does not exist"
+                )
+            priority = kueue.priority_of(found)
+        return kueue.workload_for(job, pod, priority)
+
+    def _placement(self, job: Json, key: Key) -> kueue.Placement:
+        """Where Kueue reserved the quota: the node labels and tolerations of the assigned ResourceFlavors."""
+        workload = self.store.workload(key, job["metadata"]["uid"])
+        if workload is None:
+            raise ValueError("its Kueue Workload is gone")
+        view = kueue.WorkloadView.of(workload)
+        flavors = {}
+        for name in view.flavors:
+            found = self.kube.get_resource_flavor(name)
+            if found is not None:
+                flavors[name] = found
+        try:
+            return kueue.placement(view, flavors)
+        except KeyError as e:
+            raise ValueError(str(e.args[0])) from e
 
     def _force_delete(self, job: Json, pod: PodView) -> None:
         """A pod still there past its grace period (plus a margin): force-delete it only when its node is
@@ -356,11 +431,25 @@ class Reconciler:
             present = {
                 p.name for p in seen.pods if not p.gone and p.owner_uid == uid and p.attempt == attempt
             }
+            # A queued job's pods go where Kueue reserved its quota (a problem is refused like a create).
+            where: kueue.Placement | None = None
+            problem = ""
+            if kueue.queue_name(job) is not None:
+                try:
+                    where = self._placement(job, key)
+                except ValueError as e:
+                    problem = str(e)
+
+            def build(rank: int) -> Json:
+                if problem:
+                    raise ValueError(problem)
+                pod = children.trainer_pod(job, rank, attempt, settings, secrets)
+                return kueue.apply_placement(pod, where) if where is not None else pod
+
             for rank in range(int(job["spec"].get("nodes", 1))):
                 if pod_name(meta["name"], rank) in present:
                     continue
-                build = lambda rank=rank: children.trainer_pod(job, rank, attempt, settings, secrets)  # noqa: E731
-                if not self._create(job, "Pod", self.kube.create_pod, build):
+                if not self._create(job, "Pod", self.kube.create_pod, lambda rank=rank: build(rank)):
                     return 0.0
         with self._lock:
             had = self._failures.pop(uid, None)
@@ -550,10 +639,12 @@ def register(
     metrics: OperatorMetrics,
     ready: threading.Event,
     forget: Callable[[str, str, str], None],
+    kueue_served: bool = False,
 ) -> None:
     """kopf handlers that only fill the cache and queue jobs: an index handler per resource fills the cache
     before kopf lets any event handler run (kopf waits for every index's first listing), an event handler
-    handles deletions and queues the job."""
+    handles deletions and queues the job. Kueue's Workloads are watched only where Kueue is installed (an
+    index over a resource the cluster does not serve would never be ready)."""
 
     def seen(plural: str) -> None:
         metrics.watch_events.labels(plural).inc()
@@ -561,6 +652,8 @@ def register(
         ready.set()  # kopf runs event handlers only once every watched resource was listed
 
     for w in WATCHED:
+        if w.plural == kueue.WORKLOADS and not kueue_served:
+            continue
         _register_one(registry, w, store, queue, seen, forget)
 
 
@@ -584,6 +677,8 @@ def _register_one(
             return store.put_pod(obj)
         if w.plural == "checkpoints":
             return store.put_checkpoint(obj)
+        if w.plural == kueue.WORKLOADS:
+            return store.put_workload(obj)
         return store.put_child(CHILD_KINDS[w.plural], obj)
 
     def remove(obj: Json) -> Key | None:
@@ -599,6 +694,8 @@ def _register_one(
             return store.remove_pod(obj)
         if w.plural == "checkpoints":
             return store.remove_checkpoint(obj)
+        if w.plural == kueue.WORKLOADS:
+            return store.remove_workload(obj)
         return store.remove_child(CHILD_KINDS[w.plural], obj)
 
     @kopf.index(*group_version, id=f"cache_{w.plural}", registry=registry)

@@ -21,6 +21,9 @@ import kubernetes
 from kubernetes.client.rest import ApiException
 from whetstone_api import API_GROUP, API_VERSION
 
+from .kueue import GROUP as KUEUE_GROUP
+from .kueue import VERSION as KUEUE_VERSION
+
 Json = dict[str, Any]
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -201,6 +204,57 @@ class Kube:
         except ApiException as e:
             if e.status != 404:
                 raise
+
+    # --- Kueue: the Workload of a queued job, and the cluster-scoped objects it refers to
+
+    @api_call(KUEUE_GROUP, "workloads", "create")
+    def create_workload(self, namespace: str, body: Json) -> None:
+        self.custom.create_namespaced_custom_object(
+            KUEUE_GROUP, KUEUE_VERSION, namespace, "workloads", body, _preload_content=False
+        )
+
+    @api_call(KUEUE_GROUP, "workloads", "patch")
+    def patch_workload(self, namespace: str, name: str, patch: Json) -> None:
+        """A merge patch of the Workload's spec (spec.active follows the job's spec.suspend)."""
+        self.custom.patch_namespaced_custom_object(
+            KUEUE_GROUP, KUEUE_VERSION, namespace, "workloads", name, patch, _preload_content=False
+        )
+
+    @api_call(KUEUE_GROUP, "workloads/status", "patch")
+    def patch_workload_status(self, namespace: str, name: str, patch: Json) -> None:
+        """A merge patch of .status carrying the resourceVersion it was computed from (kueue.py): 409 when
+        Kueue wrote in between."""
+        self.custom.patch_namespaced_custom_object_status(
+            KUEUE_GROUP, KUEUE_VERSION, namespace, "workloads", name, patch, _preload_content=False
+        )
+
+    @api_call(KUEUE_GROUP, "resourceflavors", "get")
+    def get_resource_flavor(self, name: str) -> Json | None:
+        """The ResourceFlavor Kueue assigned (its node labels and tolerations place the pods); None: gone."""
+        try:
+            return _json(
+                self.custom.get_cluster_custom_object(
+                    KUEUE_GROUP, KUEUE_VERSION, "resourceflavors", name, _preload_content=False
+                )
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    @api_call(KUEUE_GROUP, "workloadpriorityclasses", "get")
+    def get_workload_priority_class(self, name: str) -> Json | None:
+        """The WorkloadPriorityClass a job names (its value is the Workload's priority); None: missing."""
+        try:
+            return _json(
+                self.custom.get_cluster_custom_object(
+                    KUEUE_GROUP, KUEUE_VERSION, "workloadpriorityclasses", name, _preload_content=False
+                )
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
 
     # --- TrainingSessions: a Deployment and a Service each, status from the service, Checkpoints
 

@@ -1,13 +1,13 @@
 """Gang admission through Kueue, as pure functions: the Workload a queued FineTuneJob is admitted as, what
 Kueue's answer means for the job, and the status patches the operator writes back. No API calls here.
 
-The design (README "Queues: Kueue"): a FineTuneJob labelled `kueue.x-k8s.io/queue-name: <LocalQueue>` is ONE
-Kueue Workload that this operator creates and owns through the job (controller ownerReference: deleting the
-job deletes it). The Workload has one pod set, `trainer`, with `count` = spec.nodes and the trainer pod's
-scheduling fields as template (per-pod GPU, CPU and memory requests, node selector, tolerations, affinity),
-so Kueue reserves quota for every pod at once or for none. No pod exists until the Workload is Admitted;
-eviction or preemption deletes the pods (checkpoints stay) and gives the quota back; the end of the job marks
-the Workload Finished, which frees the quota for the next one.
+The design (README "Gang admission with Kueue"): a FineTuneJob labelled `kueue.x-k8s.io/queue-name:
+<LocalQueue>` is ONE Kueue Workload that this operator creates and owns through the job (controller
+ownerReference: deleting the job deletes it). The Workload has one pod set, `trainer`, with `count` =
+spec.nodes and the trainer pod's scheduling fields as template (per-pod GPU, CPU and memory requests, node
+selector, tolerations, affinity), so Kueue reserves quota for every pod at once or for none. No pod exists
+until the Workload is Admitted; eviction or preemption deletes the pods (checkpoints stay) and gives the quota
+back; the end of the job marks the Workload Finished, which frees the quota for the next one.
 
 Why this way, checked in Kueue v0.17.0's source:
 - Kueue's scheduler and its core workload controller (pkg/controller/core/workload_controller.go) act on any
@@ -33,6 +33,9 @@ from datetime import datetime
 from typing import Any
 
 from whetstone_api import GROUP_VERSION
+from whetstone_api import reasons as R
+
+from .children import ATTEMPT_LABEL, JOB_LABEL, MANAGED_BY, MANAGED_BY_LABEL, RANK_LABEL, ROLE_LABEL
 
 Json = dict[str, Any]
 
@@ -59,15 +62,11 @@ FINISHED = "Finished"
 # Evicted reasons after which Kueue's job framework marks the Workload Requeued=True (queued again at once).
 _REQUEUE_AT_ONCE = {"Preempted", "NodeFailures"}
 
-# Reasons of the FineTuneJob's condition while Kueue holds it (phase B moves them to whetstone_api.reasons).
-REASON_QUEUED = "Queued"
-"""Waiting in a LocalQueue for Kueue to admit all of the job's pods."""
-REASON_ADMITTED = "Admitted"
-"""Kueue admitted the job's Workload: the pods may start."""
-REASON_PREEMPTED = "Preempted"
-"""Kueue preempted the Workload for a higher-priority one: pods deleted, checkpoints kept, queued again."""
-REASON_EVICTED = "Evicted"
-"""Kueue evicted the Workload for another cause (queue stopped, deactivated, ...): pods deleted."""
+# Reasons of the job's Suspended condition while Kueue holds it (documented in whetstone_api.reasons).
+REASON_QUEUED = R.REASON_QUEUED
+REASON_ADMITTED = R.REASON_ADMITTED
+REASON_PREEMPTED = R.REASON_PREEMPTED
+REASON_EVICTED = R.REASON_EVICTED
 
 
 def queue_name(job: Json) -> str | None:
@@ -115,7 +114,12 @@ def pod_set_template(pod: Json) -> Json:
     for key in _POD_SPEC_KEYS:
         if spec.get(key):
             template[key] = copy.deepcopy(spec[key])
-    labels = {k: v for k, v in (pod["metadata"].get("labels") or {}).items() if not k.startswith(GROUP)}
+    # The job's labels only: rank, role and attempt differ between the pods of the one pod set.
+    labels = {
+        k: v
+        for k, v in (pod["metadata"].get("labels") or {}).items()
+        if not k.startswith(GROUP) and k not in (RANK_LABEL, ROLE_LABEL, ATTEMPT_LABEL)
+    }
     return {"metadata": {"labels": labels}, "spec": template}
 
 
@@ -146,7 +150,8 @@ def workload_for(job: Json, pod: Json, priority: int | None = None) -> Json:
         "metadata": {
             "name": workload_name(job),
             "namespace": meta["namespace"],
-            "labels": {"whetstone.dev/job": meta["name"], JOB_UID_LABEL: meta["uid"]},
+            # Our child labels: the operator watches Workloads by them, as it watches pods.
+            "labels": {JOB_LABEL: meta["name"], MANAGED_BY_LABEL: MANAGED_BY, JOB_UID_LABEL: meta["uid"]},
             "ownerReferences": [
                 {
                     "apiVersion": GROUP_VERSION,
@@ -265,6 +270,9 @@ def gate(job: Json, workload: Json | None, pods_left: int) -> Gate:
         what = "preempted" if preempted else f"evicted ({view.evicted_reason})"
         detail = f": {view.evicted_message}" if view.evicted_message else ""
         message = f"Kueue {what} Workload {view.name}{detail}; pods deleted, checkpoints kept"
+        if pods_left == 0 and not view.quota_reserved:
+            # The quota was given back: the job waits in its queue again.
+            message += f"; queued again in LocalQueue {queue}: {view.pending_message or 'waiting for quota'}"
         return Gate(
             False,
             REASON_PREEMPTED if preempted else REASON_EVICTED,

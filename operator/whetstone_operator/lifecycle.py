@@ -20,6 +20,7 @@ from typing import Any
 
 from whetstone_api import reasons as R
 
+from . import gang, kueue
 from .failures import Judgement, Verdict, judge, worst
 from .views import ChildView, GraderView, PodView, parse_time, rfc3339
 
@@ -53,6 +54,10 @@ class Observed:
     graders: dict[str, GraderView] = field(default_factory=dict)
     create_failure: CreateFailure | None = None
     child_kinds: tuple[str, ...] = CHILD_KINDS
+    # Kueue: the job's Workload (controlled by this job), for a job labelled kueue.x-k8s.io/queue-name; and
+    # whether the cluster serves Kueue's Workload API at all.
+    workload: Json | None = None
+    kueue_served: bool = True
 
 
 @dataclass
@@ -72,6 +77,12 @@ class Plan:
     restarted: bool = False
     disrupted: bool = False
     requeue_after: float | None = None
+    # Kueue (queued jobs only): create the job's Workload; set its spec.active; give its quota back after an
+    # eviction, once no pod is left; mark it Finished (succeeded, message) when the job ended.
+    create_workload: bool = False
+    workload_active: bool | None = None
+    release_workload: bool = False
+    finish_workload: tuple[bool, str] | None = None
 
     @property
     def phase(self) -> str | None:
@@ -259,6 +270,8 @@ def plan(job: Json, seen: Observed, now: datetime | None = None) -> Plan:
         if status.get("observedGeneration") != gen:
             out.status["observedGeneration"] = gen
         out.delete_pods = [p.name for p in live_ours if p.live and p.active]
+        if seen.workload is not None and not kueue.WorkloadView.of(seen.workload).finished:
+            out.finish_workload = (phase == R.SUCCEEDED, status.get("message") or str(phase))
         ttl = spec.get("ttlSecondsAfterFinished")
         done = parse_time(status.get("completionTime"))
         if ttl is not None and done is not None:
@@ -268,6 +281,12 @@ def plan(job: Json, seen: Observed, now: datetime | None = None) -> Plan:
             else:
                 out.requeue(left)
         return out
+
+    admitted: kueue.Gate | None = None
+    if kueue.queue_name(job) is not None:
+        held, admitted = _kueue(out, job, seen, live_ours, now)
+        if held:
+            return out
 
     if spec.get("suspend"):
         d = _Desired(R.SUSPENDED, R.REASON_SUSPENDED, "spec.suspend is true: pods deleted")
@@ -280,9 +299,12 @@ def plan(job: Json, seen: Observed, now: datetime | None = None) -> Plan:
     if phase == R.SUSPENDED:
         # Resume: a new attempt (pods of before the suspension never count) and a fresh start time (the
         # deadline counts from here). The pods follow in the next pass, once the status says so.
-        message = "spec.suspend is false: resuming from the latest checkpoint"
+        reason, message = R.REASON_RESUMED, "spec.suspend is false: resuming from the latest checkpoint"
+        if admitted is not None:
+            # Kueue let the whole group in: all pods are created together, from the latest checkpoint if any.
+            reason, message = R.REASON_ADMITTED, f"{admitted.message}: creating {nodes} trainer pod(s)"
         fields = {"startTime": rfc3339(now), "attempt": attempt + 1}
-        _apply(out, job, _Desired(R.PENDING, R.REASON_RESUMED, message, fields=fields), now)
+        _apply(out, job, _Desired(R.PENDING, reason, message, fields=fields), now)
         return out
 
     deadline = spec.get("activeDeadlineSeconds")
@@ -420,6 +442,7 @@ def plan(job: Json, seen: Observed, now: datetime | None = None) -> Plan:
 
     # Pods that do not start: say why; image and configuration errors fail after the start-up deadline.
     startup = int(spec.get("startupDeadlineSeconds", 600))
+    unplaced: list[gang.Unschedulable] = []
     for p in sorted(live_current, key=lambda p: p.rank):
         if p.phase != "Pending":
             continue
@@ -432,15 +455,20 @@ def plan(job: Json, seen: Observed, now: datetime | None = None) -> Plan:
             out.requeue(startup - waited)
             d.stalled = d.stalled or (p.waiting_reason, detail)
         elif p.unschedulable:
-            waited = (now - (p.unschedulable_since or p.created or now)).total_seconds()
-            detail = f"pod {p.name} cannot be scheduled: {p.unschedulable}"
-            if waited > startup:
-                reason = R.REASON_UNSCHEDULABLE_TOO_LONG
-                detail += f" (for {int(waited)} s, longer than startupDeadlineSeconds {startup})"
-            else:
-                reason = R.REASON_UNSCHEDULABLE
-                out.requeue(startup - waited)
-            d.stalled = d.stalled or (reason, detail)
+            since = p.unschedulable_since or p.created or now
+            unplaced.append(gang.Unschedulable(p.name, since, p.unschedulable))
+    # Pods the scheduler cannot place: said at once (Unschedulable), and for the whole group once it lasts
+    # longer than startupDeadlineSeconds (UnschedulableTooLong); the job keeps waiting (the cluster may grow).
+    too_long = gang.late_message(unplaced, nodes, now, startup)
+    if too_long:
+        d.stalled = d.stalled or (R.REASON_UNSCHEDULABLE_TOO_LONG, too_long)
+    elif unplaced:
+        first = unplaced[0]
+        d.stalled = d.stalled or (
+            R.REASON_UNSCHEDULABLE,
+            f"pod {first.pod} cannot be scheduled: {first.message}",
+        )
+        out.requeue(startup - max((now - u.since).total_seconds() for u in unplaced))
 
     running = [p for p in live_current if p.phase == "Running" and not p.deleting]
     if (
@@ -459,6 +487,74 @@ def plan(job: Json, seen: Observed, now: datetime | None = None) -> Plan:
         d.phase, d.reason, d.message = R.PENDING, R.REASON_PODS_PENDING, "waiting for trainer pods to start"
     _apply(out, job, d, now)
     return out
+
+
+def _kueue(
+    out: Plan, job: Json, seen: Observed, live_ours: list[PodView], now: datetime
+) -> tuple[bool, kueue.Gate | None]:
+    """A job queued with Kueue: its Workload kept in step with the job, and no pod until Kueue admits the
+    whole group (README "Gang admission with Kueue"). Returns (held, gate): held means the plan is complete
+    (the job waits suspended, without pods); otherwise `gate` is Kueue's admission (None when spec.suspend
+    decides)."""
+    spec = job["spec"]
+    if not seen.kueue_served:
+        message = (
+            f"labelled {kueue.QUEUE_LABEL}={kueue.queue_name(job)}, but the operator found no Kueue Workload "
+            f"API ({kueue.API_VERSION}) when it started: install Kueue and restart the operator, or remove "
+            "the label"
+        )
+        reason = R.REASON_KUEUE_UNAVAILABLE
+        _hold(out, job, _Desired(R.SUSPENDED, reason, message, stalled=(reason, message)), live_ours, now)
+        return True, None
+    failure = seen.create_failure if seen.workload is None else None
+    if seen.workload is None:
+        # A refused create (a missing WorkloadPriorityClass, Kueue's webhook) is retried after its back-off.
+        if failure is None or now >= failure.retry_at:
+            out.create_workload = True
+        else:
+            out.requeue((failure.retry_at - now).total_seconds())
+    elif (patch := kueue.active_patch(job, seen.workload)) is not None:
+        out.workload_active = patch["spec"]["active"]
+    if spec.get("suspend"):
+        # Kueue evicts the inactive Workload; once the pods are gone its quota is given back.
+        if seen.workload is not None:
+            out.release_workload = kueue.gate(job, seen.workload, len(live_ours)).release_quota
+        return False, None
+    gate = kueue.gate(job, seen.workload, pods_left=len(live_ours))
+    if gate.may_run:
+        return False, gate
+    out.release_workload = gate.release_quota
+    stopped = gate.reason in (R.REASON_PREEMPTED, R.REASON_EVICTED)
+    d = _Desired(R.SUSPENDED, gate.reason, gate.message)
+    if failure is not None:
+        d.stalled = (R.REASON_FAILED_CREATE, failure.message)
+    _hold(out, job, d, live_ours, now, warning=stopped)
+    return True, None
+
+
+def _hold(
+    out: Plan, job: Json, d: _Desired, live_ours: list[PodView], now: datetime, warning: bool = False
+) -> None:
+    """The job waits suspended for Kueue: no pods (checkpoints stay), the cause in the status and an Event."""
+    status = job.get("status") or {}
+    phase = status.get("phase")
+    if phase is None:
+        d.fields.update(restartCount=0, attempt=0)
+    elif phase != R.SUSPENDED:
+        d.fields["startTime"] = None
+    before = next(
+        (
+            c
+            for c in status.get("conditions") or []
+            if c.get("type") == R.COND_SUSPENDED and c.get("status") == "True"
+        ),
+        None,
+    )
+    _apply(out, job, d, now, warning=warning)
+    if phase == R.SUSPENDED and before is not None and before.get("reason") != d.reason:
+        # Still suspended, for another cause (queued, preempted, queued again): said with an Event too.
+        out.events.append(("Warning" if warning else "Normal", d.reason, d.message))
+    out.delete_pods = [p.name for p in live_ours if p.live]
 
 
 def _unknown_disappearance(ranks: str) -> Judgement:

@@ -68,8 +68,24 @@ def run_operator(config: OperatorConfig) -> int:
     logging.getLogger("kopf").setLevel(logging.WARNING)
     from .kube import Kube
 
-    wait_for_crds(Kube(_api_client(config)))
+    kube = Kube(_api_client(config))
+    wait_for_crds(kube)
+    config.kueue = kueue_served(kube)
     return asyncio.run(_run(config))
+
+
+def kueue_served(kube: Any) -> bool:
+    """Whether Kueue's Workload API is served: jobs labelled kueue.x-k8s.io/queue-name are then admitted
+    through Kueue (their Workloads watched). Found once, like kopf's resources: installing Kueue later needs
+    a restart of the operator (a queued job says so meanwhile)."""
+    from .kueue import GROUP, VERSION, WORKLOADS
+
+    served = WORKLOADS in kube.served_resources(GROUP, VERSION)
+    if served:
+        LOG.info("Kueue serves %s/%s: queued jobs wait for its admission", GROUP, WORKLOADS)
+    else:
+        LOG.info("no Kueue (%s/%s not served): queue labels are reported", GROUP, WORKLOADS)
+    return served
 
 
 async def _run(config: OperatorConfig) -> int:
@@ -141,7 +157,7 @@ async def _run(config: OperatorConfig) -> int:
         queue_ref.append(queue)
         ready = threading.Event()
         registry = kopf.OperatorRegistry()
-        register(registry, store, queue, metrics, ready, reconciler.forget)
+        register(registry, store, queue, metrics, ready, reconciler.forget, kueue_served=config.kueue)
         # RewardGraders: their test cases run in sandbox processes and set their status, by the leader only.
         graders.register(
             registry,
@@ -150,11 +166,6 @@ async def _run(config: OperatorConfig) -> int:
                 leading=(lambda: elector.leading) if elector else (lambda: True),
             ),
         )
-        queue = WorkQueue(reconciler.reconcile, config.workers)
-        queue_ref.append(queue)
-        ready = threading.Event()
-        registry = kopf.OperatorRegistry()
-        register(registry, store, queue, metrics, ready, reconciler.forget)
 
         register_sessions(registry, config, kube)
 

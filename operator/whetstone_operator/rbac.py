@@ -63,11 +63,20 @@ RULES: list[Json] = [
     _rule("", ["pods"], ["list", "watch", "create", "delete"]),
     _rule("", ["services", "configmaps"], ["list", "watch", "create"]),
     _rule("networking.k8s.io", ["networkpolicies"], ["list", "watch", "create"]),
+    # Gang admission with Kueue: a queued job's Workload is created (owned by the job), watched for Kueue's
+    # answer, its spec.active follows spec.suspend (patch), and its status is written where Kueue's job
+    # framework would: the quota given back after an eviction, Finished at the end.
+    _rule("kueue.x-k8s.io", ["workloads"], ["list", "watch", "create", "patch"]),
+    _rule("kueue.x-k8s.io", ["workloads/status"], ["patch"]),
     # One Event per state change.
     _rule("", ["events"], ["create"]),
 ]
-# Cluster-scoped, in both modes.
-NODE_RULES: list[Json] = [_rule("", ["nodes"], ["get"])]
+# Cluster-scoped, in both modes: nodes (is a stuck pod's node gone?), and Kueue's ResourceFlavors (where an
+# admitted job's pods go) and WorkloadPriorityClasses (a queued job's priority).
+NODE_RULES: list[Json] = [
+    _rule("", ["nodes"], ["get"]),
+    _rule("kueue.x-k8s.io", ["resourceflavors", "workloadpriorityclasses"], ["get"]),
+]
 # In the operator's own namespace only.
 LEASE_RULES: list[Json] = [_rule("coordination.k8s.io", ["leases"], ["get", "create", "update"])]
 

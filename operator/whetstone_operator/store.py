@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from .children import JOB_LABEL
-from .views import CheckpointView, ChildView, GraderView, PodView
+from .views import CheckpointView, ChildView, GraderView, PodView, controller_uid
 
 Json = dict[str, Any]
 Key = tuple[str, str]  # (namespace, job name)
@@ -56,6 +56,7 @@ class Store:
         self._checkpoints: dict[Key, dict[str, CheckpointView]] = {}
         self._graders: dict[Key, GraderView] = {}
         self._grader_bodies: dict[Key, Json] = {}
+        self._workloads: dict[Key, dict[str, Json]] = {}
 
     # --- jobs
 
@@ -189,6 +190,30 @@ class Store:
     def checkpoints(self, key: Key) -> list[CheckpointView]:
         with self._lock:
             return list(self._checkpoints.get(key, {}).values())
+
+    # --- Kueue Workloads of queued jobs (whole objects: their status is patched from them)
+
+    def put_workload(self, obj: Json) -> Key | None:
+        key = job_key_of(obj)
+        if key is None:
+            return None
+        with self._lock:
+            self._workloads.setdefault(key, {})[obj["metadata"]["name"]] = obj
+        return key
+
+    def remove_workload(self, obj: Json) -> Key | None:
+        key = job_key_of(obj)
+        if key is None:
+            return None
+        with self._lock:
+            self._workloads.get(key, {}).pop(obj["metadata"].get("name", ""), None)
+        return key
+
+    def workload(self, key: Key, uid: str) -> Json | None:
+        """The Workload the job with `uid` controls (one of an earlier job of that name may linger)."""
+        with self._lock:
+            found = [w for w in self._workloads.get(key, {}).values() if controller_uid(w["metadata"]) == uid]
+        return found[0] if found else None
 
     # --- RewardGraders
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from whetstone_api.wire import (
+    ENV_POD_IP,
     ENV_STATUS_PORT,
     ENV_TERMINATION_LOG,
     EXIT_PERMANENT,
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         inputs.name, output, int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     )
     if args.status_port >= 0 and os.environ.get("LOCAL_RANK", "0") == "0":
-        server = serve(status, args.status_port)
+        # The pod's own address (the operator reads rank 0's /status there); every address outside a pod.
+        server = serve(status, args.status_port, host=os.environ.get(ENV_POD_IP) or "0.0.0.0")
         print(f"{inputs.name}: status on port {server.server_address[1]}", flush=True)
     try:
         train(inputs, output, observer=status)
