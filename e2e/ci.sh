@@ -10,7 +10,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname "$here")"
 PYTHON="${1:-${PYTHON:-python3}}"
-E2E_TIMEOUT="${E2E_TIMEOUT:-1800}"
+E2E_TIMEOUT="${E2E_TIMEOUT:-3600}"
 say() { printf '[e2e-ci %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
 missing=()
