@@ -263,7 +263,7 @@ def work_claim(cluster: Cluster, namespace: str) -> Path:
     )
     folder = Path(cluster.state.state_dir) / "runner" / "pvc" / namespace / CLAIM
     folder.mkdir(parents=True, exist_ok=True)
-    for name in ("reverse-train.jsonl", "reverse-eval.jsonl"):
+    for name in ("reverse-train.jsonl", "reverse-eval.jsonl", "parity-prompts-train.jsonl"):
         shutil.copy(REPO / "manifests" / "examples" / "data" / name, folder / name)
     wait_for(
         lambda: (

@@ -197,6 +197,70 @@ def checkpoint_steps(folder: Path) -> list[int]:
     return sorted(int(n.split("-")[1]) for n in names if n.split("-")[1].isdigit())
 
 
+def test_rft_job_with_graders_trains_to_succeeded_and_reports_its_reward(
+    cluster: Cluster, namespace: str, operator: OperatorProcess, work_claim: Path
+) -> None:
+    """RFT under the operator: the job waits for its RewardGraders to be Ready (the operator runs their test
+    cases in sandbox processes), then the trainer samples, grades (a sandboxed python grader and a string
+    check) and updates; the reward reaches status.progress and the operator's own /metrics."""
+    graders = {
+        "parity-word": {
+            "python": {
+                "source": "def grade(sample, item):\n"
+                "    return 1.0 if sample['output_text'].strip() == item['answer'] else 0.0\n"
+            },
+            "testCases": [{"sample": "yes", "item": {"answer": "yes"}, "expectedScore": 1}],
+        },
+        "parity-contains": {
+            "stringCheck": {
+                "input": "{{ sample.output_text }}",
+                "reference": "{{ item.answer }}",
+                "operation": "ilike",
+            },
+        },
+    }
+    for name, spec in graders.items():
+        cluster.custom.create_namespaced_custom_object(
+            "whetstone.dev",
+            "v1alpha1",
+            namespace,
+            "rewardgraders",
+            {
+                "apiVersion": "whetstone.dev/v1alpha1",
+                "kind": "RewardGrader",
+                "metadata": {"name": name},
+                "spec": spec,
+            },
+        )
+    body = tiny_job("rft", steps=3, every=3)
+    spec = body["spec"]
+    spec.update(
+        method="rft",
+        dataset={"uri": "pvc://work/parity-prompts-train.jsonl", "maxExamples": 32},
+        rft={
+            "graders": [{"name": "parity-word", "weight": 0.5}, {"name": "parity-contains", "weight": 0.5}],
+            "samplesPerPrompt": 4,
+            "maxCompletionTokens": 4,
+        },
+    )
+    spec.pop("evalDataset")
+    spec["hyperparameters"].update(batchSize=2, maxSeqLen=64)
+    job = JobWatch(cluster, namespace, "rft")
+    job.create(body)
+    job.wait(lambda s: s.get("phase") in ("Succeeded", "Failed"), "a terminal phase", timeout=900)
+    status = job.status()
+    assert status["phase"] == "Succeeded", (status, job.log())
+    assert condition(status, "GradersReady") == "True"
+    assert {g["name"] for g in status["graders"]} == set(graders)
+    assert status["progress"]["step"] == 3
+    reward = status["progress"]["reward"]
+    assert 0.0 <= reward <= 1.0, status["progress"]
+    metrics = operator.metrics()
+    assert f'whetstone_job_reward{{job="rft",namespace="{namespace}"}}' in metrics, metrics[-2000:]
+    rollouts = work_claim / "out" / "rft" / "rollouts.jsonl"
+    assert rollouts.is_file() and rollouts.read_text().strip(), "the trainer logs what it sampled"
+
+
 def test_killed_trainer_restarts_the_group_and_resumes(
     cluster: Cluster, namespace: str, operator: OperatorProcess, work_claim: Path
 ) -> None:

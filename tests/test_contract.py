@@ -136,3 +136,33 @@ def test_a_diverged_metric_is_reported_missing_not_written() -> None:
 def test_oversized_reports_are_refused_before_parsing() -> None:
     with pytest.raises(ReportError, match="bytes"):
         TrainerReport.parse(b" " * (MAX_REPORT_BYTES + 1))
+
+
+def test_the_final_report_round_trips_through_a_termination_message_and_refuses_junk() -> None:
+    from whetstone_api.wire import (
+        MAX_TERMINATION_MESSAGE,
+        ReportedCheckpoint,
+        TrainerReport,
+        final_report_message,
+        final_report_of,
+    )
+
+    many = [ReportedCheckpoint(step=i, uri=f"pvc://work/out/checkpoints/step-{i:08d}") for i in range(200)]
+    report = TrainerReport(
+        job="j", phase="Finished", step=30, totalSteps=30, loss=0.25, reward=0.875, checkpoints=many
+    )
+    message = final_report_message(report)
+    assert len(message.encode()) <= MAX_TERMINATION_MESSAGE  # checkpoints left out: they would not fit
+    back = final_report_of(message)
+    assert back is not None and (back.step, back.reward, back.loss) == (30, 0.875, 0.25)
+    assert back.checkpoints == []
+    # What a user's image could write instead: none of it becomes a report.
+    for junk in (
+        None,
+        "",
+        "Traceback (most recent call last): ...",
+        "whetstone: final report: {not json",
+        'whetstone: final report: {"job": "j", "phase": "Finished", "step": "latest"}',
+        "whetstone: final report: " + "x" * 5000,
+    ):
+        assert final_report_of(junk) is None

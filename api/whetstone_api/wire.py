@@ -73,6 +73,30 @@ def termination_message(error: str, permanent: bool) -> str:
     return data.decode(errors="ignore")
 
 
+FINAL_MARKER: Final = "whetstone: final report: "
+"""First bytes of the termination message of a rank 0 that finished training; its last report follows."""
+
+
+def final_report_message(report: TrainerReport) -> str:
+    """What rank 0 writes to its termination log when training succeeded: its last report, without the
+    checkpoints, output and message (the kubelet keeps 4 KiB), so the operator learns the final progress even
+    when the job ends between two reads of /status."""
+    slim = report.model_copy(update={"checkpoints": [], "output": None, "message": None})
+    return termination_message(FINAL_MARKER + slim.to_json(), permanent=False)
+
+
+def final_report_of(message: str | None) -> TrainerReport | None:
+    """The final report in a termination message, parsed as strictly as /status (it comes from the user's
+    image); None when there is none or it is malformed."""
+    text = (message or "").strip()
+    if not text.startswith(FINAL_MARKER):
+        return None
+    try:
+        return TrainerReport.parse(text[len(FINAL_MARKER) :].encode())
+    except ReportError:
+        return None
+
+
 def is_permanent(message: str | None) -> bool:
     """Whether a termination message says retrying cannot help."""
     return bool(message) and message.lstrip().startswith(PERMANENT_MARKER)

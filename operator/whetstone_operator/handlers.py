@@ -35,6 +35,7 @@ import kopf
 from kubernetes.client.rest import ApiException
 from whetstone_api import API_GROUP, API_VERSION
 from whetstone_api import reasons as R
+from whetstone_api.wire import final_report_of
 
 from . import children, kueue, lifecycle, reports
 from .children import JOB_LABEL, MANAGED_BY, MANAGED_BY_LABEL
@@ -191,7 +192,7 @@ class Reconciler:
             report_plan = self._use_report(job, seen, status, patch, now)
         final = None
         if plan.phase == R.SUCCEEDED:
-            final = self._finish(job, status, patch, checkpoints)
+            final = self._finish(job, status, patch, checkpoints, seen, now)
         if plan.snapshot_graders and not status.get("graders"):
             patch["graders"] = [
                 {
@@ -287,12 +288,23 @@ class Reconciler:
             patch["latestCheckpoint"] = plan.latest
         return plan
 
-    def _finish(self, job: Json, status: Json, patch: Json, checkpoints: list) -> reports.FinalPlan:
-        """On success: status.outputUri and the final step; the export Checkpoint follows after the write."""
+    def _finish(
+        self, job: Json, status: Json, patch: Json, checkpoints: list, seen: Observed, now: datetime
+    ) -> reports.FinalPlan:
+        """On success: status.outputUri and the final progress (rank 0's final report from its termination
+        message, when the job ended between two reads of /status); the export Checkpoint follows after the
+        write."""
         progress = dict(status.get("progress") or {})
+        attempt = patch.get("attempt") or status.get("attempt")
+        for pod in seen.pods:
+            report = final_report_of(pod.termination_message) if pod.rank == 0 else None
+            if report is not None and (attempt is None or pod.attempt == attempt):
+                progress = {**progress, **reports.progress_from(report, now)}
+                break
         total = progress.get("totalSteps")
         if total is not None:
             progress.update(step=total, steps=f"{total}/{total}", etaSeconds=0)
+        if progress != (status.get("progress") or {}):
             patch["progress"] = progress
         final = reports.final_from({**job, "status": {**status, **patch}}, checkpoints)
         patch["outputUri"] = final.output

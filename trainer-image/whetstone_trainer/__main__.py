@@ -20,6 +20,7 @@ from whetstone_api.wire import (
     ENV_TERMINATION_LOG,
     EXIT_PERMANENT,
     STATUS_PORT,
+    final_report_message,
     termination_message,
 )
 
@@ -73,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     except permanent_errors() as e:
         status.fail(str(e))
         return _stop(str(e))
+    path = os.environ.get(ENV_TERMINATION_LOG)
+    if path and os.environ.get("RANK", "0") == "0":
+        with contextlib.suppress(OSError):
+            Path(path).write_text(final_report_message(status.report()))
     return 0
 
 
