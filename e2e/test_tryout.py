@@ -406,7 +406,9 @@ def jsonl(rows: list[Json]) -> str:
     return "".join(json.dumps(r) + "\n" for r in rows)
 
 
-def test_dpo_and_rft_jobs_succeed_under_the_chart(tryout: TryOut, tmp_path: Path) -> None:
+def test_dpo_and_rft_jobs_succeed_under_the_chart(
+    tryout: TryOut, prometheus: Prometheus, tmp_path: Path
+) -> None:
     rows = [
         {"messages": [{"role": "user", "content": f"Say something about {i}"}], "fixed": i % 2 == 0}
         for i in range(32)
@@ -423,11 +425,17 @@ def test_dpo_and_rft_jobs_succeed_under_the_chart(tryout: TryOut, tmp_path: Path
     for name, text in (("dpo-tiny-add", DPO_JOB), ("rft-tiny-length", RFT_JOB)):
         manifest = tmp_path / f"{name}.yaml"
         manifest.write_text(text)
+        created = time.time()
         tryout.whetstone("create", "-f", str(manifest))
         if name.startswith("rft"):
             tryout.whetstone("wait", "rg/length-parity", "--for=phase=Ready", "--timeout=3m", timeout=200)
-        tryout.whetstone("wait", f"ftj/{name}", "--for=condition=Succeeded", "--timeout=10m", timeout=630)
-        assert tryout.job(name)["status"]["progress"]["step"] == 6
+        waited = tryout.whetstone(
+            "wait", f"ftj/{name}", "--for=condition=Succeeded", "--timeout=10m", check=False, timeout=630
+        )
+        assert waited.returncode == 0, (waited.stderr, tryout.job(name).get("status"))
+        # Prometheus scraped the trainer pod while it trained (the dashboard test reads every series).
+        scraped = prometheus.query_range(f'whetstone_trainer_step{{job="{name}"}}', created, time.time())
+        assert has_data(scraped), f"no scrape of {name}'s trainer: {tryout.job(name).get('status')}"
     dpo = [json.loads(ln) for ln in (outputs / "dpo-tiny-add" / "metrics.jsonl").read_text().splitlines()]
     assert "eval_choice_accuracy" in dpo[1] and "eval_dpo_reward_margin" in dpo[1]
     rft = [json.loads(ln) for ln in (outputs / "rft-tiny-length" / "metrics.jsonl").read_text().splitlines()]
