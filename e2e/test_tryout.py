@@ -330,10 +330,10 @@ def test_cli_dry_run_and_plot(tryout: TryOut, tmp_path: Path) -> None:
 # --- DPO and RFT under the chart's operator -----------------------------------------------------------------
 
 # Each method on the bundled tiny model, long enough for every series of the dashboard's DPO and RFT rows:
-# on an idle machine a step takes about half a second, and Prometheus needs several scrapes while the trainer
-# trains (rate() over the panels' 10 s window needs two; 6 steps were over between two scrapes). The eval
-# series are written on eval steps, so evalEverySteps puts them on /metrics while training goes on. One job at
-# a time: the local profile's trainers share host ports.
+# Prometheus (1 s scrapes) needs several scrapes while the trainer trains (rate() over the panels' 10 s window
+# needs two), and a tiny-model step takes 0.1-0.3 s here (30 DPO steps were scraped 3 times): about 15 s of
+# training each. The eval series are written on eval steps, so evalEverySteps puts them on /metrics while
+# training goes on. One job at a time: the local profile's trainers share host ports.
 DPO_JOB = """
 apiVersion: whetstone.dev/v1alpha1
 kind: FineTuneJob
@@ -346,7 +346,7 @@ spec:
   dpo: {beta: 0.5}
   fullParameter: {}
   hyperparameters:
-    {maxSteps: 30, learningRate: 2.0e-3, batchSize: 8, maxSeqLen: 64, evalEverySteps: 5, seed: 7}
+    {maxSteps: 120, learningRate: 2.0e-3, batchSize: 8, maxSeqLen: 64, evalEverySteps: 20, seed: 7}
   output: {uri: pvc://work/out/dpo-tiny-add}
   volumes:
   - {name: data, mountPath: /data, readOnly: true, configMap: {name: whetstone-method-data}}
@@ -394,7 +394,7 @@ spec:
     zeroVarianceGroups: refill
   fullParameter: {}
   hyperparameters:
-    {maxSteps: 30, learningRate: 1.0e-3, batchSize: 4, maxSeqLen: 64, evalEverySteps: 5, seed: 3}
+    {maxSteps: 60, learningRate: 1.0e-3, batchSize: 4, maxSeqLen: 64, evalEverySteps: 10, seed: 3}
   output: {uri: pvc://work/out/rft-tiny-length}
   volumes:
   - {name: data, mountPath: /data, readOnly: true, configMap: {name: whetstone-method-data}}
@@ -440,12 +440,12 @@ def test_dpo_and_rft_jobs_succeed_under_the_chart(
         scrapes = prometheus.query(
             f'count_over_time(whetstone_trainer_step{{job="{name}"}}[{window}])', time.time()
         )
-        assert scrapes and float(scrapes[0]["value"][1]) >= 4, (name, scrapes, tryout.job(name).get("status"))
+        assert scrapes and float(scrapes[0]["value"][1]) >= 5, (name, scrapes, tryout.job(name).get("status"))
     dpo = [json.loads(ln) for ln in (outputs / "dpo-tiny-add" / "metrics.jsonl").read_text().splitlines()]
-    assert "eval_choice_accuracy" in dpo[4] and "eval_dpo_reward_margin" in dpo[4]
+    assert "eval_choice_accuracy" in dpo[19] and "eval_dpo_reward_margin" in dpo[19]
     rft = [json.loads(ln) for ln in (outputs / "rft-tiny-length" / "metrics.jsonl").read_text().splitlines()]
     # What the settings are for: each conditional series of the RFT row has values.
-    assert all(m["kl"] is not None for m in rft) and "eval_pass_rate" in rft[4]
+    assert all(m["kl"] is not None for m in rft) and "eval_pass_rate" in rft[9]
     assert any(m["refill_rounds"] > 0 for m in rft), rft
     assert any(m["skipped_samples"] > 0 for m in rft), rft
     assert any(m["grader_errors"].get("length-parity") for m in rft), rft
