@@ -11,8 +11,9 @@ cluster, in order:
   the operator and keeps the CRDs, the jobs and the claim;
 - `kubectl apply -k manifests/overlays/local` runs the operator again; a job with a missing dataset restarts
   once and fails, and `whetstone wait` says why;
+- a tiny DPO job and a tiny RFT job (with a python RewardGrader) run to Succeeded under the chart's operator;
 - a real Prometheus scraped the operators and the trainer pods all along: every query of the Grafana
-  dashboard returns data (the DPO and RFT panels once the trainer has those methods and this test runs them).
+  dashboard returns data, the DPO and RFT rows' from those two runs.
 
 Prometheus Operator itself does not run here (file_sd gives the same targets and labels; see
 deploy_tools.Prometheus), nor does Grafana (the test runs the dashboard's PromQL as Grafana would).
@@ -40,6 +41,7 @@ from helpers import wait_for
 NS = "whetstone-system"
 JOB = "sft-tiny-reverse"
 EXAMPLE = REPO / "manifests" / "examples" / "cluster" / f"{JOB}.yaml"
+EXAMPLE_DATA = REPO / "manifests" / "examples" / "data"
 TRYOUT_TIMEOUT = 1500  # a cold machine builds nothing here (CI built the tools), but trains on 2 busy cores
 
 
@@ -325,6 +327,130 @@ def test_cli_dry_run_and_plot(tryout: TryOut, tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+# --- DPO and RFT under the chart's operator -----------------------------------------------------------------
+
+# Each method on the bundled tiny model, long enough for every series of the dashboard's DPO and RFT rows:
+# Prometheus (1 s scrapes) needs several scrapes while the trainer trains (rate() over the panels' 10 s window
+# needs two), and a tiny-model step takes 0.1-0.3 s here (30 DPO steps were scraped 3 times): about 15 s of
+# training each. The eval series are written on eval steps, so evalEverySteps puts them on /metrics while
+# training goes on. One job at a time: the local profile's trainers share host ports.
+DPO_JOB = """
+apiVersion: whetstone.dev/v1alpha1
+kind: FineTuneJob
+metadata: {name: dpo-tiny-add}
+spec:
+  method: dpo
+  baseModel: {uri: whetstone://tiny}
+  dataset: {uri: /data/add-preferences-train.jsonl, maxExamples: 64}
+  evalDataset: {uri: /data/add-preferences-eval.jsonl, maxExamples: 16}
+  dpo: {beta: 0.5}
+  fullParameter: {}
+  hyperparameters:
+    {maxSteps: 120, learningRate: 2.0e-3, batchSize: 8, maxSeqLen: 64, evalEverySteps: 20, seed: 7}
+  output: {uri: pvc://work/out/dpo-tiny-add}
+  volumes:
+  - {name: data, mountPath: /data, readOnly: true, configMap: {name: whetstone-method-data}}
+  resources:
+    requests: {cpu: "1", memory: 2Gi}
+"""
+# The raw tiny model answers at random. Rows marked fixed score 1 whatever the answer: zero-variance groups,
+# so `refill` samples more prompts (refill_rounds); the others score the parity of the answer's length, and
+# the grader raises on lengths 2 mod 3, which onError: skip leaves out of the update (skipped_samples,
+# grader_errors_total). klBeta > 0: the KL series.
+RFT_JOB = """
+apiVersion: whetstone.dev/v1alpha1
+kind: RewardGrader
+metadata: {name: length-parity}
+spec:
+  python:
+    source: |
+      def grade(sample, item):
+          text = sample["output_text"]
+          if item["fixed"]:
+              return 1.0
+          if len(text) % 3 == 2:
+              raise ValueError("an answer this long is not graded")
+          return float(len(text) % 2)
+  onError: skip
+  testCases:
+  - {sample: "abc", item: {fixed: false}, expectedScore: 1}
+  - {sample: "abcd", item: {fixed: false}, expectedScore: 0}
+  - {sample: "ab", item: {fixed: true}, expectedScore: 1}
+---
+apiVersion: whetstone.dev/v1alpha1
+kind: FineTuneJob
+metadata: {name: rft-tiny-length}
+spec:
+  method: rft
+  baseModel: {uri: whetstone://tiny}
+  dataset: {uri: /data/length-train.jsonl}
+  evalDataset: {uri: /data/length-eval.jsonl}
+  rft:
+    algorithm: grpo
+    graders: [{name: length-parity}]
+    samplesPerPrompt: 4
+    maxCompletionTokens: 3
+    klBeta: 0.05
+    zeroVarianceGroups: refill
+  fullParameter: {}
+  hyperparameters:
+    {maxSteps: 60, learningRate: 1.0e-3, batchSize: 4, maxSeqLen: 64, evalEverySteps: 10, seed: 3}
+  output: {uri: pvc://work/out/rft-tiny-length}
+  volumes:
+  - {name: data, mountPath: /data, readOnly: true, configMap: {name: whetstone-method-data}}
+  resources:
+    requests: {cpu: "1", memory: 2Gi}
+"""
+
+
+def jsonl(rows: list[Json]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def test_dpo_and_rft_jobs_succeed_under_the_chart(
+    tryout: TryOut, prometheus: Prometheus, tmp_path: Path
+) -> None:
+    rows = [
+        {"messages": [{"role": "user", "content": f"Say something about {i}"}], "fixed": i % 2 == 0}
+        for i in range(32)
+    ]
+    data = {
+        name: (EXAMPLE_DATA / name).read_text()
+        for name in ("add-preferences-train.jsonl", "add-preferences-eval.jsonl")
+    }
+    data |= {"length-train.jsonl": jsonl(rows), "length-eval.jsonl": jsonl(rows[:4])}
+    tryout.core.create_namespaced_config_map(
+        "default", {"metadata": {"name": "whetstone-method-data"}, "data": data}
+    )
+    outputs = tryout.state_dir / "runner" / "pvc" / "default" / "work" / "out"
+    for name, text in (("dpo-tiny-add", DPO_JOB), ("rft-tiny-length", RFT_JOB)):
+        manifest = tmp_path / f"{name}.yaml"
+        manifest.write_text(text)
+        created = time.time()
+        tryout.whetstone("create", "-f", str(manifest))
+        if name.startswith("rft"):
+            tryout.whetstone("wait", "rg/length-parity", "--for=phase=Ready", "--timeout=3m", timeout=200)
+        waited = tryout.whetstone(
+            "wait", f"ftj/{name}", "--for=condition=Succeeded", "--timeout=10m", check=False, timeout=630
+        )
+        assert waited.returncode == 0, (waited.stderr, tryout.job(name).get("status"))
+        # Prometheus scraped the trainer pod several times while it trained (the dashboard test reads every
+        # series, some through rate()); too few scrapes: the job trains too briefly for this machine.
+        window = f"{int(time.time() - created) + 10}s"
+        scrapes = prometheus.query(
+            f'count_over_time(whetstone_trainer_step{{job="{name}"}}[{window}])', time.time()
+        )
+        assert scrapes and float(scrapes[0]["value"][1]) >= 5, (name, scrapes, tryout.job(name).get("status"))
+    dpo = [json.loads(ln) for ln in (outputs / "dpo-tiny-add" / "metrics.jsonl").read_text().splitlines()]
+    assert "eval_choice_accuracy" in dpo[19] and "eval_dpo_reward_margin" in dpo[19]
+    rft = [json.loads(ln) for ln in (outputs / "rft-tiny-length" / "metrics.jsonl").read_text().splitlines()]
+    # What the settings are for: each conditional series of the RFT row has values.
+    assert all(m["kl"] is not None for m in rft) and "eval_pass_rate" in rft[9]
+    assert any(m["refill_rounds"] > 0 for m in rft), rft
+    assert any(m["skipped_samples"] > 0 for m in rft), rft
+    assert any(m["grader_errors"].get("length-parity") for m in rft), rft
+
+
 # --- every rendered object against the real API server ------------------------------------------------------
 
 
@@ -494,27 +620,15 @@ def test_kustomize_overlay_runs_the_operator_and_wait_reports_a_failure(tryout: 
 
 # --- the dashboard against what Prometheus scraped ----------------------------------------------------------
 
-# Metrics a method defines: its dashboard row has data only after a run of that method.
-METHOD_ROWS = {"dpo": "dpo_reward_margin", "rft": "reward_mean"}
-
-
-def trainer_defines(metric: str) -> bool:
-    sources = (REPO / "trainer-image" / "whetstone_trainer").rglob("*.py")
-    return any(metric in path.read_text() for path in sources)
-
 
 def test_every_dashboard_query_returns_data(tryout: TryOut, prometheus: Prometheus) -> None:
     dashboard = json.loads((CHART / "files" / "dashboards" / "whetstone.json").read_text())
     start, end = tryout.started, time.time()
     window = f"{int(end - start) + 60}s"
-    row, empty, waiting, checked = "", [], [], 0
+    row, empty, checked = "", [], 0
     for panel in dashboard["panels"]:
         if panel["type"] == "row":
             row = panel["title"]
-            continue
-        needs = "dpo" if row == "DPO" else "rft" if row == "RFT" else ""
-        if needs and not trainer_defines(METHOD_ROWS[needs]):
-            waiting.append(f"{row}: {panel['title']}")
             continue
         for target in panel["targets"]:
             # Grafana's variables, as with "All" selected; $__rate_interval for a 1 s scrape interval.
@@ -532,9 +646,9 @@ def test_every_dashboard_query_returns_data(tryout: TryOut, prometheus: Promethe
             checked += 1
             if not has_data(result):
                 empty.append(f"{row} / {panel['title']}: {target['expr']}")
-    if waiting:
-        print(f"panels waiting for their method's trainer (not checked yet): {waiting}")
-    assert checked >= 15
+    # Every row, the DPO and RFT ones included (test_dpo_and_rft_jobs_succeed_under_the_chart ran them).
+    assert {p["title"] for p in dashboard["panels"] if p["type"] == "row"} >= {"DPO", "RFT"}
+    assert checked == sum(len(p.get("targets", [])) for p in dashboard["panels"] if p["type"] != "row")
     assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
     assert prometheus.seen["operator"] and prometheus.seen["trainers"]
 

@@ -197,6 +197,25 @@ ROWS: list[Row] = [
                     (by_job("checkpoints_pruned_total"), "{{job}} pruned"),
                 ],
             ),
+            Panel(
+                "Learning rate",
+                [(by_job("lr"), "{{job}}")],
+                description="The schedule's rate of the latest optimizer step.",
+            ),
+            Panel(
+                "Gradient norm",
+                [(by_job("grad_norm"), "{{job}}")],
+                description="Before clipping (hyperparameters.maxGradNorm). SFT and DPO report it.",
+            ),
+            Panel(
+                "Epochs and time",
+                [
+                    (by_job("epoch"), "{{job}} epoch"),
+                    (by_job("elapsed_seconds") + " / 60", "{{job}} minutes"),
+                ],
+                description="Passes over the training data (RFT: prompts sampled over prompts), and minutes "
+                "since the trainer process started training.",
+            ),
         ],
     ),
     Row(
@@ -209,6 +228,7 @@ ROWS: list[Row] = [
                     (by_job("dpo_reward_chosen"), "{{job}} chosen"),
                     (by_job("dpo_reward_rejected"), "{{job}} rejected"),
                     (by_job("dpo_reward_margin"), "{{job}} margin"),
+                    (by_job("eval_dpo_reward_margin"), "{{job}} eval margin"),
                 ],
                 width=12,
             ),
@@ -217,9 +237,12 @@ ROWS: list[Row] = [
                 [
                     (by_job("preference_accuracy"), "{{job}} train"),
                     (by_job("eval_preference_accuracy"), "{{job}} eval"),
+                    (by_job("eval_choice_accuracy"), "{{job}} eval choice"),
                 ],
                 unit="percentunit",
                 width=12,
+                description="eval choice: held-out pairs whose chosen answer the policy itself gives more "
+                "log-probability (no reference).",
             ),
         ],
     ),
@@ -253,7 +276,26 @@ ROWS: list[Row] = [
                 ],
                 width=12,
             ),
-            Panel("Pass rate", [(by_job("pass_rate"), "{{job}}")], unit="percentunit"),
+            Panel(
+                "Pass rate",
+                [(by_job("pass_rate"), "{{job}} train"), (by_job("eval_pass_rate"), "{{job}} eval")],
+                unit="percentunit",
+            ),
+            Panel(
+                "Groups",
+                [
+                    (by_job("groups_sampled"), "{{job}} sampled"),
+                    (by_job("groups_trained"), "{{job}} trained"),
+                    (by_job("refill_rounds"), "{{job}} refill rounds"),
+                ],
+                description="Prompt groups per step: sampled (refills included) and trained on; zero-variance"
+                " groups dropped or refilled per rft.zeroVarianceGroups.",
+            ),
+            Panel(
+                "Samples",
+                [(by_job("samples"), "{{job}} sampled"), (by_job("skipped_samples"), "{{job}} skipped")],
+                description="Answers sampled in the step, and those a grader skipped (onError: skip).",
+            ),
             Panel(
                 "Advantages",
                 [(by_job("advantage_mean"), "{{job}} mean"), (by_job("advantage_std"), "{{job}} std")],
@@ -276,6 +318,12 @@ ROWS: list[Row] = [
                 ],
             ),
             Panel("Rollout tokens per second", [(by_job("rollout_tokens_per_second"), "{{job}}")]),
+            Panel(
+                "Sampler vs trainer log-prob",
+                [(by_job("sampler_logprob_diff"), "{{job}}")],
+                description="Mean |sampler - trainer| log-prob of the sampled tokens: the inference mismatch "
+                "(grows when the sampler's numerics drift from the trainer's).",
+            ),
             Panel(
                 "Grader latency p95",
                 [
