@@ -133,3 +133,32 @@ def test_a_ddp_run_refuses_a_zero_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(CheckpointMismatch, match="under DeepSpeed ZeRO; this run has spec.distributed"):
         checkpoints.resume()
     assert issubclass(CheckpointMismatch, permanent_errors())  # the pod fails at once, no restart loop
+
+
+@pytest.mark.parametrize(
+    ("method", "section"),
+    [("dpo", {"beta": 0.1}), ("rft", {"graders": [{"name": "length"}]})],
+)
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_preflight_refuses_zero_for_a_method_that_trains_only_with_ddp(
+    tmp_path: Path, method: str, section: dict, strategy: str
+) -> None:
+    from whetstone_api.finetunejob import FineTuneJobSpec
+    from whetstone_trainer.preflight import preflight
+
+    doc = valid_job()["spec"]
+    doc.update({"method": method, method: section, "distributed": {"strategy": strategy}})
+    problems = preflight(FineTuneJobSpec.model_validate(doc), tmp_path, check_lengths=False)
+    refusal = [p for p in problems if p.startswith("spec.distributed.strategy:")]
+    assert refusal == [
+        f"spec.distributed.strategy: {strategy} (DeepSpeed ZeRO) is supported for method sft only; "
+        f"method {method} trains with ddp: set spec.distributed.strategy to ddp (or leave it out)"
+    ]
+    doc["distributed"] = {"strategy": "ddp"}
+    problems = preflight(FineTuneJobSpec.model_validate(doc), tmp_path, check_lengths=False)
+    assert not [p for p in problems if p.startswith("spec.distributed")]
+    # SFT with ZeRO passes this check.
+    sft = valid_job()["spec"]
+    sft["distributed"] = {"strategy": strategy}
+    problems = preflight(FineTuneJobSpec.model_validate(sft), tmp_path, check_lengths=False)
+    assert not [p for p in problems if p.startswith("spec.distributed")]
