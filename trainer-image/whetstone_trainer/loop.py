@@ -153,6 +153,12 @@ class Trainee:
     scheduler: Any = None
     zero: ZeroModel | None = None
 
+    @property
+    def module(self) -> Any:
+        """What forwards without gradient run on (eval, reference log-probs): the model itself under DDP,
+        the engine under ZeRO (ZeRO-3 gathers the sharded weights in its forward)."""
+        return self.trained if self.zero is None else self.model
+
     def micro_batches(self, rows: list[Any], micro: int) -> list[list[Any]]:
         """This rank's share of a step's rows in micro-batches, the same count on every rank (the last ones
         may be empty: the loop runs those with weight 0, since every backward synchronises the ranks)."""

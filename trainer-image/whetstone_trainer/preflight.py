@@ -89,7 +89,7 @@ def check_job(spec: FineTuneJobSpec, base_dir: Path | None, *, check_lengths: bo
     return checked
 
 
-ZERO_METHODS = ("sft",)
+ZERO_METHODS = ("sft", "dpo")
 """The methods whose loop trains under DeepSpeed ZeRO (spec.distributed.strategy zero2 / zero3)."""
 
 

@@ -1,7 +1,8 @@
-"""SFT under DeepSpeed ZeRO, through the trainer's own entry and loop (methods/sft.py): spec.distributed.
-strategy zero2 and zero3 with 2 processes (gloo on the CPU, standing in for NCCL) follow the 1-process DDP run
-step by step; a zero3 run stopped after step 4 resumes from its step-3 checkpoint and ends where the
-uninterrupted run ends; the final folder is an ordinary Hugging Face model."""
+"""SFT and DPO under DeepSpeed ZeRO, through the trainer's own entry and loops (methods/sft.py, dpo.py):
+spec.distributed.strategy zero2 and zero3 with 2 processes (gloo on the CPU, standing in for NCCL) follow the
+1-process DDP run step by step; an SFT zero3 run stopped after step 4 resumes from its step-3 checkpoint and
+ends where the uninterrupted run ends; the final folder is an ordinary Hugging Face model. RFT trains with DDP
+only: pre-flight refuses ZeRO for it."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 import yaml
 from conftest import ROOT, SOURCE_DIRS, valid_job
 from safetensors.torch import load_file
-from whetstone_trainer.synthetic import make_rows, write_jsonl
+from whetstone_trainer.synthetic import make_preference_rows, make_rows, write_jsonl
 
 WORKER = Path(__file__).resolve().parent / "train_run.py"
 STEPS = 6
@@ -135,30 +136,68 @@ def test_a_ddp_run_refuses_a_zero_checkpoint(tmp_path: Path) -> None:
     assert issubclass(CheckpointMismatch, permanent_errors())  # the pod fails at once, no restart loop
 
 
-@pytest.mark.parametrize(
-    ("method", "section"),
-    [("dpo", {"beta": 0.1}), ("rft", {"graders": [{"name": "length"}]})],
-)
 @pytest.mark.parametrize("strategy", ["zero2", "zero3"])
-def test_preflight_refuses_zero_for_a_method_that_trains_only_with_ddp(
-    tmp_path: Path, method: str, section: dict, strategy: str
-) -> None:
+def test_preflight_refuses_zero_for_a_method_that_trains_only_with_ddp(tmp_path: Path, strategy: str) -> None:
     from whetstone_api.finetunejob import FineTuneJobSpec
     from whetstone_trainer.preflight import preflight
 
+    method = "rft"
     doc = valid_job()["spec"]
-    doc.update({"method": method, method: section, "distributed": {"strategy": strategy}})
+    doc.update(
+        {"method": method, "rft": {"graders": [{"name": "length"}]}, "distributed": {"strategy": strategy}}
+    )
     problems = preflight(FineTuneJobSpec.model_validate(doc), tmp_path, check_lengths=False)
     refusal = [p for p in problems if p.startswith("spec.distributed.strategy:")]
     assert refusal == [
-        f"spec.distributed.strategy: {strategy} (DeepSpeed ZeRO) is supported for method sft only; "
+        f"spec.distributed.strategy: {strategy} (DeepSpeed ZeRO) is supported for method sft and dpo only; "
         f"method {method} trains with ddp: set spec.distributed.strategy to ddp (or leave it out)"
     ]
     doc["distributed"] = {"strategy": "ddp"}
     problems = preflight(FineTuneJobSpec.model_validate(doc), tmp_path, check_lengths=False)
     assert not [p for p in problems if p.startswith("spec.distributed")]
-    # SFT with ZeRO passes this check.
-    sft = valid_job()["spec"]
-    sft["distributed"] = {"strategy": strategy}
-    problems = preflight(FineTuneJobSpec.model_validate(sft), tmp_path, check_lengths=False)
-    assert not [p for p in problems if p.startswith("spec.distributed")]
+    # SFT and DPO with ZeRO pass this check.
+    for other in ({}, {"method": "dpo", "dpo": {"beta": 0.1}}):
+        ok = valid_job()["spec"] | other | {"distributed": {"strategy": strategy}}
+        problems = preflight(FineTuneJobSpec.model_validate(ok), tmp_path, check_lengths=False)
+        assert not [p for p in problems if p.startswith("spec.distributed")]
+
+
+@pytest.mark.slow
+def test_dpo_under_zero2_and_zero3_follows_one_ddp_process(tmp_path: Path) -> None:
+    # Full-parameter DPO: the reference log-probs are computed once by the policy itself, before training.
+    write_jsonl(make_preference_rows("add", 32, seed=1), tmp_path / "train.jsonl")
+    write_jsonl(make_preference_rows("add", 5, seed=2), tmp_path / "eval.jsonl")  # ranks get 3 and 2
+    doc = valid_job()
+    doc["spec"].update(method="dpo", dpo={"beta": 0.5, "rpoAlpha": 0.2})
+    doc["spec"]["dataset"] = {"uri": "train.jsonl"}
+    doc["spec"]["evalDataset"] = {"uri": "eval.jsonl"}
+    doc["spec"]["hyperparameters"] = {
+        "maxSteps": 4,
+        "batchSize": 4,
+        "gradientAccumulationSteps": 2,
+        "maxSeqLen": 64,
+        "learningRate": 3e-3,
+        "maxGradNorm": 1.0,
+        "seed": 5,
+        "evalEverySteps": 2,
+    }
+    doc["spec"]["checkpointing"] = {"everySteps": 2}
+    runs = {}
+    for strategy, procs in (("ddp", 1), ("zero2", 2), ("zero3", 2)):
+        doc["spec"]["distributed"] = {"strategy": strategy}
+        job = tmp_path / f"job-{strategy}.yaml"
+        job.write_text(yaml.safe_dump(doc))
+        runs[strategy] = run(job, tmp_path / strategy, procs)
+    reference = runs["ddp"]
+    assert reference[-1]["loss"] < reference[0]["loss"]
+    for strategy in ("zero2", "zero3"):
+        assert [m["step"] for m in runs[strategy]] == [1, 2, 3, 4]
+        for a, b in zip(reference, runs[strategy], strict=True):
+            for key in ("loss", "dpo_reward_margin", "preference_accuracy", "tokens", "lr"):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (strategy, key, a, b)
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), (strategy, a, b)
+            for key in ("eval_loss", "eval_preference_accuracy", "eval_choice_accuracy"):
+                if key in a:
+                    assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (strategy, key, a, b)
+        assert (tmp_path / strategy / "checkpoints" / "step-00000002" / "deepspeed" / "layout.json").is_file()
+        assert_same_weights(tmp_path / "ddp", tmp_path / strategy)
