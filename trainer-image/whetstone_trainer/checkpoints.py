@@ -28,6 +28,11 @@ from .distributed import World
 STATE_FILE = "trainer_state.json"
 
 
+class CheckpointMismatch(RuntimeError):
+    """The latest checkpoint cannot be resumed by this run (another strategy or world size wrote it): a
+    restart cannot fix it, the message says what to change."""
+
+
 @dataclass
 class TrainerState:
     step: int

@@ -168,13 +168,14 @@ def train(
 
 
 def permanent_errors() -> tuple[type[Exception], ...]:
-    """Errors a restart cannot fix: bad data (a resume on other data included) and a grader with
-    onError: fail that failed."""
+    """Errors a restart cannot fix: bad data (a resume on other data included), a checkpoint another
+    strategy or world size wrote, and a grader with onError: fail that failed."""
     from whetstone_graders import GraderConfigError, GraderFailed
 
+    from .checkpoints import CheckpointMismatch
     from .data.formats import DatasetError
 
-    return (DatasetError, JobRefused, GraderFailed, GraderConfigError)
+    return (DatasetError, JobRefused, GraderFailed, GraderConfigError, CheckpointMismatch)
 
 
 def train_job(

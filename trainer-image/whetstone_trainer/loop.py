@@ -1,11 +1,12 @@
 """What every training method shares, so that methods/sft.py, dpo.py and rft.py are each one loop read top to
 bottom: the observer that hears about the run, the process group and precision, LoRA or full-parameter set-up,
-log-probs of target tokens (the one forward every loss starts from), the SFT eval loss, metrics.jsonl,
-checkpoint save/resume and the output folder.
+the model being trained under DDP or DeepSpeed ZeRO (`Trainee`), log-probs of target tokens (the one forward
+every loss starts from), the SFT eval loss, metrics.jsonl, checkpoint save/resume and the output folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -17,10 +18,18 @@ import torch
 from whetstone_api.finetunejob import FineTuneJobSpec, Hyperparameters
 
 from . import distributed
-from .checkpoints import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoints import (
+    CheckpointMismatch,
+    TrainerState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .data.formats import DatasetError
 from .data.packing import Batch, Row, collate
 from .methods.losses import token_logprobs
+from .optim import build_optimizer, build_scheduler
+from .zero import DEEPSPEED_DIR, ZeroModel, even_micro_batches
 
 
 class Observer(Protocol):
@@ -91,6 +100,14 @@ def load_model(model_folder: Path) -> tuple[Any, Any]:
     return load_model_and_tokenizer(str(model_folder))
 
 
+def load_tokenizer(model_folder: Path) -> Any:
+    """The tokenizer alone: a loop tokenizes its data and plans its steps before the model loads (ZeRO-3
+    loads the model already partitioned, under a config that needs the number of steps)."""
+    from .models.sources import load_tokenizer
+
+    return load_tokenizer(str(model_folder))
+
+
 def apply_tuning(model: torch.nn.Module, spec: FineTuneJobSpec) -> torch.nn.Module:
     """LoRA adapters (the base stays frozen) or every weight trainable."""
     if spec.lora is not None:
@@ -118,6 +135,105 @@ def wrap_for_training(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
     if rt.world.distributed:
         return torch.nn.parallel.DistributedDataParallel(model)
     return model
+
+
+@dataclass
+class Trainee:
+    """The model a method trains and how it takes a step, so that one loop serves both data-parallel
+    strategies: PyTorch DDP (or one plain process) with the optimizer and schedule here, or DeepSpeed ZeRO
+    (spec.distributed.strategy zero2 / zero3), where the engine shards and steps them (zero.py).
+
+    `model` is what the forward runs on (the DDP wrapper, the ZeRO engine, or the model itself)."""
+
+    model: Any
+    rt: Runtime
+    max_grad_norm: float
+    trained: torch.nn.Module | None = None  # DDP: the unwrapped model, saved and clipped
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+    zero: ZeroModel | None = None
+
+    @property
+    def module(self) -> Any:
+        """What forwards without gradient run on (eval, reference log-probs): the model itself under DDP,
+        the engine under ZeRO (ZeRO-3 gathers the sharded weights in its forward)."""
+        return self.trained if self.zero is None else self.model
+
+    def micro_batches(self, rows: list[Any], micro: int) -> list[list[Any]]:
+        """This rank's share of a step's rows in micro-batches, the same count on every rank (the last ones
+        may be empty: the loop runs those with weight 0, since every backward synchronises the ranks)."""
+        return even_micro_batches(rows, self.rt.world, micro)
+
+    def accumulating(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        """Around a micro-batch's forward and backward: DDP skips the gradient all-reduce until the last
+        one. ZeRO reduces in every backward (stage 2 and 3 partition the gradients as they come)."""
+        if self.zero is None and self.rt.world.distributed and not last:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradient of `loss`, already scaled by the loop."""
+        if self.zero is not None:
+            self.zero.backward(loss)
+        else:
+            loss.backward()
+
+    def step(self) -> tuple[float, float]:
+        """Clip, update, advance the schedule. Returns the gradient norm and the step's learning rate."""
+        if self.zero is not None:
+            lr = self.zero.lr
+            return self.zero.step(), lr
+        assert self.trained is not None and self.optimizer is not None
+        return clip_and_step(self.trained, self.optimizer, self.scheduler, self.max_grad_norm)
+
+    def checkpoints(self, output: Path, fingerprint: str, keep_last: int, observer: Observer) -> Checkpoints:
+        return Checkpoints(
+            output,
+            self.rt,
+            self.trained,
+            self.optimizer,
+            self.scheduler,
+            fingerprint,
+            keep_last,
+            observer,
+            zero=self.zero,
+        )
+
+    def save_final(self, output: Path, tokenizer: Any, spec: FineTuneJobSpec) -> Path:
+        """The HF-loadable result (every rank calls it: ZeRO-3 gathers the weights collectively)."""
+        if self.zero is None:
+            assert self.trained is not None
+            return save_final(output, self.rt, self.trained, tokenizer, spec)
+        final = output / "final"
+        self.zero.export(final, tokenizer)
+        return final
+
+
+def prepare_trainee(
+    spec: FineTuneJobSpec, rt: Runtime, model_folder: Path, total_steps: int, micro: int
+) -> Trainee:
+    """Load the base model and make it trainable under the job's strategy: LoRA or full-parameter wrapped in
+    DDP (`ddp`), or full-parameter under DeepSpeed ZeRO (`zero2` / `zero3`, which the API allows only with
+    fullParameter). `micro` rows per micro-batch on each rank; `total_steps` optimizer steps in the
+    schedule."""
+    hp = spec.hyperparameters
+    if spec.distributed.zero_stage is not None:
+        zero, _tokenizer = ZeroModel.build(
+            spec,
+            rt.world,
+            total_steps,
+            micro,
+            hp.gradient_accumulation_steps,
+            lambda: load_model(model_folder),
+            bf16=rt.dtype == torch.bfloat16,
+        )
+        return Trainee(zero.engine, rt, hp.max_grad_norm, zero=zero)
+    model, _tokenizer = load_model(model_folder)
+    model = apply_tuning(model, spec).to(rt.device)
+    model.train()
+    optimizer = build_optimizer(model, hp)
+    scheduler = build_scheduler(optimizer, total_steps, hp)
+    return Trainee(wrap_for_training(model, rt), rt, hp.max_grad_norm, model, optimizer, scheduler)
 
 
 # --- the forward every loss starts from ---------------------------------------------------------------------
@@ -204,12 +320,14 @@ def evaluate_loss(
     was_training = model.training
     model.eval()
     total, weight = 0.0, 0.0
-    mine = rows[rt.world.rank :: rt.world.size]
-    for i in range(0, len(mine), micro_batch):
+    # The same number of forwards on every rank: ZeRO-3 gathers weights in each (DDP may sync buffers); a
+    # rank with no rows left runs one on any row and drops it.
+    for part in even_micro_batches(rows, rt.world, micro_batch):
         with rt.autocast():
-            s, w = token_nll_sum(model, collate(mine[i : i + micro_batch], pad_id), rt.device)
-        total += float(s)
-        weight += w
+            s, w = token_nll_sum(model, collate(part or rows[:1], pad_id), rt.device)
+        if part:
+            total += float(s)
+            weight += w
     model.train(was_training)
     total, weight = rt.world.sum(total), rt.world.sum(weight)
     return total / weight if weight else None
@@ -260,16 +378,18 @@ class Checkpoints:
         self,
         output: Path,
         rt: Runtime,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
+        model: torch.nn.Module | None,
+        optimizer: torch.optim.Optimizer | None,
         scheduler: Any,
         fingerprint: str,
         keep_last: int,
         observer: Observer,
+        zero: ZeroModel | None = None,
     ) -> None:
         self.output, self.rt, self.model = output, rt, model
         self.optimizer, self.scheduler = optimizer, scheduler
         self.fingerprint, self.keep_last, self.observer = fingerprint, keep_last, observer
+        self.zero = zero  # ZeRO: DeepSpeed's sharded checkpoints instead of model/optimizer/scheduler
 
     def resume(self) -> TrainerState | None:
         """Load the latest checkpoint into the model, optimizer and scheduler; None on a fresh start. Refuses
@@ -277,7 +397,16 @@ class Checkpoints:
         path = latest_checkpoint(self.output)
         if path is None:
             return None
-        state = load_checkpoint(path, self.rt.world, self.model, self.optimizer, self.scheduler)
+        if self.zero is not None:
+            state = self.zero.load_checkpoint(path)
+        elif (path / DEEPSPEED_DIR).is_dir():
+            raise CheckpointMismatch(
+                f"{path} was written under DeepSpeed ZeRO; this run has spec.distributed.strategy ddp. A "
+                "checkpoint resumes only under the strategy that wrote it; use that, or a new output folder"
+            )
+        else:
+            assert self.model is not None and self.optimizer is not None
+            state = load_checkpoint(path, self.rt.world, self.model, self.optimizer, self.scheduler)
         if state.dataset_fingerprint != self.fingerprint:
             raise DatasetError(
                 f"{path}: the checkpoint was written for different training data "
@@ -299,15 +428,19 @@ class Checkpoints:
             },
             cursor=cursor or {},
         )
-        path, pruned = save_checkpoint(
-            self.output,
-            self.rt.world,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            state,
-            self.keep_last,
-        )
+        if self.zero is not None:
+            path, pruned = self.zero.save_checkpoint(self.output, state, self.keep_last)
+        else:
+            assert self.model is not None and self.optimizer is not None
+            path, pruned = save_checkpoint(
+                self.output,
+                self.rt.world,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                state,
+                self.keep_last,
+            )
         self.observer.on_checkpoint(step, path, pruned)
 
 

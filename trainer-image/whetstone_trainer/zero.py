@@ -51,6 +51,7 @@ from whetstone_api.finetunejob import FineTuneJobSpec
 
 from .checkpoints import (
     STATE_FILE,
+    CheckpointMismatch,
     TrainerState,
     _rng_state,
     _set_rng_state,
@@ -235,13 +236,13 @@ class ZeroModel:
         """Restore weights, optimizer, scheduler, this rank's RNG state; return the data cursor."""
         layout_file = path / DEEPSPEED_DIR / LAYOUT_FILE
         if not layout_file.is_file():
-            raise RuntimeError(
+            raise CheckpointMismatch(
                 f"{path} is not a DeepSpeed checkpoint (no {DEEPSPEED_DIR}/{LAYOUT_FILE}): it was written "
                 "with another spec.distributed.strategy; use a new output folder"
             )
         layout = json.loads(layout_file.read_text())
         if layout["world_size"] != self.world.size or layout["stage"] != self.stage:
-            raise RuntimeError(
+            raise CheckpointMismatch(
                 f"{path} was written by {layout['world_size']} processes under ZeRO-{layout['stage']}; this "
                 f"run has {self.world.size} under ZeRO-{self.stage}. A ZeRO checkpoint resumes only with the "
                 "same nodes x gpusPerNode and strategy; use those, or a new output folder"

@@ -17,6 +17,10 @@ Metrics per step: loss, dpo_reward_chosen / _rejected / _margin (implicit reward
 preference_accuracy (share of pairs with a positive margin, ties count half); on held-out pairs at eval steps:
 eval_loss, eval_preference_accuracy and eval_choice_accuracy (the policy alone puts more log-probability on
 the chosen answer: meaningful before training too, when every margin is 0).
+
+The same loop trains under DDP and, full-parameter, under DeepSpeed ZeRO (spec.distributed.strategy):
+`loop.Trainee` holds what differs. Every rank runs the same number of forwards (ZeRO-3 gathers weights in
+each); a rank without pairs left runs one on any pair and drops it (weight 0).
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ import torch
 from .. import loop
 from ..data.packing import Row, collate, epoch_order
 from ..data.tokenize import PreferencePair, tokenize_preference
-from ..optim import build_optimizer, build_scheduler
 from .losses import dpo_losses
 
 if TYPE_CHECKING:
@@ -98,35 +101,35 @@ def train(
     rt = loop.start(spec)
 
     # --- data and model
-    model, tokenizer = loop.load_model(inputs.model_folder)
+    tokenizer = loop.load_tokenizer(inputs.model_folder)
     pad_id = tokenizer.pad_token_id
     train_pairs = tokenized_pairs(tokenizer, inputs.train_rows)
     eval_pairs = tokenized_pairs(tokenizer, inputs.eval_rows)
     digest = hashlib.sha256()
     for p in train_pairs:
         digest.update(json.dumps([p.chosen.input_ids, p.chosen.weights, p.rejected.input_ids]).encode())
-    model = loop.apply_tuning(model, spec).to(rt.device)
-    model.train()
-    trained_model, model = model, loop.wrap_for_training(model, rt)
+    steps_per_epoch, total_steps = loop.plan_steps(len(train_pairs), hp.batch_size, hp)
     micro = max(1, math.ceil(hp.micro_batch_size / rt.world.size))
+    trainee = loop.prepare_trainee(spec, rt, inputs.model_folder, total_steps, micro)
+    policy = trainee.module  # forwards without gradient: reference log-probs, eval
 
     # --- reference log-probs of full-parameter jobs: now, while the weights are the base's
     precomputed: dict[str, list[tuple[float, float]]] = {}
     t_ref = time.perf_counter()
     if spec.lora is None:
-        trained_model.eval()
+        policy.eval()
         for name, pairs in (("train", train_pairs), ("eval", eval_pairs)):
-            mine = list(range(rt.world.rank, len(pairs), rt.world.size))
             values: dict[int, tuple[float, float]] = {}
             with torch.no_grad():
-                for i in range(0, len(mine), micro):
-                    idx = mine[i : i + micro]
+                for idx in trainee.micro_batches(list(range(len(pairs))), micro) if pairs else []:
                     with rt.autocast():
-                        c, r, _ = answer_logps(trained_model, [pairs[j] for j in idx], pad_id, rt.device, ipo)
-                    values.update(zip(idx, zip(c.tolist(), r.tolist(), strict=True), strict=True))
+                        # A rank with no pairs left forwards one all the same (ZeRO-3), and drops it.
+                        c, r, _ = answer_logps(policy, [pairs[j] for j in idx or [0]], pad_id, rt.device, ipo)
+                    if idx:
+                        values.update(zip(idx, zip(c.tolist(), r.tolist(), strict=True), strict=True))
             merged = {k: v for part in rt.world.gather(values) for k, v in part.items()}
             precomputed[name] = [merged[j] for j in range(len(pairs))]
-        trained_model.train()
+        policy.train()
     reference_seconds = time.perf_counter() - t_ref
 
     def reference(
@@ -135,23 +138,23 @@ def train(
         if spec.lora is None:
             ref = torch.tensor([precomputed[which][j] for j in index], device=rt.device)
             return ref[:, 0], ref[:, 1]
-        with _reference_mode(trained_model), rt.autocast():
-            c, r, _ = answer_logps(trained_model, pairs, pad_id, rt.device, ipo)
+        with _reference_mode(policy), rt.autocast():
+            c, r, _ = answer_logps(policy, pairs, pad_id, rt.device, ipo)
         return c, r
 
     def evaluate() -> dict[str, float]:
         """DPO loss, preference accuracy, the policy's own choice and the margin on held-out pairs."""
         if not eval_pairs:
             return {}
-        trained_model.eval()
+        policy.eval()
         sums = torch.zeros(4, dtype=torch.float64)
-        mine = list(range(rt.world.rank, len(eval_pairs), rt.world.size))
         with torch.no_grad():
-            for i in range(0, len(mine), micro):
-                idx = mine[i : i + micro]
-                pairs = [eval_pairs[j] for j in idx]
+            for idx in trainee.micro_batches(list(range(len(eval_pairs))), micro):
+                pairs = [eval_pairs[j] for j in idx or [0]]
                 with rt.autocast():
-                    c, r, _ = answer_logps(trained_model, pairs, pad_id, rt.device, ipo)
+                    c, r, _ = answer_logps(policy, pairs, pad_id, rt.device, ipo)
+                if not idx:  # this rank has no pairs left: a forward all the same (ZeRO-3), dropped
+                    continue
                 rc, rr = reference("eval", idx, pairs)
                 losses, reward_c, reward_r = dpo_losses(
                     c, r, rc, rr, settings.beta, settings.loss_type, settings.label_smoothing
@@ -165,7 +168,7 @@ def train(
                     ],
                     dtype=torch.float64,
                 )
-        trained_model.train()
+        policy.train()
         n = len(eval_pairs)
         loss, acc, choice, margin = (rt.world.sum(float(v)) / n for v in sums)
         return {
@@ -175,22 +178,10 @@ def train(
             "eval_dpo_reward_margin": margin,
         }
 
-    steps_per_epoch, total_steps = loop.plan_steps(len(train_pairs), hp.batch_size, hp)
-    optimizer = build_optimizer(trained_model, hp)
-    scheduler = build_scheduler(optimizer, total_steps, hp)
     output.mkdir(parents=True, exist_ok=True)
 
     # --- resume
-    checkpoints = loop.Checkpoints(
-        output,
-        rt,
-        trained_model,
-        optimizer,
-        scheduler,
-        digest.hexdigest()[:16],
-        spec.checkpointing.keep_last,
-        observer,
-    )
+    checkpoints = trainee.checkpoints(output, digest.hexdigest()[:16], spec.checkpointing.keep_last, observer)
     resumed = checkpoints.resume()
     start_step = resumed.step if resumed else 0
     observer.on_start(start_step, total_steps)
@@ -208,23 +199,26 @@ def train(
             order, order_epoch = epoch_order(len(train_pairs), hp.seed, epoch), epoch
         step_index = order[batch_in_epoch * hp.batch_size :][: hp.batch_size]
         n_pairs = len(step_index)
-        mine = step_index[rt.world.rank :: rt.world.size]
-        parts = [mine[i : i + micro] for i in range(0, len(mine), micro)]
+        parts = trainee.micro_batches(step_index, micro)
         # loss, reward chosen, reward rejected, accuracy, tokens: summed over this rank's pairs
         sums = torch.zeros(5, dtype=torch.float64)
         for i, idx in enumerate(parts):
-            pairs = [train_pairs[j] for j in idx]
-            rc, rr = reference("train", idx, pairs)
-            sync = not rt.world.distributed or i == len(parts) - 1
-            with contextlib.nullcontext() if sync else model.no_sync(), rt.autocast():
-                c, r, chosen_nll = answer_logps(model, pairs, pad_id, rt.device, ipo)
+            run = idx or step_index[:1]  # an empty micro-batch runs on any pair, with weight 0
+            pairs = [train_pairs[j] for j in run]
+            rc, rr = reference("train", run, pairs)
+            with trainee.accumulating(last=i == len(parts) - 1), rt.autocast():
+                c, r, chosen_nll = answer_logps(trainee.model, pairs, pad_id, rt.device, ipo)
                 losses, reward_c, reward_r = dpo_losses(
                     c, r, rc, rr, settings.beta, settings.loss_type, settings.label_smoothing
                 )
                 if settings.rpo_alpha:
                     losses = losses + settings.rpo_alpha * chosen_nll
-                # The step optimises the mean over its pairs; DDP averages over ranks, so undo that.
-                (losses.sum() * rt.world.size / n_pairs).backward()
+                if not idx:
+                    losses = losses * 0.0
+                # The step optimises the mean over its pairs; DDP and ZeRO average over ranks: undo that.
+                trainee.backward(losses.sum() * rt.world.size / n_pairs)
+            if not idx:
+                continue
             sums += torch.tensor(
                 [
                     float(losses.detach().sum()),
@@ -235,7 +229,7 @@ def train(
                 ],
                 dtype=torch.float64,
             )
-        grad_norm, lr = loop.clip_and_step(trained_model, optimizer, scheduler, hp.max_grad_norm)
+        grad_norm, lr = trainee.step()
 
         done = step + 1
         loss, chosen, rejected, accuracy, tokens = (rt.world.sum(float(v)) for v in sums)
@@ -268,7 +262,7 @@ def train(
             return loop.stop_early(rt, done)
 
     # --- output
-    final = loop.save_final(output, rt, trained_model, tokenizer, spec)
+    final = trainee.save_final(output, tokenizer, spec)
     summary = {
         "method": "dpo",
         "steps": total_steps,

@@ -4,11 +4,14 @@ One optimizer step sees `batchSize` rows (packed sequences, or single examples w
 the ranks and then into `gradientAccumulationSteps` micro-batches. The loss is the weighted token NLL summed
 over the whole step and divided by the step's total weight, so accumulation and world size do not change
 what is optimised.
+
+The same loop trains under DDP and under DeepSpeed ZeRO (spec.distributed.strategy): `loop.Trainee` holds
+what differs (the backward, the step, checkpoints, the export). Every rank runs the same number of
+micro-batches; a rank without rows left runs an empty one on any row with weight 0.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -19,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 from .. import loop
 from ..data.formats import DatasetError, TokenizedExample, tokenize_chat
 from ..data.packing import collate, epoch_order, one_per_row, pack
-from ..optim import build_optimizer, build_scheduler
 
 if TYPE_CHECKING:
     from ..entry import Inputs, Rows
@@ -48,7 +50,7 @@ def train(
     rt = loop.start(spec)
 
     # --- data and model
-    model, tokenizer = loop.load_model(inputs.model_folder)
+    tokenizer = loop.load_tokenizer(inputs.model_folder)
     train_ex = tokenized(
         tokenizer, inputs.train_rows, settings.train_on_all_turns, hp.max_seq_len, inputs.train_source
     )
@@ -58,32 +60,18 @@ def train(
     digest = hashlib.sha256()
     for ex in train_ex:
         digest.update(json.dumps([ex.input_ids, ex.weights]).encode())
-    model = loop.apply_tuning(model, spec).to(rt.device)
-    model.train()
-    trained_model, model = model, loop.wrap_for_training(model, rt)
-
     steps_per_epoch, total_steps = loop.plan_steps(len(train_rows), hp.batch_size, hp)
-    optimizer = build_optimizer(trained_model, hp)
-    scheduler = build_scheduler(optimizer, total_steps, hp)
+    micro = max(1, math.ceil(hp.micro_batch_size / rt.world.size))
+    trainee = loop.prepare_trainee(spec, rt, inputs.model_folder, total_steps, micro)
     output.mkdir(parents=True, exist_ok=True)
 
     # --- resume
-    checkpoints = loop.Checkpoints(
-        output,
-        rt,
-        trained_model,
-        optimizer,
-        scheduler,
-        digest.hexdigest()[:16],
-        spec.checkpointing.keep_last,
-        observer,
-    )
+    checkpoints = trainee.checkpoints(output, digest.hexdigest()[:16], spec.checkpointing.keep_last, observer)
     resumed = checkpoints.resume()
     start_step = resumed.step if resumed else 0
     observer.on_start(start_step, total_steps)
     log = loop.MetricsLog(output, rt.world, start_step)
 
-    micro = max(1, math.ceil(hp.micro_batch_size / rt.world.size))
     order: list[int] = []
     order_epoch = -1
     started = time.perf_counter()
@@ -97,20 +85,19 @@ def train(
         step_rows = [train_rows[i] for i in order[batch_in_epoch * hp.batch_size :][: hp.batch_size]]
         # Every rank knows the whole step, so the normaliser needs no communication.
         step_weight = sum(sum(ex.weights[1:]) for r in step_rows for ex in r.examples)
-        mine = step_rows[rt.world.rank :: rt.world.size]
-        parts = [mine[i : i + micro] for i in range(0, len(mine), micro)]
+        parts = trainee.micro_batches(step_rows, micro)
         loss_sum = 0.0
         tokens = 0
         for i, rows in enumerate(parts):
-            batch = collate(rows, tokenizer.pad_token_id)
-            sync = not rt.world.distributed or i == len(parts) - 1
-            with contextlib.nullcontext() if sync else model.no_sync(), rt.autocast():
-                s, _w = loop.token_nll_sum(model, batch, rt.device)
-                # DDP averages gradients over ranks; undo it so the step optimises sum / step_weight.
-                (s * rt.world.size / max(step_weight, 1e-9)).backward()
+            batch = collate(rows or step_rows[:1], tokenizer.pad_token_id)
+            with trainee.accumulating(last=i == len(parts) - 1), rt.autocast():
+                s, _w = loop.token_nll_sum(trainee.model, batch, rt.device)
+                s = s if rows else s * 0.0  # an empty micro-batch: collectives only, no gradient
+                # DDP and ZeRO average gradients over ranks; undo it so the step optimises sum / step_weight.
+                trainee.backward(s * rt.world.size / max(step_weight, 1e-9))
             loss_sum += float(s.detach())
             tokens += sum(len(r) for r in rows)
-        grad_norm, lr = loop.clip_and_step(trained_model, optimizer, scheduler, hp.max_grad_norm)
+        grad_norm, lr = trainee.step()
 
         done = step + 1
         tokens = int(rt.world.sum(tokens))
@@ -129,7 +116,7 @@ def train(
         is_eval_step = (hp.eval_every_steps and done % hp.eval_every_steps == 0) or done == total_steps
         is_ckpt_step = spec.checkpointing.every_steps and done % spec.checkpointing.every_steps == 0
         if is_eval_step or (is_ckpt_step and not hp.eval_every_steps):
-            eval_loss = loop.evaluate_loss(model, eval_rows, micro, tokenizer.pad_token_id, rt)
+            eval_loss = loop.evaluate_loss(trainee.model, eval_rows, micro, tokenizer.pad_token_id, rt)
             last["eval_loss"] = eval_loss
         log.write(last)
         observer.on_step(last)
@@ -141,7 +128,7 @@ def train(
             return loop.stop_early(rt, done)
 
     # --- output
-    final = loop.save_final(output, rt, trained_model, tokenizer, spec)
+    final = trainee.save_final(output, tokenizer, spec)
     summary = {
         "method": "sft",
         "steps": total_steps,

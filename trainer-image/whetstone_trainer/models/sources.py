@@ -370,14 +370,14 @@ def load_model_and_tokenizer(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Parse, check, materialise and load a model and its tokenizer; ``dtype`` defaults to fp32."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     folder = materialise(parse_model_uri(uri, base_dir), cache_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype if dtype is not None else torch.float32
         )
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = _tokenizer(folder)
     except Exception as exc:
         raise _error(
             uri,
@@ -385,6 +385,28 @@ def load_model_and_tokenizer(
             f"{str(exc).rstrip('.')}",
             "It must hold what save_pretrained writes for the model and for its tokenizer",
         ) from exc
+    return model, tokenizer
+
+
+def load_tokenizer(
+    uri: str, base_dir: Path | None = None, cache_dir: Path | None = None
+) -> PreTrainedTokenizerBase:
+    """The tokenizer of load_model_and_tokenizer without loading the model."""
+    folder = materialise(parse_model_uri(uri, base_dir), cache_dir)
+    try:
+        return _tokenizer(folder)
+    except Exception as exc:
+        raise _error(
+            uri,
+            f"the folder {folder} has no tokenizer that loads: {str(exc).rstrip('.')}",
+            "It must hold what save_pretrained writes for the tokenizer",
+        ) from exc
+
+
+def _tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer

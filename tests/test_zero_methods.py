@@ -1,0 +1,203 @@
+"""SFT and DPO under DeepSpeed ZeRO, through the trainer's own entry and loops (methods/sft.py, dpo.py):
+spec.distributed.strategy zero2 and zero3 with 2 processes (gloo on the CPU, standing in for NCCL) follow the
+1-process DDP run step by step; an SFT zero3 run stopped after step 4 resumes from its step-3 checkpoint and
+ends where the uninterrupted run ends; the final folder is an ordinary Hugging Face model. RFT trains with DDP
+only: pre-flight refuses ZeRO for it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT, SOURCE_DIRS, valid_job
+from safetensors.torch import load_file
+from whetstone_trainer.synthetic import make_preference_rows, make_rows, write_jsonl
+
+WORKER = Path(__file__).resolve().parent / "train_run.py"
+STEPS = 6
+
+
+def job_file(folder: Path, strategy: str) -> Path:
+    if not (folder / "train.jsonl").is_file():
+        write_jsonl(make_rows("reverse", 96, seed=3), folder / "train.jsonl")
+        write_jsonl(make_rows("reverse", 5, seed=4), folder / "eval.jsonl")  # 5 rows: ranks get 3 and 2
+    doc = valid_job()
+    doc["spec"]["dataset"] = {"uri": "train.jsonl"}
+    doc["spec"]["evalDataset"] = {"uri": "eval.jsonl"}
+    doc["spec"]["distributed"] = {"strategy": strategy}
+    doc["spec"]["hyperparameters"] = {
+        "maxSteps": STEPS,
+        "batchSize": 8,
+        "gradientAccumulationSteps": 2,  # 2 micro-batches per step: accumulation is exercised too
+        "maxSeqLen": 64,
+        "learningRate": 3e-3,
+        "warmupSteps": 1,
+        "weightDecay": 0.01,
+        "maxGradNorm": 1.0,
+        "evalEverySteps": 3,
+        "seed": 11,
+    }
+    doc["spec"]["checkpointing"] = {"everySteps": 3}
+    path = folder / f"job-{strategy}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def run(job: Path, out: Path, procs: int, *extra: str) -> list[dict]:
+    """Train with `procs` processes; the run's metrics.jsonl."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(map(str, SOURCE_DIRS)),
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+    }
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"]
+    result = subprocess.run(
+        [*launcher, str(WORKER), str(job), str(out), *extra],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(reference: list[dict], other: list[dict], what: str) -> None:
+    assert [m["step"] for m in other] == list(range(1, STEPS + 1)), what
+    for a, b in zip(reference, other, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (what, a, b)
+        assert b["lr"] == pytest.approx(a["lr"], rel=1e-9), (what, a, b)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), (what, a, b)
+        assert b["tokens"] == a["tokens"], (what, a, b)
+        if "eval_loss" in a:
+            assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-4), (what, a, b)
+
+
+def assert_same_weights(one: Path, two: Path) -> None:
+    wa = load_file(str(one / "final" / "model.safetensors"))
+    wb = load_file(str(two / "final" / "model.safetensors"))
+    assert sorted(wa) == sorted(wb)
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_sft_under_zero2_and_zero3_follows_one_ddp_process_and_zero3_resumes(tmp_path: Path) -> None:
+    reference = run(job_file(tmp_path, "ddp"), tmp_path / "ddp", 1)
+    assert reference[-1]["loss"] < reference[0]["loss"]  # it learns; the comparisons are not vacuous
+    assert [m["step"] for m in reference if "eval_loss" in m] == [3, 6]
+
+    zero2 = run(job_file(tmp_path, "zero2"), tmp_path / "zero2", 2)
+    assert_same_run(reference, zero2, "zero2")
+    assert_same_weights(tmp_path / "ddp", tmp_path / "zero2")
+    assert (tmp_path / "zero2" / "checkpoints" / "step-00000003" / "deepspeed" / "layout.json").is_file()
+
+    # ZeRO-3, stopped right after step 4 (as if killed; its latest checkpoint is step 3), then started again.
+    job3, out3 = job_file(tmp_path, "zero3"), tmp_path / "zero3"
+    first = run(job3, out3, 2, "--stop-after", "4")
+    assert [m["step"] for m in first] == [1, 2, 3, 4]
+    step3 = out3 / "checkpoints" / "step-00000003"
+    assert sorted(p.name for p in step3.glob("rng-*")) == ["rng-rank0.pt", "rng-rank1.pt"]
+    assert (step3 / "deepspeed" / "layout.json").is_file()
+    resumed = run(job3, out3, 2)
+    assert json.loads((out3 / "summary.json").read_text())["resumed_from_step"] == 3
+    assert resumed[3]["loss"] == pytest.approx(first[3]["loss"], rel=1e-6)  # step 4 again, exactly
+    assert_same_run(reference, resumed, "zero3 resumed")
+
+    # The export is a plain Hugging Face folder: transformers loads it without DeepSpeed.
+    from transformers import AutoModelForCausalLM
+
+    assert_same_weights(tmp_path / "ddp", out3)
+    model = AutoModelForCausalLM.from_pretrained(out3 / "final", dtype=torch.float32)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_a_ddp_run_refuses_a_zero_checkpoint(tmp_path: Path) -> None:
+    from whetstone_trainer import loop
+    from whetstone_trainer.checkpoints import STATE_FILE, CheckpointMismatch
+    from whetstone_trainer.distributed import World
+    from whetstone_trainer.entry import permanent_errors
+
+    folder = tmp_path / "checkpoints" / "step-00000003"
+    (folder / "deepspeed").mkdir(parents=True)
+    (folder / STATE_FILE).write_text("{}")
+    rt = loop.Runtime(World(), torch.device("cpu"), None)
+    checkpoints = loop.Checkpoints(tmp_path, rt, None, None, None, "f", 2, loop.SilentObserver())
+    with pytest.raises(CheckpointMismatch, match="under DeepSpeed ZeRO; this run has spec.distributed"):
+        checkpoints.resume()
+    assert issubclass(CheckpointMismatch, permanent_errors())  # the pod fails at once, no restart loop
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_preflight_refuses_zero_for_a_method_that_trains_only_with_ddp(tmp_path: Path, strategy: str) -> None:
+    from whetstone_api.finetunejob import FineTuneJobSpec
+    from whetstone_trainer.preflight import preflight
+
+    method = "rft"
+    doc = valid_job()["spec"]
+    doc.update(
+        {"method": method, "rft": {"graders": [{"name": "length"}]}, "distributed": {"strategy": strategy}}
+    )
+    problems = preflight(FineTuneJobSpec.model_validate(doc), tmp_path, check_lengths=False)
+    refusal = [p for p in problems if p.startswith("spec.distributed.strategy:")]
+    assert refusal == [
+        f"spec.distributed.strategy: {strategy} (DeepSpeed ZeRO) is supported for method sft and dpo only; "
+        f"method {method} trains with ddp: set spec.distributed.strategy to ddp (or leave it out)"
+    ]
+    doc["distributed"] = {"strategy": "ddp"}
+    problems = preflight(FineTuneJobSpec.model_validate(doc), tmp_path, check_lengths=False)
+    assert not [p for p in problems if p.startswith("spec.distributed")]
+    # SFT and DPO with ZeRO pass this check.
+    for other in ({}, {"method": "dpo", "dpo": {"beta": 0.1}}):
+        ok = valid_job()["spec"] | other | {"distributed": {"strategy": strategy}}
+        problems = preflight(FineTuneJobSpec.model_validate(ok), tmp_path, check_lengths=False)
+        assert not [p for p in problems if p.startswith("spec.distributed")]
+
+
+@pytest.mark.slow
+def test_dpo_under_zero2_and_zero3_follows_one_ddp_process(tmp_path: Path) -> None:
+    # Full-parameter DPO: the reference log-probs are computed once by the policy itself, before training.
+    write_jsonl(make_preference_rows("add", 32, seed=1), tmp_path / "train.jsonl")
+    write_jsonl(make_preference_rows("add", 5, seed=2), tmp_path / "eval.jsonl")  # ranks get 3 and 2
+    doc = valid_job()
+    doc["spec"].update(method="dpo", dpo={"beta": 0.5, "rpoAlpha": 0.2})
+    doc["spec"]["dataset"] = {"uri": "train.jsonl"}
+    doc["spec"]["evalDataset"] = {"uri": "eval.jsonl"}
+    doc["spec"]["hyperparameters"] = {
+        "maxSteps": 4,
+        "batchSize": 4,
+        "gradientAccumulationSteps": 2,
+        "maxSeqLen": 64,
+        "learningRate": 3e-3,
+        "maxGradNorm": 1.0,
+        "seed": 5,
+        "evalEverySteps": 2,
+    }
+    doc["spec"]["checkpointing"] = {"everySteps": 2}
+    runs = {}
+    for strategy, procs in (("ddp", 1), ("zero2", 2), ("zero3", 2)):
+        doc["spec"]["distributed"] = {"strategy": strategy}
+        job = tmp_path / f"job-{strategy}.yaml"
+        job.write_text(yaml.safe_dump(doc))
+        runs[strategy] = run(job, tmp_path / strategy, procs)
+    reference = runs["ddp"]
+    assert reference[-1]["loss"] < reference[0]["loss"]
+    for strategy in ("zero2", "zero3"):
+        assert [m["step"] for m in runs[strategy]] == [1, 2, 3, 4]
+        for a, b in zip(reference, runs[strategy], strict=True):
+            for key in ("loss", "dpo_reward_margin", "preference_accuracy", "tokens", "lr"):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (strategy, key, a, b)
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), (strategy, a, b)
+            for key in ("eval_loss", "eval_preference_accuracy", "eval_choice_accuracy"):
+                if key in a:
+                    assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (strategy, key, a, b)
+        assert (tmp_path / strategy / "checkpoints" / "step-00000002" / "deepspeed" / "layout.json").is_file()
+        assert_same_weights(tmp_path / "ddp", tmp_path / strategy)
