@@ -141,6 +141,14 @@ def test_examples_are_valid() -> None:
         assert any(isinstance(r, FineTuneJob) for r in resources), path
 
 
+def test_cluster_examples_are_valid() -> None:
+    """The examples a cluster user applies as they are (every kind), checked as the API server would."""
+    paths = sorted((EXAMPLES / "cluster").glob("*.yaml"))
+    assert paths
+    for path in paths:
+        assert load_resources(path), path
+
+
 def test_defaults_fill_in() -> None:
     doc = valid_job()
     del doc["spec"]["checkpointing"]
