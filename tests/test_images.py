@@ -138,8 +138,9 @@ def tracked(path: str) -> list[str]:
 @pytest.mark.parametrize(
     ("image", "packages"),
     [
-        ("operator", {"whetstone_api", "whetstone_cli", "whetstone_operator"}),
-        ("trainer", {"whetstone_api", "whetstone_cli", "whetstone_trainer"}),
+        # Both run RewardGraders: the operator their test cases (in sandbox processes), the trainer RFT's.
+        ("operator", {"whetstone_api", "whetstone_cli", "whetstone_graders", "whetstone_operator"}),
+        ("trainer", {"whetstone_api", "whetstone_cli", "whetstone_graders", "whetstone_trainer"}),
     ],
 )
 def test_the_copied_sources_build_the_wheel_of_the_image(
