@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,3 +26,18 @@ def _model_cache() -> None:
 
 def valid_job() -> dict[str, Any]:
     return copy.deepcopy(yaml.safe_load((EXAMPLES / "sft-tiny-reverse.yaml").read_text()))
+
+
+def torchrun(worker: Path, procs: int, *args: str) -> None:
+    """Run a test worker under torchrun (gloo, CPU) with the checkout's sources; fail with its output."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(map(str, SOURCE_DIRS)),
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+    }
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"]
+    result = subprocess.run(
+        [*launcher, str(worker), *args], env=env, capture_output=True, text=True, timeout=900, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]

@@ -6,15 +6,12 @@ trained engine's logits. The loop is tests/zero_run.py (the tiny model, packed s
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import ROOT, SOURCE_DIRS, valid_job
+from conftest import torchrun, valid_job
 from whetstone_trainer.synthetic import make_rows, write_jsonl
 
 WORKER = Path(__file__).resolve().parent / "zero_run.py"
@@ -45,22 +42,7 @@ def job_file(folder: Path, strategy: str) -> Path:
 
 
 def run(job: Path, out: Path, procs: int, *extra: str) -> list[dict]:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(map(str, SOURCE_DIRS)),
-        "OMP_NUM_THREADS": "1",
-        "DS_ACCELERATOR": "cpu",
-    }
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"]
-    result = subprocess.run(
-        [*launcher, str(WORKER), str(job), str(out), *extra],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    torchrun(WORKER, procs, str(job), str(out), *extra)
     return [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
 
 

@@ -7,15 +7,12 @@ only: pre-flight refuses ZeRO for it."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import ROOT, SOURCE_DIRS, valid_job
+from conftest import torchrun, valid_job
 from safetensors.torch import load_file
 from whetstone_trainer.synthetic import make_preference_rows, make_rows, write_jsonl
 
@@ -51,22 +48,7 @@ def job_file(folder: Path, strategy: str) -> Path:
 
 def run(job: Path, out: Path, procs: int, *extra: str) -> list[dict]:
     """Train with `procs` processes; the run's metrics.jsonl."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(map(str, SOURCE_DIRS)),
-        "OMP_NUM_THREADS": "1",
-        "DS_ACCELERATOR": "cpu",
-    }
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"]
-    result = subprocess.run(
-        [*launcher, str(WORKER), str(job), str(out), *extra],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    torchrun(WORKER, procs, str(job), str(out), *extra)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
