@@ -1,8 +1,9 @@
 """SFT and DPO under DeepSpeed ZeRO, through the trainer's own entry and loops (methods/sft.py, dpo.py):
 spec.distributed.strategy zero2 and zero3 with 2 processes (gloo on the CPU, standing in for NCCL) follow the
 1-process DDP run step by step; an SFT zero3 run stopped after step 4 resumes from its step-3 checkpoint and
-ends where the uninterrupted run ends; the final folder is an ordinary Hugging Face model. RFT trains with DDP
-only: pre-flight refuses ZeRO for it."""
+ends where the uninterrupted run ends; the final folder is an ordinary Hugging Face model. RFT
+(methods/rft.py) likewise: rollouts sampled on every rank from the whole model (ZeRO-3 gathers it for the
+sampler), the same rewards, loss and weights as one DDP process, and a ZeRO-3 run resumes exactly."""
 
 from __future__ import annotations
 
@@ -118,32 +119,6 @@ def test_a_ddp_run_refuses_a_zero_checkpoint(tmp_path: Path) -> None:
     assert issubclass(CheckpointMismatch, permanent_errors())  # the pod fails at once, no restart loop
 
 
-@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
-def test_preflight_refuses_zero_for_a_method_that_trains_only_with_ddp(tmp_path: Path, strategy: str) -> None:
-    from whetstone_api.finetunejob import FineTuneJobSpec
-    from whetstone_trainer.preflight import preflight
-
-    method = "rft"
-    doc = valid_job()["spec"]
-    doc.update(
-        {"method": method, "rft": {"graders": [{"name": "length"}]}, "distributed": {"strategy": strategy}}
-    )
-    problems = preflight(FineTuneJobSpec.model_validate(doc), tmp_path, check_lengths=False)
-    refusal = [p for p in problems if p.startswith("spec.distributed.strategy:")]
-    assert refusal == [
-        f"spec.distributed.strategy: {strategy} (DeepSpeed ZeRO) is supported for method sft and dpo only; "
-        f"method {method} trains with ddp: set spec.distributed.strategy to ddp (or leave it out)"
-    ]
-    doc["distributed"] = {"strategy": "ddp"}
-    problems = preflight(FineTuneJobSpec.model_validate(doc), tmp_path, check_lengths=False)
-    assert not [p for p in problems if p.startswith("spec.distributed")]
-    # SFT and DPO with ZeRO pass this check.
-    for other in ({}, {"method": "dpo", "dpo": {"beta": 0.1}}):
-        ok = valid_job()["spec"] | other | {"distributed": {"strategy": strategy}}
-        problems = preflight(FineTuneJobSpec.model_validate(ok), tmp_path, check_lengths=False)
-        assert not [p for p in problems if p.startswith("spec.distributed")]
-
-
 @pytest.mark.slow
 def test_dpo_under_zero2_and_zero3_follows_one_ddp_process(tmp_path: Path) -> None:
     # Full-parameter DPO: the reference log-probs are computed once by the policy itself, before training.
@@ -183,3 +158,109 @@ def test_dpo_under_zero2_and_zero3_follows_one_ddp_process(tmp_path: Path) -> No
                     assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (strategy, key, a, b)
         assert (tmp_path / strategy / "checkpoints" / "step-00000002" / "deepspeed" / "layout.json").is_file()
         assert_same_weights(tmp_path / "ddp", tmp_path / strategy)
+
+
+def rft_job(folder: Path, strategy: str) -> Path:
+    """Full-parameter GRPO with a KL to the frozen base on the tiny model, graded by a stringCheck: 8 prompts
+    a step, 2 answers each (16 answers) in 3 mini-batches of 6, 5 and 5. On 2 ranks, rank 0 takes 3, 3, 3 of
+    them and rank 1 3, 2, 2, in micro-batches of 2: rank 1 pads its last two mini-batches with a weight-0
+    micro-batch, so the even-count path (and its stand-in's old and reference log-probs) runs."""
+    if not (folder / "prompts.jsonl").is_file():
+        rows = [
+            {"messages": [{"role": "user", "content": f"Say a word with {c}"}], "answer": c}
+            for c in "aeiouaeiourstlnm"
+        ]
+        write_jsonl(rows, folder / "prompts.jsonl")
+        write_jsonl(rows[:3], folder / "eval.jsonl")  # 3 prompts: ranks get 2 and 1
+    doc = valid_job()
+    doc["spec"].update(
+        method="rft",
+        rft={
+            "graders": [{"name": "has-letter"}],
+            "samplesPerPrompt": 2,
+            "maxCompletionTokens": 4,
+            "klBeta": 0.05,
+            "miniBatches": 3,
+            "evalTemperature": 0,
+        },
+    )
+    doc["spec"]["dataset"] = {"uri": "prompts.jsonl"}
+    doc["spec"]["evalDataset"] = {"uri": "eval.jsonl"}
+    doc["spec"]["distributed"] = {"strategy": strategy}
+    doc["spec"]["hyperparameters"] = {
+        "maxSteps": 4,
+        "batchSize": 8,
+        "gradientAccumulationSteps": 4,  # 2 prompts (4 answers) per micro-batch: 2 answers on each of 2 ranks
+        "maxSeqLen": 64,
+        "learningRate": 3e-3,
+        "maxGradNorm": 1.0,
+        "seed": 3,
+    }
+    doc["spec"]["checkpointing"] = {"everySteps": 2}
+    grader = {
+        "apiVersion": "whetstone.dev/v1alpha1",
+        "kind": "RewardGrader",
+        "metadata": {"name": "has-letter"},
+        "spec": {"stringCheck": {"reference": "{{ item.answer }}", "operation": "like"}},
+    }
+    path = folder / f"rft-{strategy}.yaml"
+    path.write_text(yaml.safe_dump_all([doc, grader]))
+    return path
+
+
+RFT_KEYS = (
+    "reward_mean",
+    "loss",
+    "kl",
+    "entropy",
+    "advantage_std",
+    "clip_fraction",
+    "lr",
+    "eval_reward_mean",
+)
+
+
+def assert_same_rft_steps(reference: list[dict], other: list[dict], what: str) -> None:
+    assert [m["step"] for m in other] == [1, 2, 3, 4], what
+    for a, b in zip(reference, other, strict=True):
+        # The same prompts give the same answers on any number of ranks: the rewards are equal, not close.
+        assert b["reward_mean"] == a["reward_mean"] and b["groups_trained"] == a["groups_trained"], (
+            what,
+            a,
+            b,
+        )
+        for key in RFT_KEYS:
+            if a.get(key) is not None:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (what, key, a, b)
+
+
+@pytest.mark.slow
+def test_rft_under_zero2_and_zero3_follows_one_ddp_process_and_zero3_resumes(tmp_path: Path) -> None:
+    reference = run(rft_job(tmp_path, "ddp"), tmp_path / "ddp", 1)
+    # Not vacuous: some groups have answers with different rewards (non-zero advantages), the weights move
+    # away from the frozen base (KL), and there are evals (at the checkpoint and at the end).
+    assert any(m["advantage_std"] for m in reference)
+    assert all(m["kl"] > 0 for m in reference)
+    assert [m["step"] for m in reference if "eval_reward_mean" in m] == [2, 4]
+
+    zero2 = run(rft_job(tmp_path, "zero2"), tmp_path / "zero2", 2)
+    assert_same_rft_steps(reference, zero2, "zero2")
+    assert_same_weights(tmp_path / "ddp", tmp_path / "zero2")
+
+    # ZeRO-3, stopped right after step 3 (its latest checkpoint is step 2), then started again: step 3 again.
+    job3, out3 = rft_job(tmp_path, "zero3"), tmp_path / "zero3"
+    first = run(job3, out3, 2, "--stop-after", "3")
+    assert [m["step"] for m in first] == [1, 2, 3]
+    assert (out3 / "checkpoints" / "step-00000002" / "deepspeed" / "layout.json").is_file()
+    assert not (out3 / "final").exists()
+    resumed = run(job3, out3, 2)
+    assert json.loads((out3 / "summary.json").read_text())["resumed_from_step"] == 2
+    for key in ("reward_mean", "loss", "kl", "entropy"):
+        assert resumed[2][key] == pytest.approx(first[2][key], rel=1e-6), key  # step 3 again, exactly
+    assert_same_rft_steps(reference, resumed, "zero3 resumed")
+    assert_same_weights(tmp_path / "ddp", out3)
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out3 / "final", dtype=torch.float32)
+    assert sum(p.numel() for p in model.parameters()) > 0

@@ -7,6 +7,7 @@ every loss starts from), the SFT eval loss, metrics.jsonl, checkpoint save/resum
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import random
@@ -185,6 +186,29 @@ class Trainee:
             return self.zero.step(), lr
         assert self.trained is not None and self.optimizer is not None
         return clip_and_step(self.trained, self.optimizer, self.scheduler, self.max_grad_norm)
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the next optimizer step."""
+        if self.zero is not None:
+            return self.zero.lr
+        return float(self.scheduler.get_last_lr()[0])
+
+    def generating(self) -> contextlib.AbstractContextManager[Any]:
+        """Around a call of the sampler (RFT rollouts, reward evals): the model with all its weights as a
+        plain module. Every rank enters it, with prompts of its own or not (ZeRO-3 gathers the weights, see
+        ZeroModel.generating)."""
+        if self.zero is not None:
+            return self.zero.generating()
+        return contextlib.nullcontext(self.trained)
+
+    def frozen_reference(self, model_folder: Path) -> Any:
+        """A frozen copy of the base weights (a full-parameter KL term), made before the first step: under DDP
+        a copy of the model, under ZeRO the base loaded again (ZeroModel.frozen_reference)."""
+        if self.zero is not None:
+            return self.zero.frozen_reference(lambda: load_model(model_folder))
+        assert self.trained is not None
+        return copy.deepcopy(self.trained).eval().requires_grad_(False)
 
     def checkpoints(self, output: Path, fingerprint: str, keep_last: int, observer: Observer) -> Checkpoints:
         return Checkpoints(

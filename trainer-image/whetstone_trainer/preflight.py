@@ -1,10 +1,11 @@
 """Pre-flight validation: everything about a job that can be checked before any training, reported all at
 once. `whetstone validate` prints it; `whetstone run` and the trainer refuse to start when it finds anything.
 
-Beyond what the API server checks: the method's loop supports spec.distributed.strategy, the model can be
-reached, every dataset row has the structure of the method's format, the world size fits the batch (every
-rank gets the same, non-zero number of rows per micro-batch), maxSeqLen fits the model's positions, and (SFT)
-every example fits maxSeqLen in the model's own tokens. Nothing here raises for bad input.
+Beyond what the API server checks: the model can be reached, every dataset row has the structure of the
+method's format, the world size fits the batch (every rank gets the same, non-zero number of rows per
+micro-batch), maxSeqLen fits the model's positions, and (SFT) every example fits maxSeqLen in the model's own
+tokens. Nothing here raises for bad input. (Every method trains under every spec.distributed.strategy the API
+allows: nothing to refuse there.)
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def preflight(spec: FineTuneJobSpec, base_dir: Path | None, *, check_lengths: bo
 
 def check_job(spec: FineTuneJobSpec, base_dir: Path | None, *, check_lengths: bool = True) -> Checked:
     """preflight(), keeping what it read."""
-    problems: list[str] = strategy_problems(spec) + world_size_problems(spec)
+    problems: list[str] = world_size_problems(spec)
     source = None
     try:
         source = parse_model_uri(spec.base_model.uri, base_dir)
@@ -87,22 +88,6 @@ def check_job(spec: FineTuneJobSpec, base_dir: Path | None, *, check_lengths: bo
     checked.rows = {f: report.rows for f, _path, report in readable}
     checked.paths = {f: path for f, path, _report in readable}
     return checked
-
-
-ZERO_METHODS = ("sft", "dpo")
-"""The methods whose loop trains under DeepSpeed ZeRO (spec.distributed.strategy zero2 / zero3)."""
-
-
-def strategy_problems(spec: FineTuneJobSpec) -> list[str]:
-    """A ZeRO strategy for a method whose loop trains only under DDP: refused, never silently ignored."""
-    strategy = spec.distributed.strategy
-    if spec.distributed.zero_stage is None or spec.method in ZERO_METHODS:
-        return []
-    return [
-        f"spec.distributed.strategy: {strategy} (DeepSpeed ZeRO) is supported for method "
-        f"{' and '.join(ZERO_METHODS)} only; method {spec.method} trains with ddp: set "
-        "spec.distributed.strategy to ddp (or leave it out)"
-    ]
 
 
 def world_size_problems(spec: FineTuneJobSpec) -> list[str]:

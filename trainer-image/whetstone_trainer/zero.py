@@ -33,15 +33,19 @@ What DeepSpeed does and what stays ours:
   only (DeepSpeed's shard layout depends on it); another world size is refused with a clear error.
 - Export: the weights gathered on rank 0 (ZeRO-3: one layer at a time) and saved as an ordinary Hugging Face
   folder that `from_pretrained` loads without DeepSpeed.
+- RFT (methods/rft.py) also samples from the model being trained (`ZeroModel.generating`: the module itself
+  under ZeRO-2, the whole model gathered once per sampling call under ZeRO-3) and takes its KL to a frozen
+  copy of the base (`ZeroModel.frozen_reference`: a plain copy under ZeRO-2, a partitioned one under ZeRO-3).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
@@ -119,10 +123,18 @@ def even_micro_batches(rows: Sequence[T], world: World, micro: int) -> list[list
 class ZeroModel:
     """A model trained under DeepSpeed ZeRO: the engine, its optimizer and scheduler, checkpoints, export."""
 
-    def __init__(self, engine: Any, world: World, stage: int, hf_config: Any = None) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        world: World,
+        stage: int,
+        hf_config: Any = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
         self.engine = engine
         self.world = world
         self.stage = stage
+        self.config = config or {}  # the DeepSpeed config the engine was built with
         # ZeRO-3: transformers holds the HfDeepSpeedConfig weakly; it must live as long as the model.
         self._hf_config = hf_config
 
@@ -178,7 +190,8 @@ class ZeroModel:
             lr_scheduler=lambda opt: build_scheduler(opt, total_steps, hp),
             config=config,
         )
-        return cls(engine, world, config["zero_optimization"]["stage"], hf_config), tokenizer
+        stage = config["zero_optimization"]["stage"]
+        return cls(engine, world, stage, hf_config, config), tokenizer
 
     # --- the step
 
@@ -203,6 +216,53 @@ class ZeroModel:
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
+
+    # --- sampling and a frozen reference (RFT)
+
+    @contextlib.contextmanager
+    def generating(self) -> Iterator[torch.nn.Module]:
+        """The model with all its weights as a plain module, for the KV-cache sampler. Every rank must enter
+        it, with or without prompts of its own (ZeRO-3 gathers the weights collectively).
+
+        ZeRO-2 keeps every weight on every rank: the module itself. ZeRO-3 partitions them, and its hooked
+        forward all-gathers each layer in every forward: the sampler forwards once per generated token, so
+        that would be one all-gather per layer and token, and a collective in every decode step, while each
+        rank samples its own prompts and stops after its own number of steps (a rank that finishes first
+        leaves the others waiting in an all-gather: a hang). Instead the whole model is gathered once per
+        sampling call and ZeRO-3's hooks are lifted for its duration (DeepSpeed's
+        `unwrap_model_for_generation`, what TRL does for generation under ZeRO-3): decoding then runs at
+        the plain model's speed without communication. The price is the whole model in each rank's memory
+        while it samples (released when the call ends); a model whose weights do not fit on one GPU at all
+        would need a separate inference engine."""
+        if self.stage != 3:
+            yield self.engine.module
+            return
+        from deepspeed.runtime.zero import unwrap_model_for_generation
+
+        with unwrap_model_for_generation(self.engine):
+            yield self.engine.module
+
+    def frozen_reference(self, load_model: Callable[[], tuple[torch.nn.Module, Any]]) -> Any:
+        """The base model again, frozen, for a KL term: load it before the first step or after (it comes from
+        the model folder, not from the trained weights). ZeRO-2: a plain copy on every rank, in the dtype of
+        the trained module (as ZeRO-2 keeps the trained weights whole too). ZeRO-3: loaded partitioned (the
+        HfDeepSpeedConfig is still alive) and wrapped in an engine of its own without optimizer, whose
+        forward gathers each layer as the trained engine's does: the same number of forwards on every rank."""
+        model, _tokenizer = load_model()
+        model.requires_grad_(False)
+        model.eval()
+        if self.stage != 3:
+            like = next(self.engine.module.parameters())
+            return model.to(like.device, like.dtype)
+        import deepspeed
+
+        config = {k: v for k, v in self.config.items() if k != "gradient_clipping"}
+        config["zero_optimization"] = {
+            k: v for k, v in self.config["zero_optimization"].items() if k != "offload_optimizer"
+        }
+        engine, _, _, _ = deepspeed.initialize(model=model, config=config)
+        engine.eval()
+        return engine
 
     # --- checkpoints
 

@@ -22,12 +22,19 @@ Exact resume: weights, optimizer, scheduler, the torch and python RNG and the cu
 rounds included) are checkpointed. The sampler draws each prompt's answers from a generator seeded with the
 job's seed and the prompt's position in the stream, so its state is a function of the cursor: a resumed run
 samples and scores what the uninterrupted run would have, and so does a run on another number of ranks.
+
+The same loop trains under DDP and, full-parameter, under DeepSpeed ZeRO-2 / ZeRO-3
+(spec.distributed.strategy): `loop.Trainee` holds what differs. The sampler runs on the whole model
+(`Trainee.generating`: ZeRO-3 gathers the weights once per sampling call); the old and reference log-probs
+and the updates run as many micro-batches on every rank (ZeRO-3 gathers weights in every forward). The
+full-parameter KL reference is a frozen copy of the base (`Trainee.frozen_reference`; under ZeRO-3 itself
+partitioned): unlike DPO's, the answers it scores are only known once sampled, so its log-probs cannot be
+computed ahead.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import math
@@ -44,7 +51,6 @@ from ..data.formats import TokenizedExample
 from ..data.packing import Row, collate, epoch_order
 from ..data.tokenize import tokenize_prompt
 from ..distributed import World
-from ..optim import build_optimizer, build_scheduler
 from ..sampling import SamplingParams, default_stop_token_ids, sample
 from .losses import aggregate, group_advantages, gspo_token_terms, kl_k3, ppo_terms, soft_overlong_penalty
 from .rollouts import Group, Prompt, grade_observations, rollout_lines, rollout_metrics
@@ -149,18 +155,21 @@ def train(
     G = rft.samples_per_prompt  # noqa: N806 (the group size, as in the papers)
 
     # --- data, model, reference, graders, sampler
-    model, tokenizer = loop.load_model(inputs.model_folder)
+    tokenizer = loop.load_tokenizer(inputs.model_folder)
     pad_id = tokenizer.pad_token_id
     prompts = [Prompt(tokenize_prompt(tokenizer, row), row, line) for line, row in inputs.train_rows]
     digest = hashlib.sha256()
     for p in prompts:
         digest.update(json.dumps([p.tokens, p.row]).encode())
-    model = loop.apply_tuning(model, spec).to(rt.device)
-    model.train()
+    _steps_per_epoch, total_steps = loop.plan_steps(len(prompts), hp.batch_size, hp)
+    updates_per_step = rft.update_epochs * rft.mini_batches
+    micro = max(1, math.ceil(hp.micro_batch_size * G / rt.world.size))
+    # DDP (LoRA or full-parameter) or DeepSpeed ZeRO (full-parameter): loop.Trainee holds what differs.
+    trainee = loop.prepare_trainee(spec, rt, inputs.model_folder, total_steps * updates_per_step, micro)
+    policy = trainee.module  # forwards without gradient: old and reference log-probs
     frozen = None
     if rft.kl_beta > 0 and spec.lora is None:  # full-parameter: the reference is a frozen copy of the base
-        frozen = copy.deepcopy(model).eval().requires_grad_(False)
-    trained_model, model = model, loop.wrap_for_training(model, rt)
+        frozen = trainee.frozen_reference(inputs.model_folder)
     graders = grader_set(inputs)  # closed by the `with` around the loop, or just below
     not_loading = graders.preload()
     if not_loading:
@@ -172,24 +181,10 @@ def train(
             + "; ".join(f"{name}: {why}" for name, why in not_loading.items())
         )
     params = sampling_params(rft, tokenizer)
-
-    _steps_per_epoch, total_steps = loop.plan_steps(len(prompts), hp.batch_size, hp)
-    updates_per_step = rft.update_epochs * rft.mini_batches
-    optimizer = build_optimizer(trained_model, hp)
-    scheduler = build_scheduler(optimizer, total_steps * updates_per_step, hp)
     output.mkdir(parents=True, exist_ok=True)
 
     # --- resume
-    checkpoints = loop.Checkpoints(
-        output,
-        rt,
-        trained_model,
-        optimizer,
-        scheduler,
-        digest.hexdigest()[:16],
-        spec.checkpointing.keep_last,
-        observer,
-    )
+    checkpoints = trainee.checkpoints(output, digest.hexdigest()[:16], spec.checkpointing.keep_last, observer)
     resumed = checkpoints.resume()
     start_step = resumed.step if resumed else 0
     cursor = int(resumed.cursor.get("prompts", start_step * hp.batch_size)) if resumed else 0
@@ -211,18 +206,19 @@ def train(
         each rank its share, then every rank gets all of them in stream order."""
         positions = list(range(first, first + count))[rt.world.rank :: rt.world.size]
         local: list[Group] = []
+        # Every rank enters `generating`, prompts of its own or not (ZeRO-3 gathers the weights).
+        with trainee.generating() as sampler_model, rt.autocast():
+            out = sample(
+                sampler_model,
+                [prompts[stream(p)].tokens for p in positions],
+                params,
+                n=G,
+                tokenizer=tokenizer,
+                # Each prompt's own generator, seeded by its place in the stream: its samples depend on
+                # neither the rank nor the batch, and a resumed run redraws them from the cursor.
+                generator=[torch.Generator().manual_seed(hp.seed * 1_000_003 + p) for p in positions],
+            )
         if positions:
-            with rt.autocast():
-                out = sample(
-                    trained_model,
-                    [prompts[stream(p)].tokens for p in positions],
-                    params,
-                    n=G,
-                    tokenizer=tokenizer,
-                    # Each prompt's own generator, seeded by its place in the stream: its samples depend on
-                    # neither the rank nor the batch, and a resumed run redraws them from the cursor.
-                    generator=[torch.Generator().manual_seed(hp.seed * 1_000_003 + p) for p in positions],
-                )
             texts = [[tokenizer.decode(c.tokens, skip_special_tokens=True) for c in group] for group in out]
             rewards = graders.grade(
                 [Sample(t) for group in texts for t in group],
@@ -247,7 +243,8 @@ def train(
     def evaluate(step: int) -> dict[str, float]:
         if not inputs.eval_rows:
             return {}
-        result = evaluate_rewards(trained_model, tokenizer, inputs.eval_rows, inputs, graders, rt, seed=step)
+        with trainee.generating() as net:
+            result = evaluate_rewards(net, tokenizer, inputs.eval_rows, inputs, graders, rt, seed=step)
         return {"eval_reward_mean": result.mean_reward, "eval_pass_rate": result.pass_rate}
 
     def collect_groups() -> tuple[list[Group], list[Group], int]:
@@ -268,30 +265,32 @@ def train(
             keep_rate, need = len(kept) / len(sampled), hp.batch_size - len(kept)
             count = min(4 * hp.batch_size, math.ceil(need / keep_rate) if keep_rate else hp.batch_size)
 
-    def score_before_update(parts: list[list[Sequence]], old: bool) -> float:
+    def score_before_update(parts: list[tuple[list[Sequence], list[Sequence]]], old: bool) -> float:
         """Old log-probs (when several updates follow: with one, the update's own forward gives them) and
-        the reference's (for the KL) of this rank's answers, once, before the first update; returns
-        Σ |sampler − trainer| log-prob over their tokens (the inference mismatch) when it scored them."""
+        the reference's (for the KL) of this rank's answers, once, before the first update: `parts` are
+        (answers, what to forward) per micro-batch; a stand-in forwarded for an empty micro-batch keeps its
+        scores too (its weight-0 update needs them). Returns Σ |sampler − trainer| log-prob over this rank's
+        answers' tokens (the inference mismatch) when it scored them."""
         drift = 0.0
-        trained_model.eval()
+        policy.eval()
         with torch.no_grad():
-            for part in parts:
+            for part, run in parts:
                 if old:
                     with rt.autocast():
-                        scored = sequence_logprobs(trained_model, part)
-                    for s, values in zip(part, _split(scored), strict=True):
+                        scored = _split(sequence_logprobs(policy, run))
+                    for s, values in zip(run, scored, strict=True):
                         s.old_logprobs = values
-                        drift += float((values.cpu() - torch.tensor(s.sampler_logprobs)).abs().sum())
+                    for s in part:
+                        drift += float((s.old_logprobs.cpu() - torch.tensor(s.sampler_logprobs)).abs().sum())
                 if rft.kl_beta > 0:
-                    off = trained_model.disable_adapter() if frozen is None else contextlib.nullcontext()
+                    off = policy.disable_adapter() if frozen is None else contextlib.nullcontext()
                     with off, rt.autocast():  # type: ignore[attr-defined]
-                        ref = sequence_logprobs(frozen or trained_model, part)
-                    for s, values in zip(part, _split(ref), strict=True):
+                        ref = _split(sequence_logprobs(policy if frozen is None else frozen, run))
+                    for s, values in zip(run, ref, strict=True):
                         s.ref_logprobs = values
-        trained_model.train()
+        policy.train()
         return drift
 
-    micro = max(1, math.ceil(hp.micro_batch_size * G / rt.world.size))
     started = time.perf_counter()
     last: dict[str, Any] = {}
     evals: dict[str, float] = {}
@@ -309,13 +308,21 @@ def train(
             t1 = time.perf_counter()
             minis = [seqs[i :: rft.mini_batches] for i in range(rft.mini_batches)]
             mine = [m[rt.world.rank :: rt.world.size] for m in minis]
+            # This rank's micro-batches of each mini-batch, as many on every rank (ZeRO reduces gradients in
+            # every backward and ZeRO-3 gathers weights in every forward); an empty one runs on the
+            # mini-batch's first answer with weight 0: (answers, what to forward, weight).
+            micro_parts = [
+                [(part, part or m[:1], 1.0 if part else 0.0) for part in trainee.micro_batches(m, micro)]
+                for m in minis
+            ]
             on_policy = rft.update_epochs * rft.mini_batches == 1
-            parts_all = [m[i : i + micro] for m in mine for i in range(0, len(m), micro)]
-            drift = score_before_update(parts_all, old=not on_policy)
+            drift = score_before_update(
+                [(part, run) for parts in micro_parts for part, run, _w in parts if run], old=not on_policy
+            )
             scored = float(sum(len(s.sampler_logprobs) for m in mine for s in m))
             sums = torch.zeros(STATS + 2, dtype=torch.float64)  # the policy stats, tokens forwarded, steps
             for _pass in range(rft.update_epochs):
-                for m_all, m_mine in zip(minis, mine, strict=True):
+                for m_all, parts in zip(minis, micro_parts, strict=True):
                     if not m_all:
                         continue
                     normaliser = (
@@ -323,19 +330,16 @@ def train(
                         if aggregation == "token-mean"
                         else len(m_all)
                     )
-                    # A rank without answers in this mini-batch still joins the gradient all-reduce, weight 0.
-                    work, scale = (m_mine, 1.0) if m_mine else (m_all[:1], 0.0)
-                    parts = [work[i : i + micro] for i in range(0, len(work), micro)]
-                    for i, part in enumerate(parts):
-                        sync = not rt.world.distributed or i == len(parts) - 1
-                        with contextlib.nullcontext() if sync else model.no_sync(), rt.autocast():
-                            t = sequence_logprobs(model, part, with_entropy=True)
-                            loss, stats = policy_loss(t, part, rft, aggregation, normaliser)
-                            # DDP averages gradients over ranks; undo it: each step optimises the global mean.
-                            (loss * rt.world.size * scale).backward()
+                    for i, (_part, run, scale) in enumerate(parts):
+                        with trainee.accumulating(last=i == len(parts) - 1), rt.autocast():
+                            t = sequence_logprobs(trainee.model, run, with_entropy=True)
+                            loss, stats = policy_loss(t, run, rft, aggregation, normaliser)
+                            # DDP and ZeRO average gradients over ranks; undo it: each step optimises the
+                            # global mean.
+                            trainee.backward(loss * rt.world.size * scale)
                         sums[:STATS] += scale * stats
-                        sums[STATS] += scale * sum(len(s.example) for s in part)
-                    loop.clip_and_step(trained_model, optimizer, scheduler, hp.max_grad_norm)
+                        sums[STATS] += scale * sum(len(s.example) for s in run)
+                    trainee.step()
                     sums[STATS + 1] += 1 / rt.world.size
             update_seconds = time.perf_counter() - t1
             if on_policy:  # the update's forward scored the answers: its drift is the mismatch
@@ -367,7 +371,7 @@ def train(
                 "rollout_tokens_per_second": completion_tokens / rollout_seconds if rollout_seconds else None,
                 "grader_latency_seconds": {k: sum(v) / len(v) for k, v in latencies.items() if v},
                 "grader_errors": _errors_by_grader(errors),
-                "lr": scheduler.get_last_lr()[0],
+                "lr": trainee.lr,
                 "tokens": int(forwarded),
                 "tokens_per_second": forwarded / update_seconds if update_seconds > 0 else None,
                 "elapsed_seconds": time.perf_counter() - started,
@@ -388,7 +392,7 @@ def train(
                 return loop.stop_early(rt, done)
 
     # --- output
-    final = loop.save_final(output, rt, trained_model, tokenizer, spec)
+    final = trainee.save_final(output, tokenizer, spec)
     summary = {
         "method": "rft",
         "algorithm": rft.algorithm,
