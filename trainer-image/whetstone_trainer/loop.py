@@ -110,7 +110,10 @@ def load_tokenizer(model_folder: Path) -> Any:
 
 
 def apply_tuning(model: torch.nn.Module, spec: FineTuneJobSpec) -> torch.nn.Module:
-    """LoRA adapters (the base stays frozen) or every weight trainable."""
+    """LoRA adapters (the base stays frozen) or every weight trainable; the layers checkpointed when
+    spec.gradient_checkpointing (here, so that every method's model set-up gets it)."""
+    if spec.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if spec.lora is not None:
         from peft import LoraConfig, get_peft_model
 
@@ -230,8 +233,6 @@ def prepare_trainee(
         )
         return Trainee(zero.engine, rt, hp.max_grad_norm, zero=zero)
     model, _tokenizer = load_model(model_folder)
-    if spec.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
     model = apply_tuning(model, spec).to(rt.device)
     model.train()
     optimizer = build_optimizer(model, hp)
