@@ -2,14 +2,18 @@
 same settings, each run in a fresh process.
 
 A long-context LoRA job: SmolLM2-135M-Instruct (vocabulary 49 152), prompts of about `--prompt-tokens` tokens
-and short answers, batch `--batch`, rank 16 on every linear layer, fp32 on the CPU (TRL with bf16 and
-gradient checkpointing pinned off), `--steps` optimizer steps. SFT trains on the answers only on both sides
-(TRL: prompt/completion rows, its completion-only loss); DPO uses the adapters-disabled model as reference on
-both sides; RFT samples `--group` answers of at most 32 tokens per prompt, no KL. The figure is the process's
-peak resident memory (VmHWM) and, to show what training itself adds, that peak minus the resident memory
+and short answers, batch `--batch`, rank 16 on every linear layer, fp32 on the CPU (TRL's bf16 pinned off),
+`--steps` optimizer steps. Gradient (activation) checkpointing is the same on both sides, once per value of
+`--checkpointing`: `on` is both trainers' default for this job (TRL 1.16's SFTConfig, DPOConfig and GRPOConfig
+default gradient_checkpointing=True; Whetstone's hyperparameters.gradientCheckpointing defaults to on with
+LoRA), `off` pins it off on both. SFT trains on the answers only on both sides (TRL: prompt/completion rows,
+its completion-only loss); DPO uses the adapters-disabled model as reference on both sides; RFT samples
+`--group` answers of at most `--completion-tokens` tokens per prompt, no KL. The figure is the process's peak
+resident memory (VmHWM) and, to show what training itself adds, that peak minus the resident memory
 after the model was loaded. On a GPU the peak of torch.cuda.max_memory_allocated is reported instead.
 
-    python bench/memory.py [--prompt-tokens 900] [--batch 2] [--steps 2] [--group 4]
+    python bench/memory.py [--prompt-tokens 900] [--batch 2] [--steps 2] [--group 4] [--completion-tokens 32]
+                           [--methods sft,dpo,rft] [--checkpointing on,off]
 """
 
 from __future__ import annotations
@@ -64,7 +68,9 @@ def write_data(folder: Path, prompt_tokens: int, rows: int) -> dict[str, Path]:
     return {k: write_jsonl(v, folder / f"{k}.jsonl") for k, v in out.items()}
 
 
-def child(method: str, trainer: str, args: argparse.Namespace, data: dict[str, Path], out: Path) -> None:
+def child(
+    method: str, trainer: str, checkpointing: bool, args: argparse.Namespace, data: dict[str, Path], out: Path
+) -> None:
     sys.path[:0] = SOURCES
     import torch
     from whetstone_trainer.models.sources import load_model_and_tokenizer
@@ -87,6 +93,7 @@ def child(method: str, trainer: str, args: argparse.Namespace, data: dict[str, P
                 "maxSeqLen": args.prompt_tokens + 300,
                 "learningRate": 1e-4,
                 "evalFraction": 0,
+                "gradientCheckpointing": checkpointing,
             },
             "output": {"uri": str(out)},
         }
@@ -99,7 +106,7 @@ def child(method: str, trainer: str, args: argparse.Namespace, data: dict[str, P
             spec["rft"] = {
                 "graders": [{"name": "has-name"}],
                 "samplesPerPrompt": args.group,
-                "maxCompletionTokens": 32,
+                "maxCompletionTokens": args.completion_tokens,
                 "zeroVarianceGroups": "keep",
             }
             spec["hyperparameters"]["batchSize"] = max(1, args.batch // args.group) or 1
@@ -130,7 +137,7 @@ def child(method: str, trainer: str, args: argparse.Namespace, data: dict[str, P
             "learning_rate": 1e-4,
             "bf16": False,
             "fp16": False,
-            "gradient_checkpointing": False,
+            "gradient_checkpointing": checkpointing,
             "use_cpu": not cuda,
             "report_to": "none",
             "save_strategy": "no",
@@ -165,7 +172,7 @@ def child(method: str, trainer: str, args: argparse.Namespace, data: dict[str, P
                 per_device_train_batch_size=max(1, args.batch // args.group) * args.group,
                 num_generations=args.group,
                 steps_per_generation=1,
-                max_completion_length=32,
+                max_completion_length=args.completion_tokens,
                 beta=0.0,
                 **common,
             )
@@ -196,22 +203,28 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--group", type=int, default=4)
+    parser.add_argument("--completion-tokens", type=int, default=32)
     parser.add_argument("--methods", default="sft,dpo,rft")
-    parser.add_argument("--child", nargs=3, metavar=("METHOD", "TRAINER", "FOLDER"), help=argparse.SUPPRESS)
+    parser.add_argument("--checkpointing", default="on,off", help="on, off or both (on,off)")
+    parser.add_argument(
+        "--child", nargs=4, metavar=("METHOD", "TRAINER", "ON", "DIR"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.child:
-        method, trainer, folder = args.child
+        method, trainer, on, folder = args.child
         data = {p.stem: p for p in Path(folder).glob("*.jsonl")}
-        child(method, trainer, args, data, Path(folder) / f"out-{method}-{trainer}")
+        child(method, trainer, on == "on", args, data, Path(folder) / f"out-{method}-{trainer}-{on}")
         return 0
 
     folder = Path(tempfile.mkdtemp(prefix="whetstone-bench-memory-"))
     write_data(folder, args.prompt_tokens, rows=16)
     print(
         f"peak memory, {MODEL} LoRA r16, prompts of ~{args.prompt_tokens} tokens, batch {args.batch}, "
-        f"{args.steps} steps, RFT group {args.group}"
+        f"{args.steps} steps, RFT group {args.group} of at most {args.completion_tokens} tokens",
+        flush=True,
     )
-    for method in args.methods.split(","):
+    for method, on in [(m, c) for m in args.methods.split(",") for c in args.checkpointing.split(",")]:
+        label = f"{method:4s} ckpt {on:3s}"
         result = {}
         for trainer in ("whetstone", "trl"):
             cmd = [
@@ -220,6 +233,7 @@ def main() -> int:
                 "--child",
                 method,
                 trainer,
+                on,
                 str(folder),
                 "--prompt-tokens",
                 str(args.prompt_tokens),
@@ -229,6 +243,8 @@ def main() -> int:
                 str(args.steps),
                 "--group",
                 str(args.group),
+                "--completion-tokens",
+                str(args.completion_tokens),
             ]
             run = subprocess.run(
                 cmd,
@@ -237,19 +253,20 @@ def main() -> int:
                 env={**os.environ, "PYTHONPATH": os.pathsep.join(SOURCES)},
             )
             if run.returncode:
-                print(f"  {method} {trainer}: failed\n{run.stderr[-2000:]}")
+                print(f"  {label} {trainer}: failed\n{run.stderr[-2000:]}", flush=True)
                 continue
-            result[trainer] = json.loads(run.stdout.strip().splitlines()[-1])
-        for trainer, r in result.items():
+            result[trainer] = r = json.loads(run.stdout.strip().splitlines()[-1])
             print(
-                f"  {method:4s} {trainer:10s} peak {r['peak']:8.0f} {r['unit']}  "
-                f"(after loading {r['baseline']:6.0f}; training adds {r['peak'] - r['baseline']:7.0f})"
+                f"  {label} {trainer:10s} peak {r['peak']:8.0f} {r['unit']}  "
+                f"(after loading {r['baseline']:6.0f}; training adds {r['peak'] - r['baseline']:7.0f})",
+                flush=True,
             )
         if len(result) == 2:
             w, t = result["whetstone"], result["trl"]
             print(
-                f"  {method:4s} ratio whetstone / trl: peak {w['peak'] / t['peak']:.2f}x, "
-                f"added by training {(w['peak'] - w['baseline']) / max(t['peak'] - t['baseline'], 1):.2f}x"
+                f"  {label} ratio whetstone / trl: peak {w['peak'] / t['peak']:.2f}x, "
+                f"added by training {(w['peak'] - w['baseline']) / max(t['peak'] - t['baseline'], 1):.2f}x",
+                flush=True,
             )
     return 0
 

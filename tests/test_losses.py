@@ -28,6 +28,63 @@ def test_token_logprobs_match_log_softmax() -> None:
     assert torch.allclose(L.token_logprobs(logits, targets), expected, atol=1e-6)
 
 
+def _head_and_hidden(
+    n: int = 37, h: int = 8, v: int = 50
+) -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    head = torch.nn.Linear(h, v, bias=False)
+    return head, torch.randn(n, h, requires_grad=True), torch.randint(0, v, (n,))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_token_logprobs_equal_the_whole_head_in_value_and_gradient(temperature: float) -> None:
+    head, hidden, targets = _head_and_hidden()
+    logits = head(hidden) / temperature
+    whole = L.token_logprobs(logits, targets)
+    whole_entropy = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
+    weights = torch.rand(targets.shape)
+    (whole * weights).sum().backward()
+    grads = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad, head.weight.grad = None, None
+
+    # 4 tokens of a 50-word vocabulary per chunk: 10 chunks, the last one short
+    lp, entropy = L.chunked_token_logprobs(
+        hidden, targets, head, 50, temperature, with_entropy=True, chunk_elements=200
+    )
+    assert lp.dtype == torch.float32 and lp.shape == targets.shape
+    assert torch.allclose(lp, whole, atol=1e-6)
+    assert entropy is not None and torch.allclose(entropy, whole_entropy.detach(), atol=1e-6)
+    (lp * weights).sum().backward()
+    assert torch.allclose(hidden.grad, grads[0], atol=1e-6)
+    assert torch.allclose(head.weight.grad, grads[1], atol=1e-6)
+
+
+def test_chunked_token_logprobs_never_keep_the_whole_logits_for_the_backward() -> None:
+    head, hidden, targets = _head_and_hidden(n=64, v=50)
+    saved: list[int] = []
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        saved.append(x.numel())
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        L.token_logprobs(head(hidden), targets).sum().backward()
+    assert max(saved) >= 64 * 50  # unchunked: the [N, V] log-softmax is kept
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        lp, _ = L.chunked_token_logprobs(hidden, targets, head, 50, chunk_elements=8 * 50)
+        lp.sum().backward()
+    # what the forward keeps for the backward is the hidden states and the head, never a logits chunk
+    # (chunks are recomputed in the backward; their tensors there are a chunk's, [8, 50] at most)
+    assert max(saved) <= max(8 * 50, head.weight.numel())
+
+
+def test_chunked_token_logprobs_of_no_targets() -> None:
+    head, hidden, targets = _head_and_hidden(n=0)
+    lp, entropy = L.chunked_token_logprobs(hidden, targets, head, 50, with_entropy=True)
+    assert lp.shape == (0,) and entropy is not None and entropy.shape == (0,)
+
+
 def test_importance_sampling_value_and_gradient() -> None:
     lp = t(-1.0, -2.0).requires_grad_()
     q, a = t(-1.5, -2.0), t(2.0, -1.0)

@@ -352,6 +352,11 @@ class Hyperparameters(ApiModel):
     """Seed of the data order, dropout and initialisation; the same seed gives the same run."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Compute precision: auto is bf16 on GPU and fp32 on CPU."""
+    gradient_checkpointing: bool | None = None
+    """Activation (gradient) checkpointing: keep only each transformer layer's input in the forward and
+    recompute the rest in the backward, so activation memory grows with layers × tokens × hidden size instead
+    of with everything a layer computes (about a third more compute). Unset: on with lora, where activations
+    dominate memory, off with fullParameter, where weights, gradients and optimizer state do."""
     eval_every_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     """Compute the eval loss every N steps (and at the end); unset: at each checkpoint and at the end."""
     eval_fraction: float = Field(default=0.05, ge=0, lt=1)
@@ -729,6 +734,12 @@ class FineTuneJobSpec(ApiModel):
     @property
     def sft_settings(self) -> SFTSpec:
         return self.sft or SFTSpec()
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """hyperparameters.gradientCheckpointing resolved: unset is on with lora, off with fullParameter."""
+        wanted = self.hyperparameters.gradient_checkpointing
+        return self.lora is not None if wanted is None else wanted
 
     @property
     def processes_per_node(self) -> int:

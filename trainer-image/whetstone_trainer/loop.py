@@ -28,7 +28,8 @@ from .checkpoints import (
 )
 from .data.formats import DatasetError
 from .data.packing import Batch, Row, collate
-from .methods.losses import token_logprobs
+from .methods.losses import chunked_token_logprobs
+from .models.activations import enable_gradient_checkpointing, head_passes_hidden_states, output_head
 from .optim import build_optimizer, build_scheduler
 from .zero import DEEPSPEED_DIR, ZeroModel, even_micro_batches
 
@@ -110,7 +111,10 @@ def load_tokenizer(model_folder: Path) -> Any:
 
 
 def apply_tuning(model: torch.nn.Module, spec: FineTuneJobSpec) -> torch.nn.Module:
-    """LoRA adapters (the base stays frozen) or every weight trainable."""
+    """LoRA adapters (the base stays frozen) or every weight trainable; the layers checkpointed when
+    spec.gradient_checkpointing (here, so that every method's model set-up gets it)."""
+    if spec.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if spec.lora is not None:
         from peft import LoraConfig, get_peft_model
 
@@ -300,32 +304,45 @@ def target_logprobs(
 ) -> TargetLogprobs:
     """One forward over the batch; only positions whose next token is a target go through the output head
     (`logits_to_keep` as a mask): with prompts masked that is most of the sequence, and the vocabulary
-    projection is the widest matmul there is. The [B, T, V] logits never exist. `temperature` divides the
-    logits first (RFT: the distribution the sampler drew from)."""
+    projection is the widest matmul there is. The [B, T, V] logits never exist, and neither do the targets'
+    [N, V] ones: the model hands back the kept hidden states and the head runs over them a chunk at a time
+    (losses.chunked_token_logprobs), unless ZeRO-3 holds the head's weight (then it runs inside the model).
+    `temperature` divides the logits first (RFT: the distribution the sampler drew from)."""
     ids = batch.input_ids.to(device)
     weights = batch.weights.to(device)
     keep = torch.zeros_like(ids, dtype=torch.bool)
     keep[:, :-1] = weights[:, 1:] != 0  # position t predicts token t + 1
-    logits = model(
-        input_ids=ids, position_ids=batch.position_ids.to(device), use_cache=False, logits_to_keep=keep
-    ).logits
-    if logits.dim() == 3:  # a model that ignores mask-shaped logits_to_keep
-        logits = logits[keep]
     targets = ids[:, 1:][keep[:, :-1]]
-    if temperature != 1.0:
-        logits = logits.float() / temperature
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            logp = torch.log_softmax(logits.float(), -1)
-            entropy = -(logp.exp() * logp).sum(-1)
+    inputs = {"input_ids": ids, "position_ids": batch.position_ids.to(device), "use_cache": False}
+    head = output_head(model)
+    if head is not None:
+        with head_passes_hidden_states(head):
+            hidden = model(**inputs, logits_to_keep=keep).logits
+        if hidden.dim() == 3:  # a model that ignores mask-shaped logits_to_keep
+            hidden = hidden[keep]
+        logprobs, entropy = chunked_token_logprobs(
+            hidden, targets, head, _vocab_size(head), temperature, with_entropy
+        )
+    else:
+        logits = model(**inputs, logits_to_keep=keep).logits
+        if logits.dim() == 3:
+            logits = logits[keep]
+        # The logits exist whole here; chunking still keeps their fp32 log-softmax to a chunk at a time.
+        logprobs, entropy = chunked_token_logprobs(
+            logits, targets, torch.nn.Identity(), logits.shape[-1], temperature, with_entropy
+        )
     return TargetLogprobs(
-        logprobs=token_logprobs(logits, targets),
+        logprobs=logprobs,
         weights=weights[:, 1:][keep[:, :-1]],
         rows=keep.nonzero()[:, 0],
         num_rows=ids.shape[0],
         entropy=entropy,
     )
+
+
+def _vocab_size(head: torch.nn.Module) -> int:
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else 1
 
 
 def token_nll_sum(model: torch.nn.Module, batch: Batch, device: torch.device) -> tuple[torch.Tensor, float]:

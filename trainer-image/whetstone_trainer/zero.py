@@ -63,6 +63,7 @@ from .checkpoints import (
     list_checkpoints,
 )
 from .distributed import World
+from .models.activations import enable_gradient_checkpointing
 from .optim import build_optimizer, build_scheduler
 
 T = TypeVar("T")
@@ -173,6 +174,8 @@ class ZeroModel:
             raise ValueError("ZeRO trains all weights: spec.fullParameter must be set")
         if spec.full_parameter.freeze_embeddings:
             model.get_input_embeddings().requires_grad_(False)
+        if spec.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         model.train()
         hp = spec.hyperparameters
         optimizer: torch.optim.Optimizer = build_optimizer(model, hp)

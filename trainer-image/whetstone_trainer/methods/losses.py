@@ -16,10 +16,12 @@ The math and its sources are in shared/reference/rl-objectives.md and tinker-pro
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 Tensor = torch.Tensor
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "sum"]
@@ -44,6 +46,55 @@ def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     return -F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
     ).reshape(targets.shape)
+
+
+LOGIT_CHUNK_ELEMENTS = 2**24  # 64 MiB of fp32 logits per chunk: a few hundred tokens of a 50-150k vocabulary
+
+
+def chunked_token_logprobs(
+    hidden: Tensor,
+    targets: Tensor,
+    head: Callable[[Tensor], Tensor],
+    vocab_size: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_elements: int | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """log p(target) from the last hidden states through the output head, a chunk of tokens at a time:
+    hidden [N, H], targets [N] → log-probs [N] (fp32) and, when asked, the entropy of each predicted
+    distribution [N] (no gradient).
+
+    The [N, V] logits and their fp32 log-softmax (which the backward keeps) are the largest tensors of a long
+    answer's step; here only [chunk, V] exist at a time. When there is more than one chunk each is
+    recomputed in the backward (torch.utils.checkpoint), one more pass of the head for |N × V| memory less.
+    With one chunk this is exactly head → token_logprobs. `temperature` divides the logits first;
+    `chunk_elements` bounds a chunk's logits (default LOGIT_CHUNK_ELEMENTS)."""
+
+    def piece(h: Tensor, t: Tensor) -> Tensor:
+        logits = head(h)
+        if temperature != 1.0:
+            logits = logits.float() / temperature
+        return token_logprobs(logits, t)
+
+    chunk = max(1, (chunk_elements or LOGIT_CHUNK_ELEMENTS) // max(vocab_size, 1))
+    recompute = hidden.shape[0] > chunk and torch.is_grad_enabled()
+    logprobs, entropies = [], []
+    for start in range(0, hidden.shape[0], chunk):
+        h, t = hidden[start : start + chunk], targets[start : start + chunk]
+        if recompute:
+            logprobs.append(torch.utils.checkpoint.checkpoint(piece, h, t, use_reentrant=False))
+        else:
+            logprobs.append(piece(h, t))
+        if with_entropy:
+            with torch.no_grad():
+                logits = head(h).float() / temperature
+                logp = torch.log_softmax(logits, -1)
+                entropies.append(-(logp.exp() * logp).sum(-1))
+    if not logprobs:  # no targets at all
+        return hidden.new_zeros(0, dtype=torch.float32), (
+            hidden.new_zeros(0, dtype=torch.float32) if with_entropy else None
+        )
+    return torch.cat(logprobs), (torch.cat(entropies) if with_entropy else None)
 
 
 # --- policy gradient: per-token terms -----------------------------------------------------------------------
