@@ -46,7 +46,7 @@ from .metrics import OperatorMetrics
 from .poller import StatusPoller
 from .rendezvous import pod_name
 from .store import Key, Store
-from .views import PodView, parse_time
+from .views import ChildView, PodView, parse_time
 from .workqueue import WorkQueue
 
 Json = dict[str, Any]
@@ -145,9 +145,14 @@ class Reconciler:
         graders = self.store.graders(key[0]) if spec.get("method") == "rft" else {}
         failure = self._failures.get(job["metadata"]["uid"])
         queued = kueue.queue_name(job) is not None
+        children = self.store.children(key)
+        for e in self.store.expected(key, job["metadata"]["uid"]):
+            # Created by an earlier pass, not yet delivered by the watch: there, and ours.
+            if e.kind in lifecycle.CHILD_KINDS and e.kind not in children:
+                children[e.kind] = ChildView(e.kind, e.name, e.owner_uid)
         return Observed(
             pods=self.store.pods(key),
-            children=self.store.children(key),
+            children=children,
             graders=graders,
             create_failure=failure[0] if failure else None,
             child_kinds=kinds,
@@ -443,6 +448,9 @@ class Reconciler:
             present = {
                 p.name for p in seen.pods if not p.gone and p.owner_uid == uid and p.attempt == attempt
             }
+            present |= {
+                e.name for e in self.store.expected(key, uid) if e.kind == "Pod" and e.attempt == attempt
+            }
             # A queued job's pods go where Kueue reserved its quota (a problem is refused like a create).
             where: kueue.Placement | None = None
             problem = ""
@@ -461,7 +469,9 @@ class Reconciler:
             for rank in range(int(job["spec"].get("nodes", 1))):
                 if pod_name(meta["name"], rank) in present:
                     continue
-                if not self._create(job, "Pod", self.kube.create_pod, lambda rank=rank: build(rank)):
+                if not self._create(
+                    job, "Pod", self.kube.create_pod, lambda rank=rank: build(rank), attempt=attempt
+                ):
                     return 0.0
         with self._lock:
             had = self._failures.pop(uid, None)
@@ -471,15 +481,24 @@ class Reconciler:
         return None
 
     def _create(
-        self, job: Json, kind: str, create: Callable[[str, Json], Any], build: Callable[[], Json]
+        self,
+        job: Json,
+        kind: str,
+        create: Callable[[str, Json], Any],
+        build: Callable[[], Json],
+        attempt: int = 0,
     ) -> bool:
-        """Create a child; AlreadyExists is done (whose it is, the watch tells). A refusal is remembered
-        with a back-off, and the next pass reports it."""
+        """Create a child; AlreadyExists is done (whose it is, the watch tells). A created child is expected
+        (store.py) until the watch delivers it. A refusal is remembered with a back-off, and the next pass
+        reports it."""
         meta = job["metadata"]
         body: Json | None = None
         try:
             body = build()
             create(meta["namespace"], body)
+            if kind == "Pod" or kind in lifecycle.CHILD_KINDS:
+                key = (meta["namespace"], meta["name"])
+                self.store.expect(key, kind, body["metadata"]["name"], meta["uid"], attempt)
             return True
         except ApiException as e:
             if e.status == 409:

@@ -38,6 +38,10 @@ def _api_client(config: OperatorConfig) -> Any:
         kubernetes.config.load_kube_config(client_configuration=configuration)
     # The workers and the poller share the client; urllib3's default pool of 4 would serialise them.
     configuration.connection_pool_maxsize = max(64, config.workers * 2)
+    # Resolve the proxy (from the kubeconfig, else the environment) once: left to the environment, the
+    # client looks it up again on every request (a kubeconfig token's refresh hook sets the host each time),
+    # a scan of os.environ that cost more CPU than the request's JSON.
+    configuration.proxy = configuration.proxy
     return kubernetes.client.ApiClient(configuration)
 
 
@@ -92,6 +96,7 @@ async def _run(config: OperatorConfig) -> int:
     import kopf
 
     from . import graders
+    from .diffbase import ChangeDetectedOnly
     from .handlers import Reconciler, Resync, label_selectors, register
     from .kube import Kube
     from .leader import LeaseElector
@@ -182,6 +187,8 @@ async def _run(config: OperatorConfig) -> int:
                 settings.watching.label_selectors[resource if len(resource) > 1 else resource[0]] = selector
             settings.networking.error_backoffs = [1, 2, 5, 10, 20, 30]
             settings.execution.max_workers = 4
+            # No essence (two deep copies of each body per event) for kinds only watched (diffbase.py).
+            settings.persistence.diffbase_storage = ChangeDetectedOnly()
             settings.scanning.disabled = True
             settings.posting.enabled = False
             settings.peering.standalone = True
