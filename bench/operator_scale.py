@@ -409,8 +409,8 @@ def measure(
 
 def wait_listable(cluster: Cluster, namespace: str) -> None:
     """Until the API server lists the Whetstone kinds again: a replaced CRD (each variant applies its own)
-    re-initialises its watch cache for a moment ('storage is (re)initializing', 429), which an operator started
-    then would spend on its retry back-off, not on its work."""
+    re-initialises its watch cache for a moment ('storage is (re)initializing', 429), which an operator
+    started then would spend on its retry back-off, not on its work."""
 
     def listable() -> bool:
         for plural in ("finetunejobs", "checkpoints", "rewardgraders", "trainingsessions"):
@@ -505,7 +505,7 @@ def main() -> int:
             def before(ns: str, tree: Path = before_tree) -> Process:
                 return whetstone(tree, token_kubeconfig(cluster, folder), folder / "before.log", ns)
 
-            # The base of issue 7 could not create GPU pods (see create_jobs); later commits run the same jobs.
+            # The base of issue 7 could not create GPU pods (see create_jobs); later commits run the same jobs
             if args.before == BASE_OF_ISSUE_7:
                 label, kind = f"whetstone before ({args.before}), jobs without GPU", "FineTuneJob-cpu"
             else:
