@@ -27,6 +27,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable
+from concurrent.futures import Executor, wait
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -114,8 +115,11 @@ class Reconciler:
         poller: StatusPoller | None = None,
         leading: Callable[[], bool] = lambda: True,
         identity: str = "whetstone-operator",
+        pool: Executor | None = None,
     ) -> None:
         self.config, self.kube, self.store, self.metrics = config, kube, store, metrics
+        # Threads for a pass's independent calls (a job's children, its Events); None: one after another.
+        self.pool = pool
         self.poller = poller
         self.leading = leading
         self.identity = identity
@@ -235,13 +239,17 @@ class Reconciler:
             self.store.put_job(job)
         if plan.phase and plan.phase != old_phase:
             self._announce(job, old_phase, plan)
-        for etype, reason, message in plan.events:
-            self._event(job, etype, reason, message)
+        # The Events go out while the plan is carried out (they are told, not waited for by anything).
+        telling = [
+            self.pool.submit(self._event, job, *event) if self.pool else self._event(job, *event)
+            for event in plan.events
+        ]
         if "progress" in patch:
             self.metrics.set_progress(namespace, name, patch["progress"])
 
         again = self._act(job, key, plan, seen)
         self._sync_checkpoints(job, report_plan, final, checkpoints)
+        wait([f for f in telling if f is not None])
         if phase:
             self.metrics.jobs.set(namespace, name, phase)
         return again if again is not None else plan.requeue_after
@@ -438,10 +446,9 @@ class Reconciler:
                 lambda: children.network_policy(job, settings),
             ),
         }
-        for kind in plan.create_children:
-            create, build = builders[kind]
-            if not self._create(job, kind, create, build):
-                return 0.0
+        # The ConfigMap, Service and NetworkPolicy at once, then the pods (they mount the ConfigMap) at once.
+        if not self._create_all(job, [(kind, *builders[kind], 0) for kind in plan.create_children]):
+            return 0.0
         if plan.create_pods:
             attempt = lifecycle.current_attempt(status)
             secrets = [g["secretName"] for g in status.get("graders") or [] if g.get("secretName")]
@@ -466,13 +473,12 @@ class Reconciler:
                 pod = children.trainer_pod(job, rank, attempt, settings, secrets)
                 return kueue.apply_placement(pod, where) if where is not None else pod
 
-            for rank in range(int(job["spec"].get("nodes", 1))):
-                if pod_name(meta["name"], rank) in present:
-                    continue
-                if not self._create(
-                    job, "Pod", self.kube.create_pod, lambda rank=rank: build(rank), attempt=attempt
-                ):
-                    return 0.0
+            ranks = [
+                r for r in range(int(job["spec"].get("nodes", 1))) if pod_name(meta["name"], r) not in present
+            ]
+            pods = [("Pod", self.kube.create_pod, lambda rank=rank: build(rank), attempt) for rank in ranks]
+            if not self._create_all(job, pods):
+                return 0.0
         with self._lock:
             had = self._failures.pop(uid, None)
         if had is not None:
@@ -488,9 +494,43 @@ class Reconciler:
         build: Callable[[], Json],
         attempt: int = 0,
     ) -> bool:
-        """Create a child; AlreadyExists is done (whose it is, the watch tells). A created child is expected
-        (store.py) until the watch delivers it. A refusal is remembered with a back-off, and the next pass
-        reports it."""
+        """Create a child; AlreadyExists is done (whose it is, the watch tells). A refusal is remembered
+        with a back-off, and the next pass reports it."""
+        refusal = self._try_create(job, kind, create, build, attempt)
+        if refusal is not None:
+            self._refused(job, refusal)
+        return refusal is None
+
+    def _create_all(
+        self, job: Json, creates: list[tuple[str, Callable[[str, Json], Any], Callable[[], Json], int]]
+    ) -> bool:
+        """Create several children at once (in the create pool, when there is one): a job's start costs one
+        round trip per wave instead of one per child. One refusal is remembered per pass (the first in the
+        given order), so the back-off grows by one step per pass as with one create at a time."""
+        refusals = self._concurrently([lambda c=c: self._try_create(job, *c) for c in creates])
+        refused = [r for r in refusals if r is not None]
+        if refused:
+            self._refused(job, refused[0])
+        return not refused
+
+    def _concurrently(self, calls: list[Callable[[], Any]]) -> list[Any]:
+        """The calls' results in order; run in the create pool (all finished before this returns)."""
+        if self.pool is None or len(calls) < 2:
+            return [call() for call in calls]
+        futures = [self.pool.submit(call) for call in calls]
+        wait(futures)
+        return [f.result() for f in futures]
+
+    def _try_create(
+        self,
+        job: Json,
+        kind: str,
+        create: Callable[[str, Json], Any],
+        build: Callable[[], Json],
+        attempt: int = 0,
+    ) -> str | None:
+        """None when the child was created (then expected until the watch delivers it, store.py) or exists;
+        else the refusal, naming the child."""
         meta = job["metadata"]
         body: Json | None = None
         try:
@@ -499,15 +539,18 @@ class Reconciler:
             if kind == "Pod" or kind in lifecycle.CHILD_KINDS:
                 key = (meta["namespace"], meta["name"])
                 self.store.expect(key, kind, body["metadata"]["name"], meta["uid"], attempt)
-            return True
+            return None
         except ApiException as e:
             if e.status == 409:
-                return True
+                return None
             refusal = server_message(e)
         except (ValueError, TypeError) as e:  # a body the client will not send (pydantic's ValidationError)
             refusal = server_message(e)
         child = ((body or {}).get("metadata") or {}).get("name") or meta["name"]
-        message = f"{kind} {child}: {refusal}"
+        return f"{kind} {child}: {refusal}"
+
+    def _refused(self, job: Json, message: str) -> None:
+        meta = job["metadata"]
         now = datetime.now(UTC)
         with self._lock:
             previous = self._failures.get(meta["uid"])
@@ -522,7 +565,6 @@ class Reconciler:
             delay,
             message,
         )
-        return False
 
     def _drop_legacy_finalizers(self, job: Json) -> None:
         meta = job["metadata"]

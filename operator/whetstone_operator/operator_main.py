@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from whetstone_api.wire import MASTER_PORT, STATUS_PORT
@@ -149,6 +150,9 @@ async def _run(config: OperatorConfig) -> int:
             deadline=config.poll_deadline_seconds,
             on_done=lambda key: queue_ref[0].add(key[:2]),
         )
+        # A pass's independent calls (a job's ConfigMap, Service and NetworkPolicy; its pods; its Events) run
+        # at once in this pool, shared by the workers.
+        pool = ThreadPoolExecutor(config.workers * 2, thread_name_prefix="create")
         reconciler = Reconciler(
             config,
             kube,
@@ -157,6 +161,7 @@ async def _run(config: OperatorConfig) -> int:
             poller,
             leading=(lambda: elector.leading) if elector else (lambda: True),
             identity=identity,
+            pool=pool,
         )
         queue = WorkQueue(reconciler.reconcile, config.workers)
         queue_ref.append(queue)
@@ -209,6 +214,7 @@ async def _run(config: OperatorConfig) -> int:
             stop.set()
             resync.stopping.set()
             queue.stop()
+            pool.shutdown(wait=False, cancel_futures=True)
             poller.shutdown()
     finally:
         stop.set()
