@@ -21,6 +21,7 @@ Json = dict[str, Any]
 
 
 class Recorder(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the API server
     seen: list[Json] = []
     answers: dict[tuple[str, str], tuple[int, Json]] = {}
 
@@ -34,6 +35,7 @@ class Recorder(BaseHTTPRequestHandler):
                 "type": self.headers.get("Content-Type"),
                 "auth": self.headers.get("Authorization"),
                 "body": body,
+                "port": self.client_address[1],
             }
         )
         status, answer = self.answers.get((self.command, self.path.split("?")[0]), (200, {"ok": True}))
@@ -74,7 +76,7 @@ def test_each_call_sends_its_method_path_content_type_and_the_token(kube: Kube) 
     kube.delete_pod("ns", "j-node-0", "uid-1", grace_seconds=0)
     kube.scale_deployment("ns", "s", 0)
     create, patch, listing, delete, scale = Recorder.seen
-    assert create == {
+    assert create.pop("port") and create == {
         "method": "POST",
         "path": "/api/v1/namespaces/ns/pods",
         "type": "application/json",
@@ -113,3 +115,14 @@ def test_missing_objects_are_none_and_refusals_carry_the_servers_status_and_mess
     assert kube.served_resources("whetstone.dev", "v1alpha1") == {"finetunejobs", "finetunejobs/status"}
     Recorder.answers[("GET", "/apis/kueue.x-k8s.io/v1beta1")] = (404, {})
     assert kube.served_resources("kueue.x-k8s.io", "v1beta1") == set()
+
+
+def test_requests_share_one_connection_even_when_the_answer_is_not_used(kube: Kube) -> None:
+    """A create's answer is not used, but it is read to its end: otherwise urllib3 never puts the connection
+    back, and each request opens a new one (a TLS handshake on both sides, at start-up once per child)."""
+    for i in range(5):
+        kube.create_service("ns", {"metadata": {"name": f"s{i}"}})
+        kube.create_event(
+            {"metadata": {"name": "j", "namespace": "ns"}}, "FineTuneJob", "Normal", "R", "m", "me"
+        )
+    assert len(Recorder.seen) == 10 and len({r["port"] for r in Recorder.seen}) == 1

@@ -98,7 +98,8 @@ class Kube:
         query: dict[str, str] | None = None,
         content_type: str = "application/json",
     ) -> Any:
-        """One request with the client's auth and pool; the raw answer (urllib3), ApiException unless 2xx."""
+        """One request with the client's auth and pool; the answer (its bytes in .data), ApiException unless
+        2xx."""
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = content_type
@@ -111,10 +112,13 @@ class Kube:
             auth_settings=["BearerToken"],
         )
         resp = self.api.call_api(method, url, header_params=headers, body=body)
+        # Always read the answer to its end: only then does urllib3 put the connection back in the pool. An
+        # answer left unread (every create's) cost a new TCP and TLS connection per request, on both sides.
+        resp.read()
+        resp.response.release_conn()
         if not 200 <= resp.status <= 299:
-            resp.read()
             raise ApiException.from_response(http_resp=resp, body=None, data=None)
-        return resp.response
+        return resp
 
     def _get(self, path: str) -> Json | None:
         """The object at `path`; None when it does not exist."""
