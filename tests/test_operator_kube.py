@@ -126,3 +126,35 @@ def test_requests_share_one_connection_even_when_the_answer_is_not_used(kube: Ku
             {"metadata": {"name": "j", "namespace": "ns"}}, "FineTuneJob", "Normal", "R", "m", "me"
         )
     assert len(Recorder.seen) == 10 and len({r["port"] for r in Recorder.seen}) == 1
+
+
+def test_the_proxy_is_resolved_once_not_on_every_request(tmp_path, monkeypatch) -> None:
+    """A kubeconfig token's refresh hook sets the host on every request; left to the environment, the client
+    then scanned os.environ for a proxy each time (more CPU than the request's JSON)."""
+    import kubernetes.client.configuration as client_configuration
+    from whetstone_operator.config import OperatorConfig
+    from whetstone_operator.operator_main import _api_client
+
+    kubeconfig = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:6443"}}],
+        "users": [{"name": "u", "user": {"token": "tok"}}],
+        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "x",
+    }
+    (tmp_path / "config").write_text(json.dumps(kubeconfig))
+    import kubernetes.config.kube_config
+
+    # Read from $KUBECONFIG when the client is imported: set where load_kube_config looks.
+    monkeypatch.setattr(
+        kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(tmp_path / "config")
+    )
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    api = _api_client(OperatorConfig())
+    assert api.configuration.proxy == "http://proxy.example:3128", "the environment's proxy still applies"
+    looked_up = []
+    monkeypatch.setattr(client_configuration, "getproxies", lambda: looked_up.append(1) or {})
+    for _ in range(3):
+        api.param_serialize("GET", "/api/v1/nodes", auth_settings=["BearerToken"])
+    assert looked_up == [] and api.configuration.proxy == "http://proxy.example:3128"
