@@ -76,6 +76,12 @@ def test_a_vanished_pod_leaves_a_tombstone_with_its_last_state() -> None:
     store.put_pod(pod("j-node-1", uid="p3"))
     views = {v.name: v for v in store.replace_pods(("ns", "j"), [pod("j-node-0", "Running", uid="p2")])}
     assert views["j-node-1"].gone and views["j-node-0"].phase == "Running"
+    # A pod deleted (the watch said so) while the list was under way is not brought back by the list.
+    store.remove_pod(pod("j-node-0", "Running", uid="p2"))
+    views = {v.name: v for v in store.replace_pods(("ns", "j"), [pod("j-node-0", "Running", uid="p2")])}
+    assert views["j-node-0"].gone
+    views = {v.name: v for v in store.replace_pods(("ns", "j"), [pod("j-node-0", "Pending", uid="p4")])}
+    assert not views["j-node-0"].gone and views["j-node-0"].uid == "p4", "a new pod of that name is"
 
 
 def test_a_created_child_is_expected_until_the_watch_delivers_it() -> None:

@@ -153,7 +153,9 @@ class Store:
             return list(pods.values())
 
     def replace_pods(self, key: Key, listed: list[Json]) -> list[PodView]:
-        """The pods of a fresh LIST replace the cached ones; cached pods missing from it become tombstones."""
+        """The pods of a fresh LIST replace the cached ones; cached pods missing from it become tombstones.
+        A pod whose deletion the watch delivered while the LIST was under way stays a tombstone: the listed
+        copy is older, and nothing would ever come to bury it again (the job would wait for it for ever)."""
         views = {v.name: v for v in map(PodView.of, listed)}
         now = time.monotonic()
         with self._lock:
@@ -165,6 +167,9 @@ class Store:
                     pods[name] = PodView(**{**old.__dict__, "gone": True})
                     self._tombstone_at[(key, name)] = now
             for name, view in views.items():
+                old = pods.get(name)
+                if old is not None and old.gone and old.uid and old.uid == view.uid:
+                    continue
                 pods[name] = view
                 self._tombstone_at.pop((key, name), None)
             return list(pods.values())
