@@ -286,6 +286,71 @@ def test_a_new_job_gets_its_children_then_a_steady_job_costs_no_api_call() -> No
         assert sum(w.kube.calls.values()) == 0, w.kube.calls
 
 
+def creates(w: World) -> Counter[str]:
+    return Counter({c: n for c, n in w.kube.calls.items() if c.startswith("create_") and c != "create_event"})
+
+
+def test_a_pass_before_the_watch_caught_up_creates_nothing_a_second_time(monkeypatch) -> None:
+    """Each write queues the job again, mostly before the watch has delivered what the pass created: such a
+    pass must not create it all again only to hear AlreadyExists (at start-up, most of the API calls)."""
+    w = World()
+    w.run()
+    assert [b["kind"] for b in w.kube.created] == ["ConfigMap", "Service", "NetworkPolicy", "Pod"]
+    assert all(b["metadata"]["ownerReferences"][0]["uid"] == "u" for b in w.kube.created)
+    w.store.put_job(copy.deepcopy(w.kube.jobs["j"]))  # only the status write is back from the watch
+    for _ in range(2):
+        w.run()
+        assert not creates(w), creates(w)
+    # Delivered, the children are judged by their owner as ever; one deleted later is created again.
+    w.watch()
+    w.run()
+    assert not creates(w) and w.status["phase"] == "Pending"
+    service = next(b for b in w.kube.created if b["kind"] == "Service")
+    w.store.remove_child("Service", service)
+    w.run()
+    assert creates(w) == Counter(create_service=1)
+    # A create whose watch event never comes is not waited for for ever.
+    import whetstone_operator.store as store_module
+
+    monkeypatch.setattr(store_module, "EXPECTATION_SECONDS", -1.0)
+    w.store.remove_child("Service", service)
+    w.run()
+    assert creates(w) == Counter(create_service=1)
+
+
+def test_a_jobs_children_are_created_at_once_all_owned_and_one_refusal_is_one_backoff_step() -> None:
+    """With a create pool, the ConfigMap, Service and NetworkPolicy are in flight together (a barrier that
+    only opens with all three waiting), then the pods of every rank together; each is the job's own."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    w = World(nodes=2)
+    children_in_flight = threading.Barrier(3, timeout=10)
+    pods_in_flight = threading.Barrier(2, timeout=10)
+    plain = {k: getattr(w.kube, k) for k in ("create_config_map", "create_service", "create_network_policy")}
+    for name, create in plain.items():
+        setattr(w.kube, name, lambda ns, body, create=create: (children_in_flight.wait(), create(ns, body)))
+    create_pod = w.kube.create_pod
+    w.kube.create_pod = lambda ns, body: (pods_in_flight.wait(), create_pod(ns, body))
+    with ThreadPoolExecutor(8) as pool:
+        w.reconciler.pool = pool
+        w.run()
+        kinds = [b["kind"] for b in w.kube.created]
+        assert sorted(kinds[:3]) == ["ConfigMap", "NetworkPolicy", "Service"] and kinds[3:] == ["Pod", "Pod"]
+        assert {b["metadata"]["ownerReferences"][0]["uid"] for b in w.kube.created} == {"u"}
+        assert w.kube.events == [("Normal", "Created", "creating 2 trainer pod(s)")]
+        # Two refusals in one pass: reported once, one step of back-off (5 s), the first one named.
+        w2 = World()
+        w2.reconciler.pool = pool
+        w2.kube.refuse["config_map"] = api_error(422, "bad config")
+        w2.kube.refuse["network_policy"] = api_error(422, "bad policy")
+        assert w2.run() == 0.0
+        w2.watch()
+        again = w2.run()
+    assert w2.kube.calls["create_config_map"] == 0 and again is not None and 4 <= again <= 5
+    assert "ConfigMap j-config: bad config" in w2.status["message"]
+
+
 def test_status_writes_apply_only_to_the_version_they_were_planned_from() -> None:
     w = World()
     w.run()

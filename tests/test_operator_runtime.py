@@ -76,6 +76,67 @@ def test_a_vanished_pod_leaves_a_tombstone_with_its_last_state() -> None:
     store.put_pod(pod("j-node-1", uid="p3"))
     views = {v.name: v for v in store.replace_pods(("ns", "j"), [pod("j-node-0", "Running", uid="p2")])}
     assert views["j-node-1"].gone and views["j-node-0"].phase == "Running"
+    # A pod deleted (the watch said so) while the list was under way is not brought back by the list.
+    store.remove_pod(pod("j-node-0", "Running", uid="p2"))
+    views = {v.name: v for v in store.replace_pods(("ns", "j"), [pod("j-node-0", "Running", uid="p2")])}
+    assert views["j-node-0"].gone
+    views = {v.name: v for v in store.replace_pods(("ns", "j"), [pod("j-node-0", "Pending", uid="p4")])}
+    assert not views["j-node-0"].gone and views["j-node-0"].uid == "p4", "a new pod of that name is"
+
+
+def test_a_created_child_is_expected_until_the_watch_delivers_it() -> None:
+    store, key = Store(), ("ns", "j")
+    store.expect(key, "Pod", "j-node-0", "u", attempt=1)
+    store.expect(key, "Service", "j", "u")
+    assert {(e.kind, e.name, e.attempt) for e in store.expected(key, "u")} == {
+        ("Pod", "j-node-0", 1),
+        ("Service", "j", 0),
+    }
+    assert store.expected(key, "u2") == [], "never counted for another job of the same name"
+    store.put_pod(pod("j-node-0"))
+    assert [e.kind for e in store.expected(key, "u")] == ["Service"]
+    # Seen already (the watch was quicker than the create's answer): nothing to wait for.
+    owned = {"name": "j", "namespace": "ns", "labels": {"whetstone.dev/job": "j"}}
+    owned["ownerReferences"] = [{"controller": True, "uid": "u"}]
+    store.put_child("Service", {"metadata": owned})
+    store.expect(key, "Service", "j", "u")
+    assert store.expected(key, "u") == []
+    # A deleted job takes its expectations with it.
+    store.put_job(job("3", "Pending"))
+    store.expect(key, "ConfigMap", "j-config", "u")
+    store.remove_job(job("3", "Pending"))
+    assert store.expected(key, "u") == []
+
+
+def test_kopf_builds_an_essence_only_for_kinds_with_change_detecting_handlers() -> None:
+    """The essence (two deep copies of a body per watch event) is built only where a handler reads it: the
+    TrainingSession's on.create / on.field / timer. Every other kind the operator only watches."""
+    import kopf
+    from whetstone_api.crd import KINDS
+    from whetstone_operator import graders, handlers, sessions
+    from whetstone_operator.config import OperatorConfig
+    from whetstone_operator.diffbase import CHANGE_DETECTED_KINDS, ChangeDetectedOnly
+    from whetstone_operator.metrics import OperatorMetrics
+
+    registry = kopf.OperatorRegistry()
+    handlers.register(
+        registry, Store(), WorkQueue(lambda k: None, 1), OperatorMetrics(), threading.Event(), print, True
+    )
+    graders.register(registry, graders.GraderChecker(api=lambda: None, leading=lambda: True))
+    sessions.register(registry, OperatorConfig(), None)
+    plurals = {
+        s.plural or s.any_name
+        for reg in (registry._changing, registry._spawning)  # kopf's own registries: no public listing
+        for s in reg.get_all_selectors()
+    }
+    kind_of = {k.plural: k.model.__name__ for k in KINDS}
+    assert plurals and {kind_of[p] for p in plurals} == set(CHANGE_DETECTED_KINDS)
+
+    storage = ChangeDetectedOnly()
+    session = kopf.Body({"kind": "TrainingSession", "metadata": {"name": "s"}, "spec": {"suspend": True}})
+    assert storage.build(body=session)["spec"] == {"suspend": True}
+    watched = kopf.Body({"kind": "FineTuneJob", "metadata": {"name": "j"}, "spec": {"nodes": 2}})
+    assert storage.build(body=watched) == {}
 
 
 # --- the work queue

@@ -27,6 +27,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable
+from concurrent.futures import Executor, wait
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -46,7 +47,7 @@ from .metrics import OperatorMetrics
 from .poller import StatusPoller
 from .rendezvous import pod_name
 from .store import Key, Store
-from .views import PodView, parse_time
+from .views import ChildView, PodView, parse_time
 from .workqueue import WorkQueue
 
 Json = dict[str, Any]
@@ -114,8 +115,11 @@ class Reconciler:
         poller: StatusPoller | None = None,
         leading: Callable[[], bool] = lambda: True,
         identity: str = "whetstone-operator",
+        pool: Executor | None = None,
     ) -> None:
         self.config, self.kube, self.store, self.metrics = config, kube, store, metrics
+        # Threads for a pass's independent calls (a job's children, its Events); None: one after another.
+        self.pool = pool
         self.poller = poller
         self.leading = leading
         self.identity = identity
@@ -145,9 +149,14 @@ class Reconciler:
         graders = self.store.graders(key[0]) if spec.get("method") == "rft" else {}
         failure = self._failures.get(job["metadata"]["uid"])
         queued = kueue.queue_name(job) is not None
+        children = self.store.children(key)
+        for e in self.store.expected(key, job["metadata"]["uid"]):
+            # Created by an earlier pass, not yet delivered by the watch: there, and ours.
+            if e.kind in lifecycle.CHILD_KINDS and e.kind not in children:
+                children[e.kind] = ChildView(e.kind, e.name, e.owner_uid)
         return Observed(
             pods=self.store.pods(key),
-            children=self.store.children(key),
+            children=children,
             graders=graders,
             create_failure=failure[0] if failure else None,
             child_kinds=kinds,
@@ -230,13 +239,17 @@ class Reconciler:
             self.store.put_job(job)
         if plan.phase and plan.phase != old_phase:
             self._announce(job, old_phase, plan)
-        for etype, reason, message in plan.events:
-            self._event(job, etype, reason, message)
+        # The Events go out while the plan is carried out (they are told, not waited for by anything).
+        telling = [
+            self.pool.submit(self._event, job, *event) if self.pool else self._event(job, *event)
+            for event in plan.events
+        ]
         if "progress" in patch:
             self.metrics.set_progress(namespace, name, patch["progress"])
 
         again = self._act(job, key, plan, seen)
         self._sync_checkpoints(job, report_plan, final, checkpoints)
+        wait([f for f in telling if f is not None])
         if phase:
             self.metrics.jobs.set(namespace, name, phase)
         return again if again is not None else plan.requeue_after
@@ -433,15 +446,17 @@ class Reconciler:
                 lambda: children.network_policy(job, settings),
             ),
         }
-        for kind in plan.create_children:
-            create, build = builders[kind]
-            if not self._create(job, kind, create, build):
-                return 0.0
+        # The ConfigMap, Service and NetworkPolicy at once, then the pods (they mount the ConfigMap) at once.
+        if not self._create_all(job, [(kind, *builders[kind], 0) for kind in plan.create_children]):
+            return 0.0
         if plan.create_pods:
             attempt = lifecycle.current_attempt(status)
             secrets = [g["secretName"] for g in status.get("graders") or [] if g.get("secretName")]
             present = {
                 p.name for p in seen.pods if not p.gone and p.owner_uid == uid and p.attempt == attempt
+            }
+            present |= {
+                e.name for e in self.store.expected(key, uid) if e.kind == "Pod" and e.attempt == attempt
             }
             # A queued job's pods go where Kueue reserved its quota (a problem is refused like a create).
             where: kueue.Placement | None = None
@@ -458,11 +473,12 @@ class Reconciler:
                 pod = children.trainer_pod(job, rank, attempt, settings, secrets)
                 return kueue.apply_placement(pod, where) if where is not None else pod
 
-            for rank in range(int(job["spec"].get("nodes", 1))):
-                if pod_name(meta["name"], rank) in present:
-                    continue
-                if not self._create(job, "Pod", self.kube.create_pod, lambda rank=rank: build(rank)):
-                    return 0.0
+            ranks = [
+                r for r in range(int(job["spec"].get("nodes", 1))) if pod_name(meta["name"], r) not in present
+            ]
+            pods = [("Pod", self.kube.create_pod, lambda rank=rank: build(rank), attempt) for rank in ranks]
+            if not self._create_all(job, pods):
+                return 0.0
         with self._lock:
             had = self._failures.pop(uid, None)
         if had is not None:
@@ -471,24 +487,70 @@ class Reconciler:
         return None
 
     def _create(
-        self, job: Json, kind: str, create: Callable[[str, Json], Any], build: Callable[[], Json]
+        self,
+        job: Json,
+        kind: str,
+        create: Callable[[str, Json], Any],
+        build: Callable[[], Json],
+        attempt: int = 0,
     ) -> bool:
         """Create a child; AlreadyExists is done (whose it is, the watch tells). A refusal is remembered
         with a back-off, and the next pass reports it."""
+        refusal = self._try_create(job, kind, create, build, attempt)
+        if refusal is not None:
+            self._refused(job, refusal)
+        return refusal is None
+
+    def _create_all(
+        self, job: Json, creates: list[tuple[str, Callable[[str, Json], Any], Callable[[], Json], int]]
+    ) -> bool:
+        """Create several children at once (in the create pool, when there is one): a job's start costs one
+        round trip per wave instead of one per child. One refusal is remembered per pass (the first in the
+        given order), so the back-off grows by one step per pass as with one create at a time."""
+        refusals = self._concurrently([lambda c=c: self._try_create(job, *c) for c in creates])
+        refused = [r for r in refusals if r is not None]
+        if refused:
+            self._refused(job, refused[0])
+        return not refused
+
+    def _concurrently(self, calls: list[Callable[[], Any]]) -> list[Any]:
+        """The calls' results in order; run in the create pool (all finished before this returns)."""
+        if self.pool is None or len(calls) < 2:
+            return [call() for call in calls]
+        futures = [self.pool.submit(call) for call in calls]
+        wait(futures)
+        return [f.result() for f in futures]
+
+    def _try_create(
+        self,
+        job: Json,
+        kind: str,
+        create: Callable[[str, Json], Any],
+        build: Callable[[], Json],
+        attempt: int = 0,
+    ) -> str | None:
+        """None when the child was created (then expected until the watch delivers it, store.py) or exists;
+        else the refusal, naming the child."""
         meta = job["metadata"]
         body: Json | None = None
         try:
             body = build()
             create(meta["namespace"], body)
-            return True
+            if kind == "Pod" or kind in lifecycle.CHILD_KINDS:
+                key = (meta["namespace"], meta["name"])
+                self.store.expect(key, kind, body["metadata"]["name"], meta["uid"], attempt)
+            return None
         except ApiException as e:
             if e.status == 409:
-                return True
+                return None
             refusal = server_message(e)
         except (ValueError, TypeError) as e:  # a body the client will not send (pydantic's ValidationError)
             refusal = server_message(e)
         child = ((body or {}).get("metadata") or {}).get("name") or meta["name"]
-        message = f"{kind} {child}: {refusal}"
+        return f"{kind} {child}: {refusal}"
+
+    def _refused(self, job: Json, message: str) -> None:
+        meta = job["metadata"]
         now = datetime.now(UTC)
         with self._lock:
             previous = self._failures.get(meta["uid"])
@@ -503,7 +565,6 @@ class Reconciler:
             delay,
             message,
         )
-        return False
 
     def _drop_legacy_finalizers(self, job: Json) -> None:
         meta = job["metadata"]

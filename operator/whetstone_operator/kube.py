@@ -3,8 +3,10 @@
 and the watched resources (tests/test_operator_rbac.py), so no rule is missing and none unused. Each call is
 also counted (`calls`), which bench/operator_scale.py reads to report API calls per job.
 
-Responses the operator does not read are not deserialised (`_preload_content=False`): parsing them into the
-client's models is most of a Python client's CPU.
+Requests go through the kubernetes client's ApiClient (kubeconfig or in-cluster auth, TLS, token refresh, the
+connection pool) but not through its generated API classes: those import some 250 pydantic model modules
+(about a CPU second, and seconds of start-up on a busy node, before the operator can act) and validate each
+call's arguments, only to send JSON the operator already holds as dicts. Answers are parsed only where read.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import kubernetes
 from kubernetes.client.rest import ApiException
@@ -56,6 +59,26 @@ def _json(resp: Any) -> Json:
     return json.loads(resp.data)
 
 
+def _q(segment: str) -> str:
+    return quote(segment, safe="")
+
+
+def api_path(group: str, version: str, plural: str, namespace: str | None = None, name: str = "") -> str:
+    """The REST path of a collection (no `name`) or an object; core resources have group "". A subresource
+    is appended by the caller ("/status")."""
+    path = f"/apis/{group}/{version}" if group else f"/api/{version}"
+    if namespace is not None:
+        path += f"/namespaces/{_q(namespace)}"
+    path += f"/{plural}"
+    return path + (f"/{_q(name)}" if name else "")
+
+
+# Content types of patches: custom resources take merge patches; built-in kinds strategic merge patches
+# (the generated client's choices for the calls this module replaced).
+MERGE_PATCH = "application/merge-patch+json"
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
+
+
 def not_found(e: Exception) -> bool:
     return isinstance(e, ApiException) and e.status == 404
 
@@ -63,21 +86,56 @@ def not_found(e: Exception) -> bool:
 class Kube:
     def __init__(self, api: kubernetes.client.ApiClient) -> None:
         self.api = api
-        self.core = kubernetes.client.CoreV1Api(api)
-        self.custom = kubernetes.client.CustomObjectsApi(api)
-        self.networking = kubernetes.client.NetworkingV1Api(api)
-        self.coordination = kubernetes.client.CoordinationV1Api(api)
-        self.apps = kubernetes.client.AppsV1Api(api)
         self.calls: Counter[tuple[str, str]] = Counter()
         self._calls_lock = threading.Lock()
         self.on_call: Callable[[str, str], None] | None = None
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: dict[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> Any:
+        """One request with the client's auth and pool; the answer (its bytes in .data), ApiException unless
+        2xx."""
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        method, url, headers, body, _ = self.api.param_serialize(
+            method,
+            path,
+            query_params=list(query.items()) if query else None,
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        resp = self.api.call_api(method, url, header_params=headers, body=body)
+        # Always read the answer to its end: only then does urllib3 put the connection back in the pool. An
+        # answer left unread (every create's) cost a new TCP and TLS connection per request, on both sides.
+        resp.read()
+        resp.response.release_conn()
+        if not 200 <= resp.status <= 299:
+            raise ApiException.from_response(http_resp=resp, body=None, data=None)
+        return resp
+
+    def _get(self, path: str) -> Json | None:
+        """The object at `path`; None when it does not exist."""
+        try:
+            return _json(self.request("GET", path))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
 
     # --- discovery (a non-resource URL every authenticated user may read: no RBAC rule)
 
     def served_resources(self, group: str, version: str) -> set[str]:
         """The resources the API server serves in group/version; empty while the group's CRDs are missing."""
         try:
-            return {r.name for r in self.custom.get_api_resources(group, version).resources}
+            listing = _json(self.request("GET", f"/apis/{group}/{version}"))
+            return {r["name"] for r in listing.get("resources") or []}
         except ApiException as e:
             if e.status == 404:
                 return set()
@@ -87,48 +145,32 @@ class Kube:
 
     @api_call(API_GROUP, FTJ, "get")
     def get_job(self, namespace: str, name: str) -> Json | None:
-        try:
-            return _json(
-                self.custom.get_namespaced_custom_object(
-                    API_GROUP, API_VERSION, namespace, FTJ, name, _preload_content=False
-                )
-            )
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
+        return self._get(api_path(API_GROUP, API_VERSION, FTJ, namespace, name))
 
     @api_call(API_GROUP, f"{FTJ}/status", "patch")
     def patch_job_status(self, namespace: str, name: str, status: Json, resource_version: str) -> Json:
         """A merge patch of .status that applies only to `resource_version` (409 Conflict otherwise): a
         decision taken on an outdated job is never written."""
         body = {"metadata": {"resourceVersion": resource_version}, "status": status}
-        return _json(
-            self.custom.patch_namespaced_custom_object_status(
-                API_GROUP, API_VERSION, namespace, FTJ, name, body, _preload_content=False
-            )
-        )
+        path = api_path(API_GROUP, API_VERSION, FTJ, namespace, name) + "/status"
+        return _json(self.request("PATCH", path, body, content_type=MERGE_PATCH))
 
     @api_call(API_GROUP, FTJ, "patch")
     def remove_finalizer(
         self, namespace: str, name: str, finalizers: list[str], resource_version: str
     ) -> None:
         body = {"metadata": {"finalizers": finalizers, "resourceVersion": resource_version}}
-        self.custom.patch_namespaced_custom_object(
-            API_GROUP, API_VERSION, namespace, FTJ, name, body, _preload_content=False
+        self.request(
+            "PATCH", api_path(API_GROUP, API_VERSION, FTJ, namespace, name), body, content_type=MERGE_PATCH
         )
 
     @api_call(API_GROUP, FTJ, "delete")
     def delete_job(self, namespace: str, name: str, uid: str) -> None:
         try:
-            self.custom.delete_namespaced_custom_object(
-                API_GROUP,
-                API_VERSION,
-                namespace,
-                FTJ,
-                name,
-                body={"preconditions": {"uid": uid}},
-                _preload_content=False,
+            self.request(
+                "DELETE",
+                api_path(API_GROUP, API_VERSION, FTJ, namespace, name),
+                {"preconditions": {"uid": uid}},
             )
         except ApiException as e:
             if e.status not in (404, 409):
@@ -138,12 +180,12 @@ class Kube:
 
     @api_call("", "pods", "list")
     def list_pods(self, namespace: str, selector: str) -> list[Json]:
-        resp = self.core.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False)
+        resp = self.request("GET", api_path("", "v1", "pods", namespace), query={"labelSelector": selector})
         return _json(resp).get("items", [])
 
     @api_call("", "pods", "create")
     def create_pod(self, namespace: str, body: Json) -> None:
-        self.core.create_namespaced_pod(namespace, body, _preload_content=False)
+        self.request("POST", api_path("", "v1", "pods", namespace), body)
 
     @api_call("", "pods", "delete")
     def delete_pod(self, namespace: str, name: str, uid: str, grace_seconds: int | None = None) -> None:
@@ -152,7 +194,7 @@ class Kube:
         if grace_seconds is not None:
             body["gracePeriodSeconds"] = grace_seconds
         try:
-            self.core.delete_namespaced_pod(name, namespace, body=body, _preload_content=False)
+            self.request("DELETE", api_path("", "v1", "pods", namespace, name), body)
         except ApiException as e:
             if e.status not in (404, 409):
                 raise
@@ -161,46 +203,39 @@ class Kube:
 
     @api_call("", "configmaps", "create")
     def create_config_map(self, namespace: str, body: Json) -> None:
-        self.core.create_namespaced_config_map(namespace, body, _preload_content=False)
+        self.request("POST", api_path("", "v1", "configmaps", namespace), body)
 
     @api_call("", "services", "create")
     def create_service(self, namespace: str, body: Json) -> None:
-        self.core.create_namespaced_service(namespace, body, _preload_content=False)
+        self.request("POST", api_path("", "v1", "services", namespace), body)
 
     @api_call("networking.k8s.io", "networkpolicies", "create")
     def create_network_policy(self, namespace: str, body: Json) -> None:
-        self.networking.create_namespaced_network_policy(namespace, body, _preload_content=False)
+        self.request("POST", api_path("networking.k8s.io", "v1", "networkpolicies", namespace), body)
 
     # --- Checkpoints
 
     @api_call(API_GROUP, CKPT, "create")
     def create_checkpoint(self, namespace: str, body: Json) -> Json:
-        return _json(
-            self.custom.create_namespaced_custom_object(
-                API_GROUP, API_VERSION, namespace, CKPT, body, _preload_content=False
-            )
-        )
+        return _json(self.request("POST", api_path(API_GROUP, API_VERSION, CKPT, namespace), body))
 
     @api_call(API_GROUP, f"{CKPT}/status", "patch")
     def patch_checkpoint_status(self, namespace: str, name: str, status: Json) -> None:
-        self.custom.patch_namespaced_custom_object_status(
-            API_GROUP, API_VERSION, namespace, CKPT, name, {"status": status}, _preload_content=False
-        )
+        path = api_path(API_GROUP, API_VERSION, CKPT, namespace, name) + "/status"
+        self.request("PATCH", path, {"status": status}, content_type=MERGE_PATCH)
 
     @api_call(API_GROUP, CKPT, "patch")
     def orphan_checkpoint(self, namespace: str, name: str) -> None:
         """Drop the ownerReference of a Checkpoint the user keeps: it outlives its job."""
         body = {"metadata": {"ownerReferences": None}}
-        self.custom.patch_namespaced_custom_object(
-            API_GROUP, API_VERSION, namespace, CKPT, name, body, _preload_content=False
+        self.request(
+            "PATCH", api_path(API_GROUP, API_VERSION, CKPT, namespace, name), body, content_type=MERGE_PATCH
         )
 
     @api_call(API_GROUP, CKPT, "delete")
     def delete_checkpoint(self, namespace: str, name: str) -> None:
         try:
-            self.custom.delete_namespaced_custom_object(
-                API_GROUP, API_VERSION, namespace, CKPT, name, _preload_content=False
-            )
+            self.request("DELETE", api_path(API_GROUP, API_VERSION, CKPT, namespace, name))
         except ApiException as e:
             if e.status != 404:
                 raise
@@ -209,90 +244,55 @@ class Kube:
 
     @api_call(KUEUE_GROUP, "workloads", "create")
     def create_workload(self, namespace: str, body: Json) -> None:
-        self.custom.create_namespaced_custom_object(
-            KUEUE_GROUP, KUEUE_VERSION, namespace, "workloads", body, _preload_content=False
-        )
+        self.request("POST", api_path(KUEUE_GROUP, KUEUE_VERSION, "workloads", namespace), body)
 
     @api_call(KUEUE_GROUP, "workloads", "patch")
     def patch_workload(self, namespace: str, name: str, patch: Json) -> None:
         """A merge patch of the Workload's spec (spec.active follows the job's spec.suspend)."""
-        self.custom.patch_namespaced_custom_object(
-            KUEUE_GROUP, KUEUE_VERSION, namespace, "workloads", name, patch, _preload_content=False
-        )
+        path = api_path(KUEUE_GROUP, KUEUE_VERSION, "workloads", namespace, name)
+        self.request("PATCH", path, patch, content_type=MERGE_PATCH)
 
     @api_call(KUEUE_GROUP, "workloads/status", "patch")
     def patch_workload_status(self, namespace: str, name: str, patch: Json) -> None:
         """A merge patch of .status carrying the resourceVersion it was computed from (kueue.py): 409 when
         Kueue wrote in between."""
-        self.custom.patch_namespaced_custom_object_status(
-            KUEUE_GROUP, KUEUE_VERSION, namespace, "workloads", name, patch, _preload_content=False
-        )
+        path = api_path(KUEUE_GROUP, KUEUE_VERSION, "workloads", namespace, name) + "/status"
+        self.request("PATCH", path, patch, content_type=MERGE_PATCH)
 
     @api_call(KUEUE_GROUP, "resourceflavors", "get")
     def get_resource_flavor(self, name: str) -> Json | None:
         """The ResourceFlavor Kueue assigned (its node labels and tolerations place the pods); None: gone."""
-        try:
-            return _json(
-                self.custom.get_cluster_custom_object(
-                    KUEUE_GROUP, KUEUE_VERSION, "resourceflavors", name, _preload_content=False
-                )
-            )
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
+        return self._get(api_path(KUEUE_GROUP, KUEUE_VERSION, "resourceflavors", None, name))
 
     @api_call(KUEUE_GROUP, "workloadpriorityclasses", "get")
     def get_workload_priority_class(self, name: str) -> Json | None:
         """The WorkloadPriorityClass a job names (its value is the Workload's priority); None: missing."""
-        try:
-            return _json(
-                self.custom.get_cluster_custom_object(
-                    KUEUE_GROUP, KUEUE_VERSION, "workloadpriorityclasses", name, _preload_content=False
-                )
-            )
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
+        return self._get(api_path(KUEUE_GROUP, KUEUE_VERSION, "workloadpriorityclasses", None, name))
 
     # --- TrainingSessions: a Deployment and a Service each, status from the service, Checkpoints
 
     @api_call("apps", "deployments", "create")
     def create_deployment(self, namespace: str, body: Json) -> None:
-        self.apps.create_namespaced_deployment(namespace, body, _preload_content=False)
+        self.request("POST", api_path("apps", "v1", "deployments", namespace), body)
 
     @api_call("apps", "deployments", "get")
     def get_deployment(self, namespace: str, name: str) -> Json | None:
-        try:
-            return _json(self.apps.read_namespaced_deployment(name, namespace, _preload_content=False))
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
+        return self._get(api_path("apps", "v1", "deployments", namespace, name))
 
     @api_call("apps", "deployments", "patch")
     def scale_deployment(self, namespace: str, name: str, replicas: int) -> None:
-        self.apps.patch_namespaced_deployment(
-            name, namespace, {"spec": {"replicas": replicas}}, _preload_content=False
-        )
+        path = api_path("apps", "v1", "deployments", namespace, name)
+        self.request("PATCH", path, {"spec": {"replicas": replicas}}, content_type=STRATEGIC_MERGE_PATCH)
 
     @api_call(API_GROUP, "trainingsessions/status", "patch")
     def patch_session_status(self, namespace: str, name: str, status: Json) -> None:
-        self.custom.patch_namespaced_custom_object_status(
-            API_GROUP,
-            API_VERSION,
-            namespace,
-            "trainingsessions",
-            name,
-            {"status": status},
-            _preload_content=False,
-        )
+        path = api_path(API_GROUP, API_VERSION, "trainingsessions", namespace, name) + "/status"
+        self.request("PATCH", path, {"status": status}, content_type=MERGE_PATCH)
 
     @api_call(API_GROUP, CKPT, "list")
     def list_checkpoints(self, namespace: str, selector: str) -> list[Json]:
-        resp = self.custom.list_namespaced_custom_object(
-            API_GROUP, API_VERSION, namespace, CKPT, label_selector=selector, _preload_content=False
+        resp = self.request(
+            "GET", api_path(API_GROUP, API_VERSION, CKPT, namespace), query={"labelSelector": selector}
         )
         return _json(resp).get("items", [])
 
@@ -301,18 +301,9 @@ class Kube:
     @api_call(API_GROUP, "rewardgraders/status", "patch")
     def patch_grader_status(self, namespace: str, name: str, status: Json) -> Json | None:
         """The grader's verdict; None when it was deleted meanwhile."""
+        path = api_path(API_GROUP, API_VERSION, "rewardgraders", namespace, name) + "/status"
         try:
-            return _json(
-                self.custom.patch_namespaced_custom_object_status(
-                    API_GROUP,
-                    API_VERSION,
-                    namespace,
-                    "rewardgraders",
-                    name,
-                    {"status": status},
-                    _preload_content=False,
-                )
-            )
+            return _json(self.request("PATCH", path, {"status": status}, content_type=MERGE_PATCH))
         except ApiException as e:
             if e.status == 404:
                 return None
@@ -323,12 +314,9 @@ class Kube:
     @api_call("", "nodes", "get")
     def node_ready(self, name: str) -> bool | None:
         """Whether the node reports Ready; None when it does not exist."""
-        try:
-            node = _json(self.core.read_node(name, _preload_content=False))
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
+        node = self._get(api_path("", "v1", "nodes", None, name))
+        if node is None:
+            return None
         conditions = (node.get("status") or {}).get("conditions") or []
         return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
@@ -359,24 +347,19 @@ class Kube:
             "lastTimestamp": now,
             "count": 1,
         }
-        self.core.create_namespaced_event(meta["namespace"], body, _preload_content=False)
+        self.request("POST", api_path("", "v1", "events", meta["namespace"]), body)
 
     @api_call("coordination.k8s.io", "leases", "get")
     def get_lease(self, namespace: str, name: str) -> Json | None:
-        try:
-            return _json(self.coordination.read_namespaced_lease(name, namespace, _preload_content=False))
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
+        return self._get(api_path("coordination.k8s.io", "v1", "leases", namespace, name))
 
     @api_call("coordination.k8s.io", "leases", "create")
     def create_lease(self, namespace: str, body: Json) -> Json:
-        return _json(self.coordination.create_namespaced_lease(namespace, body, _preload_content=False))
+        return _json(self.request("POST", api_path("coordination.k8s.io", "v1", "leases", namespace), body))
 
     @api_call("coordination.k8s.io", "leases", "update")
     def replace_lease(self, namespace: str, name: str, body: Json) -> Json:
         """Update with the body's resourceVersion: 409 when another replica wrote first."""
         return _json(
-            self.coordination.replace_namespaced_lease(name, namespace, body, _preload_content=False)
+            self.request("PUT", api_path("coordination.k8s.io", "v1", "leases", namespace, name), body)
         )

@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from whetstone_api.wire import MASTER_PORT, STATUS_PORT
@@ -38,6 +39,10 @@ def _api_client(config: OperatorConfig) -> Any:
         kubernetes.config.load_kube_config(client_configuration=configuration)
     # The workers and the poller share the client; urllib3's default pool of 4 would serialise them.
     configuration.connection_pool_maxsize = max(64, config.workers * 2)
+    # Resolve the proxy (from the kubeconfig, else the environment) once: left to the environment, the
+    # client looks it up again on every request (a kubeconfig token's refresh hook sets the host each time),
+    # a scan of os.environ that cost more CPU than the request's JSON.
+    configuration.proxy = configuration.proxy
     return kubernetes.client.ApiClient(configuration)
 
 
@@ -92,6 +97,7 @@ async def _run(config: OperatorConfig) -> int:
     import kopf
 
     from . import graders
+    from .diffbase import ChangeDetectedOnly
     from .handlers import Reconciler, Resync, label_selectors, register
     from .kube import Kube
     from .leader import LeaseElector
@@ -144,6 +150,9 @@ async def _run(config: OperatorConfig) -> int:
             deadline=config.poll_deadline_seconds,
             on_done=lambda key: queue_ref[0].add(key[:2]),
         )
+        # A pass's independent calls (a job's ConfigMap, Service and NetworkPolicy; its pods; its Events) run
+        # at once in this pool, shared by the workers.
+        pool = ThreadPoolExecutor(config.workers * 2, thread_name_prefix="create")
         reconciler = Reconciler(
             config,
             kube,
@@ -152,6 +161,7 @@ async def _run(config: OperatorConfig) -> int:
             poller,
             leading=(lambda: elector.leading) if elector else (lambda: True),
             identity=identity,
+            pool=pool,
         )
         queue = WorkQueue(reconciler.reconcile, config.workers)
         queue_ref.append(queue)
@@ -182,6 +192,8 @@ async def _run(config: OperatorConfig) -> int:
                 settings.watching.label_selectors[resource if len(resource) > 1 else resource[0]] = selector
             settings.networking.error_backoffs = [1, 2, 5, 10, 20, 30]
             settings.execution.max_workers = 4
+            # No essence (two deep copies of each body per event) for kinds only watched (diffbase.py).
+            settings.persistence.diffbase_storage = ChangeDetectedOnly()
             settings.scanning.disabled = True
             settings.posting.enabled = False
             settings.peering.standalone = True
@@ -202,6 +214,7 @@ async def _run(config: OperatorConfig) -> int:
             stop.set()
             resync.stopping.set()
             queue.stop()
+            pool.shutdown(wait=False, cancel_futures=True)
             poller.shutdown()
     finally:
         stop.set()
