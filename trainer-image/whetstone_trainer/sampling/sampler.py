@@ -29,6 +29,7 @@ DDP wrappers.
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -103,11 +104,15 @@ def _uniform(rows: int, generator: Generators, row_prompts: list[int]) -> torch.
         return torch.rand(rows, dtype=torch.float64)
     if isinstance(generator, torch.Generator):
         return torch.rand(rows, generator=generator, device=generator.device, dtype=torch.float64)
-    draws = [
-        torch.rand(1, generator=generator[p], device=generator[p].device, dtype=torch.float64)
-        for p in row_prompts
-    ]
-    return torch.cat([d.cpu() for d in draws])
+    # A prompt's running rows are consecutive: one call per prompt draws them in row order, instead of one
+    # call per row (on a CPU generator these are the very same numbers).
+    draws = []
+    for p, rows_of_p in itertools.groupby(row_prompts):
+        g = generator[p]
+        draws.append(
+            torch.rand(len(list(rows_of_p)), generator=g, device=g.device, dtype=torch.float64).cpu()
+        )
+    return torch.cat(draws)
 
 
 def _choose(
