@@ -7,9 +7,11 @@ transformers (no vLLM). The reward is the same rule on both sides: 1 when the an
 Python function in the process; Whetstone: a stringCheck RewardGrader, and, as a second figure, the same rule
 as a python RewardGrader in its sandbox worker processes). A step = sample, reward, update. Each
 configuration runs `--repeats` times, interleaved; the best time counts. Model loading and set-up are excluded
-on both sides.
+on both sides. `--threads N` sets torch's intra-op threads for the whole process, so for both trainers alike:
+on a shared machine whose cores are busy, 1 thread avoids the stalls of a parallel region waiting for a core.
 
     python bench/rft_steps.py [--model whetstone://tiny] [--steps 8] [--prompts 8] [--group 8] [--max-new 32]
+                              [--repeats 2] [--threads N]
 """
 
 from __future__ import annotations
@@ -122,7 +124,12 @@ def main() -> int:
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--max-new", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from whetstone_trainer.synthetic import make_prompt_rows, write_jsonl
 
     tmp = Path(tempfile.mkdtemp(prefix="whetstone-bench-rft-"))
@@ -137,7 +144,8 @@ def main() -> int:
     best = {k: min(v) for k, v in runs.items()}
     print(
         f"RFT steps/s, {args.model}, {args.steps} steps of {args.prompts} prompts x {args.group} samples, "
-        f"max {args.max_new} new tokens, full-parameter, {os.cpu_count()} CPUs, best of {args.repeats}"
+        f"max {args.max_new} new tokens, full-parameter, {os.cpu_count()} CPUs, "
+        f"{torch.get_num_threads()} torch threads, best of {args.repeats}"
     )
     for name, seconds in best.items():
         runs_text = ", ".join(f"{s:.2f}" for s in runs[name])

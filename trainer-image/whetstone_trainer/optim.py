@@ -16,7 +16,11 @@ def build_optimizer(model: torch.nn.Module, hp: Hyperparameters) -> torch.optim.
         {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": hp.weight_decay},
         {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.learning_rate)
+    # The fused kernel (one call per step instead of a dozen small ops per tensor) where torch has it: it is
+    # transformers' default optimizer too ("adamw_torch_fused"), and on the CPU, where torch's own default is
+    # the per-tensor loop, a step of a 10M-parameter model is several times faster.
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in trainable) or None
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.learning_rate, fused=fused)
 
 
 def lr_factor(step: int, total_steps: int, hp: Hyperparameters) -> float:

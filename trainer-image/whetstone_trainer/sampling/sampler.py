@@ -29,6 +29,7 @@ DDP wrappers.
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -103,11 +104,15 @@ def _uniform(rows: int, generator: Generators, row_prompts: list[int]) -> torch.
         return torch.rand(rows, dtype=torch.float64)
     if isinstance(generator, torch.Generator):
         return torch.rand(rows, generator=generator, device=generator.device, dtype=torch.float64)
-    draws = [
-        torch.rand(1, generator=generator[p], device=generator[p].device, dtype=torch.float64)
-        for p in row_prompts
-    ]
-    return torch.cat([d.cpu() for d in draws])
+    # A prompt's running rows are consecutive: one call per prompt draws them in row order, instead of one
+    # call per row (on a CPU generator these are the very same numbers).
+    draws = []
+    for p, rows_of_p in itertools.groupby(row_prompts):
+        g = generator[p]
+        draws.append(
+            torch.rand(len(list(rows_of_p)), generator=g, device=g.device, dtype=torch.float64).cpu()
+        )
+    return torch.cat(draws)
 
 
 def _choose(
@@ -119,7 +124,11 @@ def _choose(
         logp_BV = torch.log_softmax(logits_BV, -1)
         return tokens_B, logp_BV.gather(-1, tokens_B[:, None])[:, 0]
     scaled = logits_BV / params.temperature
-    logp_BV = torch.log_softmax(scaled, -1)
+    # One exponential over the vocabulary serves both the log-prob (logit − max − log Σ) and the draw (the
+    # cumulative sum of the same weights, filtered): a log_softmax and a softmax would take two.
+    top_B1 = scaled.amax(-1, keepdim=True)
+    weights_BV = (scaled - top_B1).exp_()
+    log_total_B = weights_BV.sum(-1).log()
     filtered = scaled
     vocab = scaled.shape[-1]
     if 0 < params.top_k < vocab:
@@ -133,12 +142,14 @@ def _choose(
         drop_sorted[:, 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         filtered = filtered.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(filtered, -1)
-    cdf = probs.cumsum(-1)
-    u = _uniform(probs.shape[0], generator, row_prompts).to(probs.device, cdf.dtype)[:, None] * cdf[:, -1:]
+    if filtered is not scaled:  # the most likely token is never filtered: `top_B1` is the kept maximum too
+        weights_BV = weights_BV.masked_fill(filtered == float("-inf"), 0.0)
+    cdf = weights_BV.cumsum(-1)  # unnormalised: u is scaled to the total
+    u = _uniform(cdf.shape[0], generator, row_prompts).to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
     # The first index whose cumulative probability exceeds u: never a token with probability 0.
     tokens_B = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_max(vocab - 1)
-    return tokens_B, logp_BV.gather(-1, tokens_B[:, None])[:, 0]
+    chosen_B = scaled.gather(-1, tokens_B[:, None])[:, 0]
+    return tokens_B, chosen_B - top_B1[:, 0] - log_total_B
 
 
 def _cache_kwarg(model: Any) -> str:
