@@ -262,7 +262,9 @@ class Process:
 
 def whetstone(tree: Path, kubeconfig: Path, log: Path, namespace: str) -> Process:
     env = dict(os.environ, KUBECONFIG=str(kubeconfig), PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(str(tree / d) for d in ("api", "cli", "operator", "trainer-image"))
+    # graders: the operator checks RewardGraders with it; never left to whichever checkout the venv points at.
+    folders = ("api", "cli", "operator", "trainer-image", "graders")
+    env["PYTHONPATH"] = os.pathsep.join(str(tree / d) for d in folders if (tree / d).is_dir())
     argv = [
         sys.executable,
         "-m",
