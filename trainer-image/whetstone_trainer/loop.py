@@ -315,22 +315,17 @@ def target_logprobs(
     targets = ids[:, 1:][keep[:, :-1]]
     inputs = {"input_ids": ids, "position_ids": batch.position_ids.to(device), "use_cache": False}
     head = output_head(model)
-    if head is not None:
-        with head_passes_hidden_states(head):
-            hidden = model(**inputs, logits_to_keep=keep).logits
-        if hidden.dim() == 3:  # a model that ignores mask-shaped logits_to_keep
-            hidden = hidden[keep]
-        logprobs, entropy = chunked_token_logprobs(
-            hidden, targets, head, _vocab_size(head), temperature, with_entropy
-        )
-    else:
-        logits = model(**inputs, logits_to_keep=keep).logits
-        if logits.dim() == 3:
-            logits = logits[keep]
+    passes = head_passes_hidden_states(head) if head is not None else contextlib.nullcontext()
+    with passes:  # with a head of our own, the model's `.logits` are the kept hidden states
+        out = model(**inputs, logits_to_keep=keep).logits
+    if out.dim() == 3:  # a model that ignores mask-shaped logits_to_keep
+        out = out[keep]
+    if head is None:
         # The logits exist whole here; chunking still keeps their fp32 log-softmax to a chunk at a time.
-        logprobs, entropy = chunked_token_logprobs(
-            logits, targets, torch.nn.Identity(), logits.shape[-1], temperature, with_entropy
-        )
+        head, vocab = torch.nn.Identity(), out.shape[-1]
+    else:
+        vocab = _vocab_size(head)
+    logprobs, entropy = chunked_token_logprobs(out, targets, head, vocab, temperature, with_entropy)
     return TargetLogprobs(
         logprobs=logprobs,
         weights=weights[:, 1:][keep[:, :-1]],

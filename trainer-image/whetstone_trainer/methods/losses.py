@@ -70,25 +70,28 @@ def chunked_token_logprobs(
     With one chunk this is exactly head → token_logprobs. `temperature` divides the logits first;
     `chunk_elements` bounds a chunk's logits (default LOGIT_CHUNK_ELEMENTS)."""
 
-    def piece(h: Tensor, t: Tensor) -> Tensor:
+    def scaled_logits(h: Tensor) -> Tensor:
         logits = head(h)
-        if temperature != 1.0:
-            logits = logits.float() / temperature
-        return token_logprobs(logits, t)
+        return logits.float() / temperature if temperature != 1.0 else logits
+
+    def piece(h: Tensor, t: Tensor) -> Tensor:
+        return token_logprobs(scaled_logits(h), t)
 
     chunk = max(1, (chunk_elements or LOGIT_CHUNK_ELEMENTS) // max(vocab_size, 1))
     recompute = hidden.shape[0] > chunk and torch.is_grad_enabled()
     logprobs, entropies = [], []
     for start in range(0, hidden.shape[0], chunk):
         h, t = hidden[start : start + chunk], targets[start : start + chunk]
+        logits: Tensor | None = None
         if recompute:
             logprobs.append(torch.utils.checkpoint.checkpoint(piece, h, t, use_reentrant=False))
         else:
-            logprobs.append(piece(h, t))
+            logits = scaled_logits(h)
+            logprobs.append(token_logprobs(logits, t))
         if with_entropy:
             with torch.no_grad():
-                logits = head(h).float() / temperature
-                logp = torch.log_softmax(logits, -1)
+                # The chunk's logits when at hand; a recomputed chunk keeps none, so its head runs again.
+                logp = torch.log_softmax((logits if logits is not None else scaled_logits(h)).float(), -1)
                 entropies.append(-(logp.exp() * logp).sum(-1))
     if not logprobs:  # no targets at all
         return hidden.new_zeros(0, dtype=torch.float32), (
