@@ -350,7 +350,8 @@ class Reconciler:
         meta = job["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         if plan.create_workload:
-            if self._create(job, "Workload", self.kube.create_workload, lambda: self._workload_body(job)):
+            workload = ("Workload", self.kube.create_workload, lambda: self._workload_body(job), 0)
+            if self._create_all(job, [workload]):
                 with self._lock:
                     self._failures.pop(meta["uid"], None)
                 LOG.info("FineTuneJob %s/%s: queued in LocalQueue %s", namespace, name, kueue.queue_name(job))
@@ -485,21 +486,6 @@ class Reconciler:
             LOG.info("FineTuneJob %s/%s: created what the API server refused before", namespace, meta["name"])
             return 0.0  # write Created=True at once
         return None
-
-    def _create(
-        self,
-        job: Json,
-        kind: str,
-        create: Callable[[str, Json], Any],
-        build: Callable[[], Json],
-        attempt: int = 0,
-    ) -> bool:
-        """Create a child; AlreadyExists is done (whose it is, the watch tells). A refusal is remembered
-        with a back-off, and the next pass reports it."""
-        refusal = self._try_create(job, kind, create, build, attempt)
-        if refusal is not None:
-            self._refused(job, refusal)
-        return refusal is None
 
     def _create_all(
         self, job: Json, creates: list[tuple[str, Callable[[str, Json], Any], Callable[[], Json], int]]
