@@ -331,8 +331,9 @@ def test_cli_dry_run_and_plot(tryout: TryOut, tmp_path: Path) -> None:
 
 # Each method on the bundled tiny model, long enough for every series of the dashboard's DPO and RFT rows:
 # Prometheus (1 s scrapes) needs several scrapes while the trainer trains (rate() over the panels' 10 s window
-# needs two), and a tiny-model step takes 0.1-0.3 s here (30 DPO steps were scraped 3 times): about 15 s of
-# training each. The eval series are written on eval steps, so evalEverySteps puts them on /metrics while
+# needs two). A tiny-model DPO step takes 0.03-0.3 s depending on the machine (30 steps were scraped 3 times
+# here; after the optimizer got faster, 120 steps were scraped only 4 times on CI), so DPO runs 400 steps:
+# 10 s or more of training wherever it runs. The eval series are written on eval steps, so evalEverySteps puts them on /metrics while
 # training goes on. One job at a time: the local profile's trainers share host ports.
 DPO_JOB = """
 apiVersion: whetstone.dev/v1alpha1
@@ -346,7 +347,7 @@ spec:
   dpo: {beta: 0.5}
   fullParameter: {}
   hyperparameters:
-    {maxSteps: 120, learningRate: 2.0e-3, batchSize: 8, maxSeqLen: 64, evalEverySteps: 20, seed: 7}
+    {maxSteps: 400, learningRate: 2.0e-3, batchSize: 8, maxSeqLen: 64, evalEverySteps: 20, seed: 7}
   output: {uri: pvc://work/out/dpo-tiny-add}
   volumes:
   - {name: data, mountPath: /data, readOnly: true, configMap: {name: whetstone-method-data}}
