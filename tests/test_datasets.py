@@ -578,6 +578,15 @@ def test_empty_and_missing_files(tmp_path: Path) -> None:
     (tmp_path / "empty.jsonl").write_text("\n\n")
     assert "no examples" in read_jsonl(tmp_path / "empty.jsonl", "chat").errors[0].reason
     assert "file not found" in read_jsonl(tmp_path / "nope.jsonl", "chat").errors[0].reason
+    # A problem of the whole file reads as one line naming the file, not as "line 0" of a row count.
+    assert (
+        read_jsonl(tmp_path / "nope.jsonl", "chat").describe() == f"{tmp_path / 'nope.jsonl'}: file not found"
+    )
+    assert (
+        read_jsonl(tmp_path / "empty.jsonl", "chat")
+        .describe()
+        .endswith("empty.jsonl: the file has no examples")
+    )
 
 
 def _spec(**changes: object) -> FineTuneJobSpec:

@@ -48,11 +48,11 @@ TRL_PREFERENCE_KEYS = ("prompt", "chosen", "rejected")
 
 @dataclass(frozen=True)
 class RowError:
-    line: int
+    line: int  # 0: the file as a whole (missing, unreadable, empty)
     reason: str
 
     def __str__(self) -> str:
-        return f"line {self.line}: {self.reason}"
+        return f"line {self.line}: {self.reason}" if self.line else self.reason
 
 
 @dataclass
@@ -68,6 +68,8 @@ class DatasetReport:
         return not self.errors and bool(self.rows)
 
     def describe(self) -> str:
+        if len(self.errors) == 1 and self.errors[0].line == 0:
+            return f"{self.path}: {self.errors[0].reason}"
         lines = [f"{self.path}: {len(self.errors)} problem(s) in {len(self.rows) + len(self.errors)} row(s)"]
         lines += [f"  {self.path.name}:{e}" for e in self.errors[:MAX_REPORTED_ERRORS]]
         if len(self.errors) > MAX_REPORTED_ERRORS:
@@ -87,7 +89,7 @@ def read_jsonl(path: Path, fmt: DatasetFormat, max_examples: int | None = None) 
     """Parse and check every line of a JSONL file in the given format."""
     report = DatasetReport(path=path)
     if not path.is_file():
-        report.errors.append(RowError(0, f"file not found: {path}"))
+        report.errors.append(RowError(0, "file not found"))
         return report
     check = _CHECKS[fmt]
     try:
