@@ -218,13 +218,13 @@ CATALOGUE: list[Case] = [
     Case(
         "yaml-nan",
         spec_text("    learningRate: 0.001\n", "    learningRate: .nan\n"),
-        None,
+        "spec.hyperparameters.learningRate",
         "not a number JSON can carry",
     ),
     Case(
         "yaml-infinity",
         spec_text("    learningRate: 0.001\n", "    learningRate: .inf\n"),
-        None,
+        "spec.hyperparameters.learningRate",
         "not a number JSON can carry",
     ),
     Case(

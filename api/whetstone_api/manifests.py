@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from . import GROUP_VERSION, RESOURCE_KINDS, openapi
 from .base import ApiModel, ObjectMeta, RuleError
-from .yamlload import Document, YamlProblem, load
+from .yamlload import Document, YamlProblem, dotted, load
 
 
 @dataclass(frozen=True)
@@ -43,13 +43,6 @@ class ManifestError(ValueError):
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = problems
         super().__init__("\n".join(str(p) for p in problems))
-
-
-def _dotted(loc: tuple[str | int, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
 
 
 def load_documents(path: Path) -> list[tuple[dict[str, Any], Document]]:
@@ -137,7 +130,7 @@ def parse_resource(doc: dict[str, Any], where: Document | None, path: Path) -> A
                 Problem(
                     path,
                     where.key_line(p.path) if where and p.unknown_field else line(p.path),
-                    _dotted(p.path),
+                    dotted(p.path),
                     p.message,
                 )
                 for p in found
@@ -164,7 +157,7 @@ def _problem_of(err: Any, path: Path, line: Any) -> Problem:
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown field"
-    return Problem(path, line(loc), _dotted(loc), msg)
+    return Problem(path, line(loc), dotted(loc), msg)
 
 
 def load_resources(path: Path) -> list[ApiModel]:

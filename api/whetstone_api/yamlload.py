@@ -147,6 +147,14 @@ def _prescan(text: str) -> None:
         raise _problem(e) from None
 
 
+def dotted(path: Path) -> str:
+    """A value's path as a field name: spec.hyperparameters.learningRate, spec.volumes[0].name."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
 class _Builder:
     """Turns composed nodes into values, counting every value an alias expands to."""
 
@@ -169,7 +177,9 @@ class _Builder:
             try:
                 return as_sent(_scalar(node))
             except NotJSON as e:
-                raise YamlProblem(str(e), node.start_mark.line + 1) from None
+                raise YamlProblem(
+                    f"{dotted(path)}: {e}" if path else str(e), node.start_mark.line + 1
+                ) from None
         if isinstance(node, SequenceNode):
             if node.tag != _CORE + "seq":
                 raise YamlProblem(f"unsupported tag {node.tag}", node.start_mark.line + 1)
