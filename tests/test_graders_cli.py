@@ -77,3 +77,75 @@ def test_an_invalid_grader_names_file_line_and_field(
     )
     assert main(["grader", "test", str(path)]) == 1
     assert f"{path}:5: spec.regex.pattern: the pattern does not compile" in capsys.readouterr().err
+
+
+def _rft_file(tmp_path: Path, rows: list[str], graders: str) -> Path:
+    (tmp_path / "prompts.jsonl").write_text("".join(r + "\n" for r in rows))
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        graders
+        + """
+---
+apiVersion: whetstone.dev/v1alpha1
+kind: FineTuneJob
+metadata: {name: rft-fields}
+spec:
+  method: rft
+  baseModel: {uri: whetstone://tiny}
+  dataset: {uri: prompts.jsonl}
+  rft: {graders: [{name: mix}]}
+  lora: {rank: 4}
+  output: {uri: out}
+"""
+    )
+    return path
+
+
+GRADERS = """
+apiVersion: whetstone.dev/v1alpha1
+kind: RewardGrader
+metadata: {name: exact}
+spec:
+  stringCheck: {reference: "{{ item.answer.value }}"}
+---
+apiVersion: whetstone.dev/v1alpha1
+kind: RewardGrader
+metadata: {name: mix}
+spec:
+  weighted: {graders: {exact: 1}}
+"""
+ASK = '{"messages": [{"role": "user", "content": "1+1?"}]'
+
+
+def test_a_template_field_no_row_has_is_refused_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from whetstone_trainer.entry import JobRefused, load_job_file, prepare
+
+    # The weighted grader's child reads item.answer.value; no row has it (one has answer, but not an object).
+    path = _rft_file(tmp_path, [ASK + ', "question": "q"}', ASK + ', "answer": "2"}'], GRADERS)
+    assert main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "spec.rft.graders: RewardGrader exact reads a field that no row of spec.dataset.uri has" in err
+    assert "prompts.jsonl:line 1: {{ item.answer.value }}: item has no field 'answer'" in err
+    with pytest.raises(JobRefused, match=r"RewardGrader exact reads a field"):
+        prepare(load_job_file(path))
+    # One row with the field is enough: rows without it are graded per onError, as the user chose.
+    path = _rft_file(tmp_path, [ASK + ', "question": "q"}', ASK + ', "answer": {"value": "2"}}'], GRADERS)
+    assert main(["validate", str(path)]) == 0, capsys.readouterr().err
+    assert prepare(load_job_file(path)).graders.keys() == {"exact", "mix"}
+
+
+def test_validate_checks_only_the_graders_in_its_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The child is not in the file (it may be in the cluster): validate says nothing about it; a local run,
+    # which has only this file, refuses the job naming the missing child.
+    from whetstone_trainer.entry import JobRefused, load_job_file, prepare
+
+    path = _rft_file(tmp_path, [ASK + "}"], GRADERS.split("---")[1])
+    assert main(["validate", str(path)]) == 0, capsys.readouterr().err
+    with pytest.raises(
+        JobRefused, match="RewardGrader mix \\(weighted\\) names child 'exact', which does not"
+    ):
+        prepare(load_job_file(path))

@@ -9,6 +9,7 @@ from typing import Any
 
 from whetstone_api import FineTuneJob
 from whetstone_api.manifests import ManifestError, load_documents, parse_resource
+from whetstone_api.rewardgrader import RewardGrader, RewardGraderSpec
 
 
 def register(sub: Any) -> None:
@@ -30,14 +31,17 @@ def run(args: argparse.Namespace) -> int:
             print(e, file=sys.stderr)
             failed = True
             continue
+        resources = []
         for doc, where in docs:
             try:
-                resource = parse_resource(doc, where, path)
+                resources.append(parse_resource(doc, where, path))
             except ManifestError as e:
                 print(e, file=sys.stderr)
                 failed = True
-                continue
-            problems = [] if args.schema_only else _preflight(resource, path)
+        # The file's RewardGraders are checked against its jobs' datasets too.
+        graders = {r.metadata.name: r.spec for r in resources if isinstance(r, RewardGrader)}
+        for resource in resources:
+            problems = [] if args.schema_only else _preflight(resource, path, graders)
             name = f"{resource.kind}/{resource.metadata.name}"
             if problems:
                 failed = True
@@ -49,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _preflight(resource: Any, path: Path) -> list[str]:
+def _preflight(resource: Any, path: Path, graders: dict[str, RewardGraderSpec]) -> list[str]:
     if not isinstance(resource, FineTuneJob):
         return []
     try:
@@ -57,4 +61,4 @@ def _preflight(resource: Any, path: Path) -> list[str]:
     except ImportError as e:  # the operator image has no trainer dependencies
         print(f"{path}: schema valid; dataset checks need the trainer extra ({e})", file=sys.stderr)
         return []
-    return preflight(resource.spec, path.resolve().parent)
+    return preflight(resource.spec, path.resolve().parent, graders=graders)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .types import TEMPLATE, GradingError, Sample
@@ -72,3 +72,29 @@ def render(template: str, sample: Sample, item: Mapping[str, Any]) -> str:
     """The template with every placeholder replaced by its value."""
     check(template)
     return _PLACEHOLDER.sub(lambda m: as_text(lookup(m.group(1), sample, item)), template)
+
+
+def rendered_templates(settings: Any) -> list[str]:
+    """The templates a grader type renders for every sample (none for python, http and weighted graders,
+    whose item fields are read by code or a service)."""
+    names = ("input", "reference", "prompt", "system")
+    return [t for n in names if isinstance(t := getattr(settings, n, None), str)]
+
+
+def missing_item_fields(templates: Sequence[str], rows: Sequence[tuple[int, Mapping[str, Any]]]) -> list[str]:
+    """Each {{ item.* }} path the templates read that no row has, as "line N: why the first row lacks it".
+    A grader that reads such a path fails on every sample: a job with it cannot learn anything."""
+    empty = Sample("")
+    problems = []
+    for path in sorted({p for t in templates for p in check(t) if p.startswith("item.")}):
+        first: str | None = None
+        for _line, row in rows:
+            try:
+                lookup(path, empty, row)
+                break
+            except GradingError as e:
+                first = first or e.message
+        else:
+            if rows and first:
+                problems.append(f"line {rows[0][0]}: {first}")
+    return problems

@@ -22,7 +22,7 @@ from whetstone_api.finetunejob import FineTuneJobSpec
 from whetstone_api.manifests import ManifestError, Problem, load_documents, parse_resource
 from whetstone_api.rewardgrader import RewardGrader, RewardGraderSpec
 
-from .preflight import check_job
+from .preflight import check_job, grader_problems
 from .storage import resolve_uri
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ def prepare(job_file: JobFile) -> Inputs:
     problem found; nothing is trained."""
     spec = job_file.job.spec
     checked = check_job(spec, job_file.base_dir)
-    problems = checked.problems + _grader_problems(spec, job_file.graders)
+    problems = checked.problems + grader_problems(spec, job_file.graders, checked)
     if problems:
         raise JobRefused(
             f"{job_file.where}: pre-flight found {len(problems)} problem(s):\n" + "\n".join(problems)
@@ -121,21 +121,6 @@ def prepare(job_file: JobFile) -> Inputs:
         train_source=str(checked.paths["spec.dataset"]),
         graders=job_file.graders,
     )
-
-
-def _grader_problems(spec: FineTuneJobSpec, graders: dict[str, RewardGraderSpec]) -> list[str]:
-    if spec.rft is None:
-        return []
-    from whetstone_graders import GraderConfigError, grader_order
-
-    try:
-        grader_order([g.name for g in spec.rft.graders], graders)
-    except GraderConfigError as e:
-        return [
-            f"spec.rft.graders: RewardGrader {e}; put its document in the job's file or pass it with "
-            "--graders"
-        ]
-    return []
 
 
 def split_rows(spec: FineTuneJobSpec, rows: Rows, eval_rows: Rows | None) -> tuple[Rows, Rows]:

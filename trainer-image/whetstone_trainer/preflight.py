@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from whetstone_api.finetunejob import FineTuneJobSpec
+from whetstone_api.rewardgrader import RewardGraderSpec
 
 from .data.formats import FORMAT_OF_METHOD, TemplateError, read_jsonl
 from .data.tokenize import example_length
@@ -39,9 +40,19 @@ class Checked:
     model_folder: Path | None = None
 
 
-def preflight(spec: FineTuneJobSpec, base_dir: Path | None, *, check_lengths: bool = True) -> list[str]:
-    """Every problem found, each naming the field, file and line it concerns. Empty: ready to train."""
-    return check_job(spec, base_dir, check_lengths=check_lengths).problems
+def preflight(
+    spec: FineTuneJobSpec,
+    base_dir: Path | None,
+    *,
+    check_lengths: bool = True,
+    graders: dict[str, RewardGraderSpec] | None = None,
+) -> list[str]:
+    """Every problem found, each naming the field, file and line it concerns. Empty: ready to train.
+    `graders`: the RewardGraders at hand (some of the job's, maybe not all), checked against the datasets."""
+    checked = check_job(spec, base_dir, check_lengths=check_lengths)
+    if graders is None:
+        return checked.problems
+    return checked.problems + grader_problems(spec, graders, checked, all_known=False)
 
 
 def check_job(spec: FineTuneJobSpec, base_dir: Path | None, *, check_lengths: bool = True) -> Checked:
@@ -177,3 +188,36 @@ def _too_long(spec: FineTuneJobSpec, tokenizer: Any, report: Any, limit: int) ->
         if n > limit:
             bad.append(f"line {line}: {what}{n} tokens, more than spec.hyperparameters.maxSeqLen {limit}")
     return bad
+
+
+def grader_problems(
+    spec: FineTuneJobSpec, graders: dict[str, RewardGraderSpec], checked: Checked, *, all_known: bool = True
+) -> list[str]:
+    """The graders of an RFT job: a missing one or a cycle; a template field that no row of a checked dataset
+    has (such a grader fails on every sample). all_known=False (`whetstone validate`, whose file may hold only
+    some of the graders, the others being in the cluster): only the graders at hand are checked."""
+    if spec.rft is None:
+        return []
+    from whetstone_graders import GraderConfigError, grader_order
+    from whetstone_graders.templates import missing_item_fields, rendered_templates
+
+    try:
+        names = grader_order([g.name for g in spec.rft.graders], graders)
+    except GraderConfigError as e:
+        if not all_known:
+            names = [g.name for g in spec.rft.graders if g.name in graders]
+        else:
+            return [
+                f"spec.rft.graders: RewardGrader {e}; put its document in the job's file or pass it with "
+                "--graders"
+            ]
+    problems = []
+    for name in names:
+        templates = rendered_templates(graders[name].settings)
+        for where, rows in checked.rows.items():
+            for missing in missing_item_fields(templates, rows):
+                problems.append(
+                    f"spec.rft.graders: RewardGrader {name} reads a field that no row of {where}.uri has, so "
+                    f"it would fail on every sample: {checked.paths[where].name}:{missing}"
+                )
+    return problems
