@@ -32,7 +32,9 @@ def _sequences() -> list[Sequence]:
         prompt = torch.randint(5, 2000, (4 + k % 2,), generator=g).tolist()
         answer = torch.randint(5, 2000, (3 + k,), generator=g).tolist()
         weights = [0.0] * len(prompt) + [1.0] * len(answer)
-        seqs.append(Sequence(TokenizedExample(prompt + answer, weights), (-1.0) ** k * (0.5 + k), []))
+        seqs.append(
+            Sequence(TokenizedExample(prompt + answer, weights), (-1.0) ** k * (0.5 + k), [], len(prompt))
+        )
     return seqs
 
 

@@ -26,10 +26,15 @@ from .checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
-from .data.formats import DatasetError
-from .data.packing import Batch, Row, collate
+from .data.formats import DatasetError, TokenizedExample
+from .data.packing import Batch, Row, collate, collate_shared_prompts
 from .methods.losses import chunked_token_logprobs
-from .models.activations import enable_gradient_checkpointing, head_passes_hidden_states, output_head
+from .models.activations import (
+    enable_gradient_checkpointing,
+    head_passes_hidden_states,
+    hf_model,
+    output_head,
+)
 from .optim import build_optimizer, build_scheduler
 from .zero import DEEPSPEED_DIR, ZeroModel, even_micro_batches
 
@@ -314,6 +319,8 @@ def target_logprobs(
     keep[:, :-1] = weights[:, 1:] != 0  # position t predicts token t + 1
     targets = ids[:, 1:][keep[:, :-1]]
     inputs = {"input_ids": ids, "position_ids": batch.position_ids.to(device), "use_cache": False}
+    if batch.attention_mask is not None:
+        inputs["attention_mask"] = batch.attention_mask.to(device)
     head = output_head(model)
     passes = head_passes_hidden_states(head) if head is not None else contextlib.nullcontext()
     with passes:  # with a head of our own, the model's `.logits` are the kept hidden states
@@ -326,13 +333,55 @@ def target_logprobs(
     else:
         vocab = _vocab_size(head)
     logprobs, entropy = chunked_token_logprobs(out, targets, head, vocab, temperature, with_entropy)
-    return TargetLogprobs(
+    result = TargetLogprobs(
         logprobs=logprobs,
         weights=weights[:, 1:][keep[:, :-1]],
         rows=keep.nonzero()[:, 0],
         num_rows=ids.shape[0],
         entropy=entropy,
     )
+    if batch.example_ids is None:
+        return result
+    # Rows that hold several examples (collate_shared_prompts): each target belongs to its example, and the
+    # targets go in example order, as if each example had had a row of its own.
+    examples = batch.example_ids.to(device)[:, 1:][keep[:, :-1]]
+    order = torch.argsort(examples, stable=True)
+    return TargetLogprobs(
+        logprobs=result.logprobs[order],
+        weights=result.weights[order],
+        rows=examples[order],
+        num_rows=int(batch.num_examples or 0),
+        entropy=None if result.entropy is None else result.entropy[order],
+    )
+
+
+def answers_batch(
+    model: torch.nn.Module, examples: list[TokenizedExample], prompt_lens: list[int], pad_id: int
+) -> Batch:
+    """Answers after prompts, several answers per prompt (an RFT group), in the cheaper of two layouts: one
+    row per answer, or one row per prompt with its answers side by side (collate_shared_prompts: the prompt
+    runs once). The second needs an attention that takes any mask (sdpa's does; flash-attention's and eager's
+    masks are of other kinds); its rows are longer, so its attention costs more, and a model's own sizes say
+    which way the sum of the two goes (multiply-adds per layer: the projections per token, q.k and p.v per
+    query-key pair). The logits are the same either way."""
+    one_per_row = collate([Row((e,)) for e in examples], pad_id)
+    config = getattr(hf_model(model), "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa" or len(examples) < 2:
+        return one_per_row
+    shared = collate_shared_prompts(examples, prompt_lens, pad_id)
+    d = int(config.hidden_size)
+    heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    head_dim = int(getattr(config, "head_dim", None) or d // heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    ff = int(getattr(config, "intermediate_size", None) or 4 * d)
+    per_token = 2 * d * heads * head_dim + 2 * d * kv_heads * head_dim + 3 * d * ff
+    per_pair = 2 * heads * head_dim
+
+    def cost(batch: Batch) -> int:
+        rows, width = batch.input_ids.shape
+        return rows * width * (per_token + width * per_pair)
+
+    return shared if cost(shared) < cost(one_per_row) else one_per_row
 
 
 def _vocab_size(head: torch.nn.Module) -> int:

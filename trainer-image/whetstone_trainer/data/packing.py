@@ -62,6 +62,11 @@ class Batch:
     position_ids: torch.Tensor  # [B, T]
     # weights[b, t] is the loss weight of predicting input_ids[b, t] from the tokens before it.
     weights: torch.Tensor  # [B, T] float
+    # Only from collate_shared_prompts: the example each position belongs to (-1: a shared prompt or
+    # padding), how many examples there are, and who may attend to whom ([B, 1, T, T] bool, True: may).
+    example_ids: torch.Tensor | None = None
+    num_examples: int | None = None
+    attention_mask: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -86,3 +91,48 @@ def collate(rows: list[Row], pad_id: int) -> Batch:
         if at < width:  # padding forms its own segment, so real tokens never attend to it
             pos[b, at:] = torch.arange(width - at)
     return Batch(ids, pos, w)
+
+
+def collate_shared_prompts(examples: list[TokenizedExample], prompt_lens: list[int], pad_id: int) -> Batch:
+    """One row per distinct prompt: the prompt once, then each of its examples' answers, each answer
+    attending to the prompt and to itself only (a tree, as in the sampler's shared prefill). The answers of a
+    group then cost their own tokens, not the prompt's again: an RFT group of G answers runs its prompt
+    once instead of G times, and no row is padded to the longest answer of the batch.
+
+    A segment starts with the prompt's last token again (at its own position): position t predicts token
+    t + 1 inside every segment, so each answer's first token is predicted from the prompt as before, and the
+    logits are those of the examples run one per row. The first `prompt_lens[i]` tokens of example i are its
+    prompt; they carry no weight."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (ex, n) in enumerate(zip(examples, prompt_lens, strict=True)):
+        if not 1 <= n <= len(ex):
+            raise ValueError(
+                f"example {i}: a prompt of {n} tokens in {len(ex)} (need 1 <= prompt <= example)"
+            )
+        groups.setdefault(tuple(ex.input_ids[:n]), []).append(i)
+    rows: list[tuple[list[int], list[int], list[int], list[float]]] = []
+    for prompt, members in groups.items():
+        n = len(prompt)
+        ids, pos, seg, w = list(prompt[:-1]), list(range(n - 1)), [-1] * (n - 1), [0.0] * (n - 1)
+        for i in members:
+            ex = examples[i]
+            ids += [prompt[-1], *ex.input_ids[n:]]
+            pos += range(n - 1, len(ex))
+            seg += [i] * (len(ex) - n + 1)
+            w += [0.0, *ex.weights[n:]]
+        rows.append((ids, pos, seg, w))
+    width = max(len(r[0]) for r in rows)
+    ids_t = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    pos_t = torch.zeros((len(rows), width), dtype=torch.long)
+    seg_t = torch.full((len(rows), width), -2, dtype=torch.long)  # -2: padding, -1: a shared prompt
+    w_t = torch.zeros((len(rows), width), dtype=torch.float32)
+    for b, (ids, pos, seg, w) in enumerate(rows):
+        ids_t[b, : len(ids)] = torch.tensor(ids)
+        pos_t[b, : len(ids)] = torch.tensor(pos)
+        seg_t[b, : len(ids)] = torch.tensor(seg)
+        w_t[b, : len(ids)] = torch.tensor(w)
+    query, key = seg_t[:, :, None], seg_t[:, None, :]
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    mask = causal & (key != -2) & ((key == -1) | (key == query))
+    mask |= torch.eye(width, dtype=torch.bool)  # a padding position attends to itself: no empty softmax
+    return Batch(ids_t, pos_t, w_t, seg_t.clamp_min(-1), len(examples), mask[:, None])

@@ -48,7 +48,7 @@ from whetstone_graders import GraderSet, Sample
 
 from .. import loop
 from ..data.formats import TokenizedExample
-from ..data.packing import Row, collate, epoch_order
+from ..data.packing import epoch_order
 from ..data.tokenize import tokenize_prompt
 from ..distributed import World
 from ..sampling import SamplingParams, default_stop_token_ids, sample
@@ -69,6 +69,7 @@ class Sequence:
     example: TokenizedExample
     advantage: float
     sampler_logprobs: list[float]
+    prompt_len: int  # the example's first prompt_len tokens are the prompt
     old_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
 
@@ -232,9 +233,10 @@ def train(
     def sequence_logprobs(
         net: torch.nn.Module, seqs: list[Sequence], with_entropy: bool = False
     ) -> loop.TargetLogprobs:
+        # A group's answers share their prompt's forward where that is cheaper (loop.answers_batch).
         return loop.target_logprobs(
             net,
-            collate([Row((s.example,)) for s in seqs], pad_id),
+            loop.answers_batch(net, [s.example for s in seqs], [s.prompt_len for s in seqs], pad_id),
             rt.device,
             with_entropy=with_entropy,
             temperature=params.temperature,
@@ -436,7 +438,10 @@ def training_sequences(
             p = prompts[g.prompt].tokens
             seqs.append(
                 Sequence(
-                    TokenizedExample(p + c.tokens, [0.0] * len(p) + [1.0] * len(c.tokens)), a, c.logprobs
+                    TokenizedExample(p + c.tokens, [0.0] * len(p) + [1.0] * len(c.tokens)),
+                    a,
+                    c.logprobs,
+                    len(p),
                 )
             )
     return seqs, advantages

@@ -23,10 +23,10 @@ def enable_gradient_checkpointing(model: Any) -> None:
 
 def is_gradient_checkpointing(model: Any) -> bool:
     """Whether `model` (plain, PEFT, DDP or a DeepSpeed engine) checkpoints its layers."""
-    return bool(getattr(_hf_model(model), "is_activation_checkpointing", False))
+    return bool(getattr(hf_model(model), "is_activation_checkpointing", False))
 
 
-def _hf_model(model: Any) -> Any:
+def hf_model(model: Any) -> Any:
     """The transformers model inside DDP (`.module`), a DeepSpeed engine (`.module`) and PEFT wrappers."""
     while isinstance(model, torch.nn.Module) and not hasattr(model, "get_output_embeddings"):
         inner = getattr(model, "module", None)
@@ -40,7 +40,7 @@ def output_head(model: Any) -> torch.nn.Module | None:
     """The output projection (lm_head) of `model` when the trainer can run it itself, else None: a model
     without one, or one whose head weight ZeRO-3 has partitioned (it exists whole only inside the engine's
     forward, so it must stay there)."""
-    getter = getattr(_hf_model(model), "get_output_embeddings", None)
+    getter = getattr(hf_model(model), "get_output_embeddings", None)
     head = getter() if getter is not None else None
     if not isinstance(head, torch.nn.Module):
         return None

@@ -1,0 +1,146 @@
+"""One row per prompt (data.packing.collate_shared_prompts): the RFT update runs a group's prompt once and its
+answers side by side, each answer attending to the prompt and to itself. The log-probs, entropies and
+gradients are those of one row per answer, in the same order; loop.answers_batch takes the layout only for
+an attention that takes such a mask and only where the model's sizes say it is cheaper."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from conftest import valid_job
+from whetstone_api import FineTuneJob
+from whetstone_trainer import loop
+from whetstone_trainer.data.formats import TokenizedExample
+from whetstone_trainer.data.packing import Row, collate, collate_shared_prompts
+from whetstone_trainer.models.activations import is_gradient_checkpointing
+from whetstone_trainer.models.sources import load_model_and_tokenizer, materialise, parse_model_uri
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[Any, Any]:
+    model, tokenizer = load_model_and_tokenizer("whetstone://tiny")
+    return model.train(), tokenizer
+
+
+def _answers(
+    lengths: list[list[int]], seed: int = 0, twins: bool = False
+) -> tuple[list[TokenizedExample], list[int]]:
+    """Groups of answers after their prompt (group k: a prompt of 3 + 2k tokens), interleaved as the
+    update's micro-batches deal them out (answer j of every group, then answer j + 1...); `twins`: the first
+    two answers of the first group are the same."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(5, 2000, (3 + 2 * k,), generator=g).tolist() for k in range(len(lengths))]
+    per_group = [[torch.randint(5, 2000, (n,), generator=g).tolist() for n in ns] for ns in lengths]
+    if twins:
+        per_group[0][1] = per_group[0][0]
+    examples, prompt_lens = [], []
+    for j in range(max(len(ns) for ns in lengths)):
+        for prompt, answers in zip(prompts, per_group, strict=True):
+            if j < len(answers):
+                answer = answers[j]
+                examples.append(TokenizedExample(prompt + answer, [0.0] * len(prompt) + [1.0] * len(answer)))
+                prompt_lens.append(len(prompt))
+    return examples, prompt_lens
+
+
+def test_the_layout_puts_each_prompt_once_and_masks_answers_from_each_other() -> None:
+    examples, prompt_lens = _answers([[2, 3], [1]])
+    batch = collate_shared_prompts(examples, prompt_lens, pad_id=0)
+    assert batch.input_ids.shape == (2, 2 + (1 + 2) + (1 + 3))  # group 0: its prompt once, two answers
+    assert batch.num_examples == 3 and batch.attention_mask is not None
+    ids, seg, mask = batch.input_ids[0].tolist(), batch.example_ids[0].tolist(), batch.attention_mask[0, 0]
+    assert ids == examples[0].input_ids[:2] + examples[0].input_ids[2:] + examples[2].input_ids[2:]
+    assert seg == [-1, -1, 0, 0, 0, 2, 2, 2, 2]
+    assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 4, 2, 3, 4, 5]
+    assert mask[5].tolist() == [True, True, False, False, False, True, False, False, False]  # not answer 0
+    assert mask[4].tolist() == [True] * 5 + [False] * 4
+    assert batch.weights[0].tolist() == [0, 0, 0, 1, 1, 0, 1, 1, 1]
+    # Group 1's row is padded: its padding attends only to itself, and nothing real attends to it.
+    assert batch.example_ids[1].tolist()[-3:] == [-1, -1, -1] and not mask[:, -1][:-1].any()
+    with pytest.raises(ValueError, match="example 0: a prompt of 0"):
+        collate_shared_prompts(examples[:1], [0], pad_id=0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_shared_prompts_give_the_log_probs_entropy_and_gradients_of_one_row_per_answer(
+    tiny: tuple[Any, Any], temperature: float
+) -> None:
+    model, tokenizer = tiny
+    examples, prompt_lens = _answers([[4, 6, 0, 9], [7, 2, 5], [3, 8]], twins=True)
+    advantages = torch.linspace(-1.5, 2.0, len(examples))
+    results = []
+    for batch in (
+        collate([Row((e,)) for e in examples], tokenizer.pad_token_id),
+        collate_shared_prompts(examples, prompt_lens, tokenizer.pad_token_id),
+    ):
+        model.zero_grad(set_to_none=True)
+        t = loop.target_logprobs(model, batch, CPU, with_entropy=True, temperature=temperature)
+        (-(t.per_row_sum() * advantages).sum()).backward()
+        results.append((t, [p.grad.clone() for p in model.parameters()]))
+    (plain, plain_grads), (shared, shared_grads) = results
+    assert shared.num_rows == plain.num_rows == len(examples)
+    assert shared.rows.tolist() == plain.rows.tolist()  # the same targets, in the same order
+    torch.testing.assert_close(shared.logprobs, plain.logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared.entropy, plain.entropy, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared.weights, plain.weights)
+    assert plain.per_row_count()[6] == 0  # the empty answer (group 0, third) has no targets either way
+    assert any(g.abs().sum() > 0 for g in plain_grads)
+    for a, b in zip(plain_grads, shared_grads, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+def test_the_layout_is_taken_where_it_is_cheaper_and_the_attention_takes_its_mask(
+    tiny: tuple[Any, Any],
+) -> None:
+    model, tokenizer = tiny
+    pad = tokenizer.pad_token_id
+    # An RFT group: 8 short answers after a longer prompt: the prompt once is cheaper.
+    short, short_lens = _answers([[6] * 8, [5] * 8], seed=1)
+    short = [TokenizedExample([7] * 40 + e.input_ids, [0.0] * 40 + e.weights) for e in short]
+    assert loop.answers_batch(model, short, [n + 40 for n in short_lens], pad).attention_mask is not None
+    # Long answers after a short prompt: the rows' attention would outgrow the few tokens saved.
+    long, long_lens = _answers([[900] * 8], seed=2)
+    assert loop.answers_batch(model, long, long_lens, pad).attention_mask is None
+    # An attention without arbitrary masks (eager here) always gets one row per answer.
+    config = model.config
+    kept = config._attn_implementation
+    try:
+        config._attn_implementation = "eager"
+        assert loop.answers_batch(model, short, [n + 40 for n in short_lens], pad).attention_mask is None
+    finally:
+        config._attn_implementation = kept
+
+
+def test_lora_with_checkpointing_gets_the_same_log_probs_and_gradients() -> None:
+    """The model as the RFT loop has it: PEFT-wrapped, its layers checkpointed (LoRA's default); the mask
+    goes through both, and the layout is chosen through the wrapper."""
+    doc = valid_job()
+    doc["spec"].pop("fullParameter")
+    doc["spec"]["lora"] = {"rank": 4}
+    spec = FineTuneJob.model_validate(doc).spec
+    folder = materialise(parse_model_uri(spec.base_model.uri))
+    trainee = loop.prepare_trainee(spec, loop.start(spec), folder, total_steps=1, micro=2)
+    model = trainee.model
+    assert is_gradient_checkpointing(model)
+    examples, prompt_lens = _answers([[5, 3, 6], [4, 2, 7]])
+    examples = [TokenizedExample([9] * 30 + e.input_ids, [0.0] * 30 + e.weights) for e in examples]
+    prompt_lens = [n + 30 for n in prompt_lens]
+    chosen = loop.answers_batch(model, examples, prompt_lens, pad_id=0)
+    assert chosen.attention_mask is not None
+    results = []
+    for batch in (collate([Row((e,)) for e in examples], pad_id=0), chosen):
+        model.zero_grad(set_to_none=True)
+        t = loop.target_logprobs(model, batch, CPU)
+        (-(t.per_row_sum() * torch.linspace(-1, 1, len(examples)))).sum().backward()
+        results.append(
+            (t.logprobs.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+        )
+    (plain, plain_grads), (shared, shared_grads) = results
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+    assert len(plain_grads) == len(shared_grads) > 0  # the adapters' gradients
+    for a, b in zip(plain_grads, shared_grads, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
