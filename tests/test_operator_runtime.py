@@ -113,15 +113,11 @@ def test_kopf_builds_an_essence_only_for_kinds_with_change_detecting_handlers() 
     TrainingSession's on.create / on.field / timer. Every other kind the operator only watches."""
     import kopf
     from whetstone_api.crd import KINDS
-    from whetstone_operator import graders, handlers, sessions
+    from whetstone_operator import graders, sessions
     from whetstone_operator.config import OperatorConfig
     from whetstone_operator.diffbase import CHANGE_DETECTED_KINDS, ChangeDetectedOnly
-    from whetstone_operator.metrics import OperatorMetrics
 
     registry = kopf.OperatorRegistry()
-    handlers.register(
-        registry, Store(), WorkQueue(lambda k: None, 1), OperatorMetrics(), threading.Event(), print, True
-    )
     graders.register(registry, graders.GraderChecker(api=lambda: None, leading=lambda: True))
     sessions.register(registry, OperatorConfig(), None)
     plurals = {
