@@ -53,25 +53,25 @@ class Informer(threading.Thread):
         self.listed = threading.Event()
         # The last object delivered, by uid: what a later LIST no longer holds was deleted meanwhile.
         self._known: dict[str, Json] = {}
+        self._version: str | None = None  # None: LIST (again)
 
     def run(self) -> None:
-        version: str | None = None
         delay = BACKOFF[0]
         while not self.stopping.is_set():
             try:
-                if version is None:
-                    version = self._list()
+                if self._version is None:
+                    self._version = self._list()
                     self.listed.set()
-                version = self._watch(version)
+                self._watch(self._version)
                 delay = BACKOFF[0]
             except Gone:
-                version = None
+                self._version = None
             except Exception as e:  # noqa: BLE001 - a watch must outlive any error: log, back off, resume
                 if self.stopping.is_set():
                     return
                 LOG.warning("watch of %s failed (again in %.0f s): %s", self.what, delay, _short(e))
                 if isinstance(e, ApiException) and e.status == 410:
-                    version = None
+                    self._version = None
                 self.stopping.wait(delay)
                 delay = min(delay * 2, BACKOFF[1])
 
@@ -85,19 +85,20 @@ class Informer(threading.Thread):
             self._deliver("MODIFIED" if obj["metadata"]["uid"] in self._known else "ADDED", obj)
         return version
 
-    def _watch(self, version: str) -> str:
-        for event in self.watch_objects(version, WATCH_SECONDS):
+    def _watch(self, since: str) -> None:
+        """Deliver the watch's events; the resourceVersion of each (bookmarks too) is where the next watch
+        starts, also after a dropped connection."""
+        for event in self.watch_objects(since, WATCH_SECONDS):
             if self.stopping.is_set():
-                break
+                return
             kind, obj = event.get("type"), event.get("object") or {}
             if kind == "ERROR":
                 if obj.get("code") == 410:
                     raise Gone()
                 raise RuntimeError(f"watch error: {obj.get('message') or obj}")
-            version = (obj.get("metadata") or {}).get("resourceVersion") or version
             if kind in ("ADDED", "MODIFIED", "DELETED"):
                 self._deliver(kind, obj)
-        return version
+            self._version = (obj.get("metadata") or {}).get("resourceVersion") or self._version
 
     def _deliver(self, kind: str, obj: Json) -> None:
         uid = obj["metadata"].get("uid", "")
