@@ -107,7 +107,7 @@ async def _run(config: OperatorConfig) -> int:
     kube = Kube(_api_client(config))
     kube.on_call = lambda resource, verb: metrics.api_calls.labels(resource, verb).inc()
     identity = config.identity or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
-    http = await serve(metrics, config.host, config.port)
+    http = serve(metrics, config.host, config.port)
     LOG.info("operator %s: /healthz and /metrics on %s:%d", identity, config.host, config.port)
     loop = asyncio.get_running_loop()
     stop = threading.Event()
@@ -195,7 +195,8 @@ async def _run(config: OperatorConfig) -> int:
             poller.shutdown()
         if elector is not None:
             elector.release()
-        await http.cleanup()
+        http.shutdown()
+        http.server_close()
     return 1 if lost.is_set() else 0
 
 
