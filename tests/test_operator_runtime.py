@@ -256,6 +256,28 @@ def test_a_failing_delivery_does_not_stop_the_watch() -> None:
     assert seen == ["b"] and informer.listed.is_set()
 
 
+def test_a_watch_event_updates_the_cache_and_queues_the_job_it_concerns() -> None:
+    from whetstone_operator.handlers import WATCHED, _delivery
+    from whetstone_operator.metrics import OperatorMetrics
+
+    store, queued, forgotten = Store(), [], []
+    queue = WorkQueue(lambda k: None, 1)
+    queue.add = lambda key, delay=0.0: queued.append(key)  # type: ignore[method-assign]
+    metrics = OperatorMetrics()
+    deliver = {w.plural: _delivery(w, store, queue, metrics, lambda *a: forgotten.append(a)) for w in WATCHED}
+    rft = {**job("5", "Pending"), "spec": {"method": "rft"}}
+    deliver["finetunejobs"]("ADDED", rft)
+    deliver["pods"]("ADDED", pod("j-node-0"))
+    deliver["pods"]("DELETED", pod("j-node-0", phase="Failed"))
+    assert [(p.name, p.gone, p.phase) for p in store.pods(("ns", "j"))] == [("j-node-0", True, "Failed")]
+    # A grader's change queues the RFT jobs of its namespace still waiting for their graders.
+    grader = {"metadata": {"name": "g", "namespace": "ns", "uid": "g1", "resourceVersion": "1"}, "spec": {}}
+    deliver["rewardgraders"]("ADDED", grader)
+    deliver["finetunejobs"]("DELETED", rft)
+    assert queued == [("ns", "j")] * 4 and forgotten == [("ns", "j", "u")] and store.job(("ns", "j")) is None
+    assert 'whetstone_operator_watch_events_total{resource="pods"} 2.0' in metrics.exposition().decode()
+
+
 # --- the work queue
 
 
