@@ -142,6 +142,11 @@ def obj(uid: str, rv: str, **status: Any) -> Json:
     return {"metadata": {"name": f"o-{uid}", "uid": uid, "resourceVersion": rv}, "status": status}
 
 
+def managed(o: Json) -> Json:
+    o["metadata"]["managedFields"] = [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}]
+    return o
+
+
 class FakeCollection:
     """An API server collection for one informer: LIST answers `lists` in turn; each WATCH answers the next
     script of events (an exception raised mid-stream, like a dropped connection); every call is recorded."""
@@ -195,7 +200,7 @@ def test_an_informer_lists_then_watches_from_the_last_version_it_saw() -> None:
         [[obj("a", "5"), obj("b", "6")]],
         [
             [
-                {"type": "MODIFIED", "object": obj("a", "7", phase="Running")},
+                {"type": "MODIFIED", "object": managed(obj("a", "7", phase="Running"))},
                 {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "9"}}},
             ],
             # The server ends the watch; the next starts from the bookmark. A dropped connection mid-stream
@@ -211,6 +216,7 @@ def test_an_informer_lists_then_watches_from_the_last_version_it_saw() -> None:
         ("DELETED", "b"),
     ]
     assert delivered[2][2]["status"] == {"phase": "Running"}
+    assert "managedFields" not in delivered[2][2]["metadata"], "the cache keeps no field managers"
     assert collection.calls == [("list", "6"), ("watch", "6"), ("watch", "9"), ("watch", "10")]
 
 
