@@ -54,3 +54,32 @@ def test_per_job_gauges_exist_only_while_the_job_does() -> None:
     m.forget_job("ns", "a")
     text = m.exposition().decode()
     assert 'job="a"' not in text and 'whetstone_job_step{job="b",namespace="ns"} 3.0' in text
+
+
+def test_healthz_and_metrics_are_served_and_nothing_else() -> None:
+    import socket
+    import urllib.error
+    import urllib.request
+
+    from whetstone_operator.metrics import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    metrics = OperatorMetrics()
+    metrics.watch_events.labels("pods").inc()
+    server = serve(metrics, "127.0.0.1", port)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        assert urllib.request.urlopen(f"{base}/healthz", timeout=5).read() == b"ok\n"
+        answer = urllib.request.urlopen(f"{base}/metrics", timeout=5)
+        assert answer.headers["Content-Type"].startswith("text/plain")
+        assert b'whetstone_operator_watch_events_total{resource="pods"} 1.0' in answer.read()
+        try:
+            urllib.request.urlopen(f"{base}/other", timeout=5)
+            raise AssertionError("an unknown path was answered")
+        except urllib.error.HTTPError as e:
+            assert e.code == 404
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -286,6 +286,26 @@ def test_a_new_job_gets_its_children_then_a_steady_job_costs_no_api_call() -> No
         assert sum(w.kube.calls.values()) == 0, w.kube.calls
 
 
+def test_a_jobs_start_is_one_status_write_and_a_refused_pod_is_not_counted_active() -> None:
+    """The first pass writes the pods it is about to create as active (as the Job controller counts them), so
+    the watch delivering its children and pods costs no second status write; a refused create is corrected."""
+    w = World(nodes=2)
+    w.run()
+    assert w.kube.calls["patch_job_status"] == 1 and w.kube.calls["create_pod"] == 2
+    assert w.status["nodes"] == {"active": 2, "succeeded": 0, "failed": 0}
+    w.watch()
+    w.run()
+    assert w.kube.calls["patch_job_status"] == 0 and sum(w.kube.calls.values()) == 0, w.kube.calls
+
+    refused = World(nodes=2)
+    refused.kube.refuse["pod"] = api_error(422, "pods are forbidden: exceeded quota")
+    refused.run()
+    refused.watch()
+    refused.run()
+    assert refused.status["nodes"]["active"] == 0, refused.status
+    assert refused.status["phase"] == "Pending" and "exceeded quota" in refused.status["message"]
+
+
 def creates(w: World) -> Counter[str]:
     return Counter({c: n for c, n in w.kube.calls.items() if c.startswith("create_") and c != "create_event"})
 

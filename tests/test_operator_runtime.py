@@ -113,15 +113,11 @@ def test_kopf_builds_an_essence_only_for_kinds_with_change_detecting_handlers() 
     TrainingSession's on.create / on.field / timer. Every other kind the operator only watches."""
     import kopf
     from whetstone_api.crd import KINDS
-    from whetstone_operator import graders, handlers, sessions
+    from whetstone_operator import graders, sessions
     from whetstone_operator.config import OperatorConfig
     from whetstone_operator.diffbase import CHANGE_DETECTED_KINDS, ChangeDetectedOnly
-    from whetstone_operator.metrics import OperatorMetrics
 
     registry = kopf.OperatorRegistry()
-    handlers.register(
-        registry, Store(), WorkQueue(lambda k: None, 1), OperatorMetrics(), threading.Event(), print, True
-    )
     graders.register(registry, graders.GraderChecker(api=lambda: None, leading=lambda: True))
     sessions.register(registry, OperatorConfig(), None)
     plurals = {
@@ -137,6 +133,155 @@ def test_kopf_builds_an_essence_only_for_kinds_with_change_detecting_handlers() 
     assert storage.build(body=session)["spec"] == {"suspend": True}
     watched = kopf.Body({"kind": "FineTuneJob", "metadata": {"name": "j"}, "spec": {"nodes": 2}})
     assert storage.build(body=watched) == {}
+
+
+# --- the informers (list, then watch; a lost resourceVersion lists again)
+
+
+def obj(uid: str, rv: str, **status: Any) -> Json:
+    return {"metadata": {"name": f"o-{uid}", "uid": uid, "resourceVersion": rv}, "status": status}
+
+
+def managed(o: Json) -> Json:
+    o["metadata"]["managedFields"] = [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}]
+    return o
+
+
+class FakeCollection:
+    """An API server collection for one informer: LIST answers `lists` in turn; each WATCH answers the next
+    script of events (an exception raised mid-stream, like a dropped connection); every call is recorded."""
+
+    def __init__(self, lists: list[list[Json]], watches: list[list[Any]]) -> None:
+        self.lists, self.watches = lists, watches
+        self.calls: list[tuple[str, str]] = []
+        self.done = threading.Event()
+
+    def list_objects(self) -> tuple[list[Json], str]:
+        items = self.lists.pop(0)
+        version = str(max([int(o["metadata"]["resourceVersion"]) for o in items] or [1]))
+        self.calls.append(("list", version))
+        return items, version
+
+    def watch_objects(self, since: str, seconds: int) -> Any:
+        self.calls.append(("watch", since))
+        if not self.watches:
+            self.done.set()
+            time.sleep(0.05)
+            return
+        for event in self.watches.pop(0):
+            if isinstance(event, Exception):
+                raise event
+            yield event
+
+
+def run_informer(collection: FakeCollection) -> list[tuple[str, str, Json]]:
+    from whetstone_operator import informers
+
+    delivered: list[tuple[str, str, Json]] = []
+    stopping = threading.Event()
+    informer = informers.Informer(
+        "things",
+        collection.list_objects,
+        collection.watch_objects,
+        lambda kind, o: delivered.append((kind, o["metadata"]["uid"], o)),
+        stopping,
+    )
+    informers.BACKOFF = (0.01, 0.01)
+    informer.start()
+    assert collection.done.wait(10)
+    assert informer.listed.is_set()
+    stopping.set()
+    informer.join(5)
+    return delivered
+
+
+def test_an_informer_lists_then_watches_from_the_last_version_it_saw() -> None:
+    collection = FakeCollection(
+        [[obj("a", "5"), obj("b", "6")]],
+        [
+            [
+                {"type": "MODIFIED", "object": managed(obj("a", "7", phase="Running"))},
+                {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "9"}}},
+            ],
+            # The server ends the watch; the next starts from the bookmark. A dropped connection mid-stream
+            # resumes from the last event delivered, without a LIST.
+            [{"type": "DELETED", "object": obj("b", "10")}, ConnectionResetError("reset by peer")],
+        ],
+    )
+    delivered = run_informer(collection)
+    assert [(k, uid) for k, uid, _ in delivered] == [
+        ("ADDED", "a"),
+        ("ADDED", "b"),
+        ("MODIFIED", "a"),
+        ("DELETED", "b"),
+    ]
+    assert delivered[2][2]["status"] == {"phase": "Running"}
+    assert "managedFields" not in delivered[2][2]["metadata"], "the cache keeps no field managers"
+    assert collection.calls == [("list", "6"), ("watch", "6"), ("watch", "9"), ("watch", "10")]
+
+
+def test_a_version_the_server_no_longer_has_lists_again_and_what_vanished_meanwhile_is_deleted() -> None:
+    gone = {"type": "ERROR", "object": {"kind": "Status", "code": 410, "message": "too old resource version"}}
+    collection = FakeCollection(
+        [[obj("a", "5"), obj("b", "6")], [obj("a", "20", phase="Failed"), obj("c", "21")]],
+        [[{"type": "MODIFIED", "object": obj("b", "8", phase="Running")}, gone]],
+    )
+    delivered = run_informer(collection)
+    # b was deleted while no watch ran: delivered as DELETED with its last state (a pod's tombstone needs it).
+    assert [(k, uid) for k, uid, _ in delivered] == [
+        ("ADDED", "a"),
+        ("ADDED", "b"),
+        ("MODIFIED", "b"),
+        ("DELETED", "b"),
+        ("MODIFIED", "a"),
+        ("ADDED", "c"),
+    ]
+    assert delivered[3][2]["status"] == {"phase": "Running"}
+    assert collection.calls == [("list", "6"), ("watch", "6"), ("list", "21"), ("watch", "21")]
+
+
+def test_a_failing_delivery_does_not_stop_the_watch() -> None:
+    from whetstone_operator import informers
+
+    collection = FakeCollection([[obj("a", "5"), obj("b", "6")]], [])
+    seen: list[str] = []
+
+    def deliver(kind: str, o: Json) -> None:
+        if o["metadata"]["uid"] == "a":
+            raise KeyError("metadata")
+        seen.append(o["metadata"]["uid"])
+
+    stopping = threading.Event()
+    informer = informers.Informer(
+        "things", collection.list_objects, collection.watch_objects, deliver, stopping
+    )
+    informer.start()
+    assert collection.done.wait(10)
+    stopping.set()
+    informer.join(5)
+    assert seen == ["b"] and informer.listed.is_set()
+
+
+def test_a_watch_event_updates_the_cache_and_queues_the_job_it_concerns() -> None:
+    from whetstone_operator.handlers import WATCHED, _delivery
+    from whetstone_operator.metrics import OperatorMetrics
+
+    store, queued, forgotten = Store(), [], []
+    queue = WorkQueue(lambda k: None, 1)
+    queue.add = lambda key, delay=0.0: queued.append(key)  # type: ignore[method-assign]
+    metrics = OperatorMetrics()
+    deliver = {w.plural: _delivery(w, store, queue, metrics, lambda *a: forgotten.append(a)) for w in WATCHED}
+    rft = {**job("5", "Pending"), "spec": {"method": "rft"}}
+    deliver["finetunejobs"]("ADDED", rft)
+    deliver["pods"]("ADDED", pod("j-node-0"))
+    deliver["pods"]("DELETED", pod("j-node-0", phase="Failed"))
+    assert [(p.name, p.gone, p.phase) for p in store.pods(("ns", "j"))] == [("j-node-0", True, "Failed")]
+    # A grader's change queues the RFT jobs of its namespace still waiting for their graders.
+    grader = {"metadata": {"name": "g", "namespace": "ns", "uid": "g1", "resourceVersion": "1"}, "spec": {}}
+    deliver["rewardgraders"]("ADDED", grader)
+    deliver["finetunejobs"]("DELETED", rft)
+    assert queued == [("ns", "j")] * 4 and forgotten == [("ns", "j", "u")] and store.job(("ns", "j")) is None
+    assert 'whetstone_operator_watch_events_total{resource="pods"} 2.0' in metrics.exposition().decode()
 
 
 # --- the work queue

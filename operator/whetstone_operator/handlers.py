@@ -2,10 +2,10 @@
 
 The story of a job, as the operator sees it:
 
-- kopf's watch streams fill the cache (store.py) with the jobs, their pods, ConfigMaps, Services,
-  NetworkPolicies and Checkpoints (server-side selected by label) and the RewardGraders; every change of
-  one of them queues its job (workqueue.py), so Running, a failure, a disruption, success, a deleted child
-  or a grader turning Ready are noticed when they happen;
+- list-then-watch threads (informers.py) fill the cache (store.py) with the jobs, their pods, ConfigMaps,
+  Services, NetworkPolicies and Checkpoints (server-side selected by label) and the RewardGraders; every
+  change of one of them queues its job (workqueue.py), so Running, a failure, a disruption, success, a
+  deleted child or a grader turning Ready are noticed when they happen;
 - a resync thread (not a kopf timer, so jobs carry no finalizer and `kubectl delete` never waits for the
   operator) queues every job every `resync` seconds anyway, because watch streams can miss events;
 - a worker takes a job, plans from the cache, re-plans on a fresh read of the job and its pods when the
@@ -32,7 +32,6 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import kopf
 from kubernetes.client.rest import ApiException
 from whetstone_api import API_GROUP, API_VERSION
 from whetstone_api import reasons as R
@@ -41,7 +40,8 @@ from whetstone_api.wire import final_report_of
 from . import children, kueue, lifecycle, reports
 from .children import JOB_LABEL, MANAGED_BY, MANAGED_BY_LABEL
 from .config import OperatorConfig
-from .kube import Kube
+from .informers import Informer
+from .kube import Kube, api_path
 from .lifecycle import CreateFailure, Observed
 from .metrics import OperatorMetrics
 from .poller import StatusPoller
@@ -691,40 +691,48 @@ class Resync(threading.Thread):
                 self.stopping.wait(self.seconds)
 
 
-def register(
-    registry: kopf.OperatorRegistry,
+def start_watches(
+    kube: Kube,
+    namespaces: list[str],
     store: Store,
     queue: WorkQueue,
     metrics: OperatorMetrics,
-    ready: threading.Event,
     forget: Callable[[str, str, str], None],
+    stopping: threading.Event,
     kueue_served: bool = False,
-) -> None:
-    """kopf handlers that only fill the cache and queue jobs: an index handler per resource fills the cache
-    before kopf lets any event handler run (kopf waits for every index's first listing), an event handler
-    handles deletions and queues the job. Kueue's Workloads are watched only where Kueue is installed (an
-    index over a resource the cluster does not serve would never be ready)."""
-
-    def seen(plural: str) -> None:
-        metrics.watch_events.labels(plural).inc()
-        metrics.last_watch_event.labels(plural).set_to_current_time()
-        ready.set()  # kopf runs event handlers only once every watched resource was listed
-
+) -> list[Informer]:
+    """Start a list-then-watch (informers.py) of every watched resource, in each namespace (or all): they fill
+    the cache and queue the jobs that changed. Kueue's Workloads are watched only where Kueue is installed.
+    Wait for each informer's `listed` before working on jobs: a pass needs the whole cache."""
+    watches = []
     for w in WATCHED:
         if w.plural == kueue.WORKLOADS and not kueue_served:
             continue
-        _register_one(registry, w, store, queue, seen, forget)
+        deliver = _delivery(w, store, queue, metrics, forget)
+        for namespace in namespaces or [None]:
+            path = api_path(w.group, w.version, w.plural, namespace)
+            informer = Informer(
+                f"{w.plural} in {namespace}" if namespace else w.plural,
+                lambda path=path, w=w: kube.list_objects(path, w.selector),
+                lambda version, seconds, path=path, w=w: kube.watch_objects(
+                    path, w.selector, version, seconds
+                ),
+                deliver,
+                stopping,
+            )
+            informer.start()
+            watches.append(informer)
+    return watches
 
 
-def _register_one(
-    registry: kopf.OperatorRegistry,
+def _delivery(
     w: Watched,
     store: Store,
     queue: WorkQueue,
-    seen: Callable[[str], None],
+    metrics: OperatorMetrics,
     forget: Callable[[str, str, str], None],
-) -> None:
-    group_version = (w.group, w.version, w.plural) if w.group else (w.version, w.plural)
+) -> Callable[[str, Json], None]:
+    """What one watch event of `w` does: update the cache, queue the job it concerns."""
 
     def put(obj: Json) -> Key | None:
         if w.plural == "finetunejobs":
@@ -757,15 +765,10 @@ def _register_one(
             return store.remove_workload(obj)
         return store.remove_child(CHILD_KINDS[w.plural], obj)
 
-    @kopf.index(*group_version, id=f"cache_{w.plural}", registry=registry)
-    async def cache(body: kopf.Body, **_: Any) -> None:
-        put(dict(body))
-
-    @kopf.on.event(*group_version, id=f"event_{w.plural}", registry=registry)
-    async def changed(event: Json, **_: Any) -> None:
-        seen(w.plural)
-        obj = event.get("object") or {}
-        key = remove(obj) if event.get("type") == "DELETED" else put(obj)
+    def changed(kind: str, obj: Json) -> None:
+        metrics.watch_events.labels(w.plural).inc()
+        metrics.last_watch_event.labels(w.plural).set_to_current_time()
+        key = remove(obj) if kind == "DELETED" else put(obj)
         if key is not None:
             queue.add(key)
         if w.plural == "rewardgraders":
@@ -775,11 +778,4 @@ def _register_one(
                 if job["spec"].get("method") == "rft" and not (job.get("status") or {}).get("graders"):
                     queue.add((namespace, job["metadata"]["name"]))
 
-
-def label_selectors() -> dict[tuple[str, ...], str]:
-    """The server-side label selectors of the watches (settings.watching.label_selectors)."""
-    return {
-        ((w.group, w.plural) if w.group else (w.plural,)): w.selector
-        for w in WATCHED
-        if w.selector is not None
-    }
+    return changed

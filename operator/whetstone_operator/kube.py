@@ -15,7 +15,7 @@ import functools
 import json
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -100,6 +100,25 @@ class Kube:
     ) -> Any:
         """One request with the client's auth and pool; the answer (its bytes in .data), ApiException unless
         2xx."""
+        resp = self._send(method, path, body, query, content_type)
+        # Always read the answer to its end: only then does urllib3 put the connection back in the pool. An
+        # answer left unread (every create's) cost a new TCP and TLS connection per request, on both sides.
+        resp.read()
+        resp.response.release_conn()
+        if not 200 <= resp.status <= 299:
+            raise ApiException.from_response(http_resp=resp, body=None, data=None)
+        return resp
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: dict[str, str] | None = None,
+        content_type: str = "application/json",
+        timeout: tuple[float, float] | None = None,
+    ) -> Any:
+        """The request sent, its answer not yet read (resp.response streams it)."""
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = content_type
@@ -111,14 +130,7 @@ class Kube:
             body=body,
             auth_settings=["BearerToken"],
         )
-        resp = self.api.call_api(method, url, header_params=headers, body=body)
-        # Always read the answer to its end: only then does urllib3 put the connection back in the pool. An
-        # answer left unread (every create's) cost a new TCP and TLS connection per request, on both sides.
-        resp.read()
-        resp.response.release_conn()
-        if not 200 <= resp.status <= 299:
-            raise ApiException.from_response(http_resp=resp, body=None, data=None)
-        return resp
+        return self.api.call_api(method, url, header_params=headers, body=body, _request_timeout=timeout)
 
     def _get(self, path: str) -> Json | None:
         """The object at `path`; None when it does not exist."""
@@ -140,6 +152,44 @@ class Kube:
             if e.status == 404:
                 return set()
             raise
+
+    # --- list and watch (informers.py); the RBAC of each watched resource is handlers.WATCHED's, not counted
+
+    def list_objects(self, path: str, selector: str | None) -> tuple[list[Json], str]:
+        """Every object at the collection `path` (label-selected) and the list's resourceVersion. Items get
+        the list's kind and apiVersion, as the watch delivers them."""
+        listing = _json(self.request("GET", path, query={"labelSelector": selector} if selector else None))
+        kind = str(listing.get("kind") or "").removesuffix("List")
+        api_version = listing.get("apiVersion")
+        items = listing.get("items") or []
+        for item in items:
+            item.setdefault("kind", kind)
+            item.setdefault("apiVersion", api_version)
+        return items, listing["metadata"]["resourceVersion"]
+
+    def watch_objects(
+        self, path: str, selector: str | None, resource_version: str, seconds: int
+    ) -> Iterator[Json]:
+        """The watch events of the collection `path` from `resource_version`, with bookmarks, until the
+        server ends the watch (after `seconds`)."""
+        query = {
+            "watch": "true",
+            "resourceVersion": resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(seconds),
+        }
+        if selector:
+            query["labelSelector"] = selector
+        resp = self._send("GET", path, query=query, timeout=(10.0, seconds + 30.0))
+        try:
+            if not 200 <= resp.status <= 299:
+                resp.read()
+                raise ApiException.from_response(http_resp=resp, body=None, data=None)
+            for line in resp.response:
+                if line.strip():
+                    yield json.loads(line)
+        finally:
+            resp.response.release_conn()
 
     # --- FineTuneJobs
 

@@ -410,9 +410,6 @@ def plan(job: Json, seen: Observed, now: datetime | None = None) -> Plan:
         "succeeded": sum(p.phase == "Succeeded" for p in current),
         "failed": 0,
     }
-    if (status.get("nodes") or {}) != counts:
-        d.fields["nodes"] = counts
-
     if len(current) == nodes and all(p.phase == "Succeeded" for p in current):
         done = _Desired(R.SUCCEEDED, R.REASON_SUCCEEDED, f"all {nodes} trainer pod(s) finished")
         done.fields.update(completionTime=rfc3339(now), nodes=counts)
@@ -439,6 +436,13 @@ def plan(job: Json, seen: Observed, now: datetime | None = None) -> Plan:
         and (config_ours or config_coming)
     ):
         out.create_pods = True
+        # Counted as the Job controller counts them (active += the pods it is about to create): the pods this
+        # pass creates are active in the status it writes before creating them, so a job's start is one status
+        # write, not a second one when the watch delivers its pods; a refused create is corrected by the next
+        # pass (Created=False).
+        counts["active"] += nodes - len({p.rank for p in live_current})
+    if (status.get("nodes") or {}) != counts:
+        d.fields["nodes"] = counts
 
     # Pods that do not start: say why; image and configuration errors fail after the start-up deadline.
     startup = int(spec.get("startupDeadlineSeconds", 600))

@@ -8,11 +8,13 @@ cardinality is bounded: kind, result, phase, namespace, resource; per-job series
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 from collections import Counter as Tally
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -148,20 +150,40 @@ class OperatorMetrics:
         return generate_latest(self.registry)
 
 
-async def serve(metrics: OperatorMetrics, host: str, port: int) -> web.AppRunner:
-    """/healthz and /metrics on the operator's event loop."""
+def serve(metrics: OperatorMetrics, host: str, port: int) -> ThreadingHTTPServer:
+    """/healthz and /metrics, answered by a thread of the standard library's HTTP server (aiohttp's took
+    a few tenths of a second to import before the operator could act); `shutdown()` stops it."""
 
-    async def healthz(_: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+            self._answer(with_body=True)
 
-    async def exposition(_: web.Request) -> web.Response:
-        body = metrics.exposition()
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        def do_HEAD(self) -> None:  # noqa: N802
+            self._answer(with_body=False)
 
-    app = web.Application()
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", exposition)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    return runner
+        def _answer(self, with_body: bool) -> None:
+            path = urlsplit(self.path).path
+            if path == "/healthz":
+                body, content_type = b"ok\n", "text/plain; charset=utf-8"
+            elif path == "/metrics":
+                body, content_type = metrics.exposition(), CONTENT_TYPE_LATEST
+            else:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if with_body:
+                self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - no access log
+            pass
+
+    class Server(ThreadingHTTPServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        daemon_threads = True
+
+    server = Server((host, port), Handler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server

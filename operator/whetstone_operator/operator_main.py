@@ -4,8 +4,9 @@ One active replica: with leader election (the default) a replica first takes the
 `lease_namespace` and only then starts watching and acting; the others wait (their /healthz answers). A
 replica that loses the Lease stops and exits, so its Deployment restarts it as a standby.
 
-kopf only watches (no finalizers, no handler state on the objects, no peering, no Event posting, no namespace
-or CRD scanning); the work queue, the resync and the status poller are the operator's own (handlers.py).
+The jobs and their children are listed and watched by the operator's own informers (informers.py); kopf runs
+only the RewardGrader checks and the TrainingSessions (no peering, no Event posting, no namespace or CRD
+scanning); the work queue, the resync and the status poller are the operator's own (handlers.py).
 """
 
 from __future__ import annotations
@@ -94,16 +95,11 @@ def kueue_served(kube: Any) -> bool:
 
 
 async def _run(config: OperatorConfig) -> int:
-    import kopf
-
-    from . import graders
-    from .diffbase import ChangeDetectedOnly
-    from .handlers import Reconciler, Resync, label_selectors, register
+    from .handlers import Reconciler, Resync, start_watches
     from .kube import Kube
     from .leader import LeaseElector
     from .metrics import OperatorMetrics, serve
     from .poller import StatusPoller
-    from .sessions import register as register_sessions
     from .store import Store
     from .workqueue import WorkQueue
 
@@ -111,13 +107,17 @@ async def _run(config: OperatorConfig) -> int:
     kube = Kube(_api_client(config))
     kube.on_call = lambda resource, verb: metrics.api_calls.labels(resource, verb).inc()
     identity = config.identity or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
-    http = await serve(metrics, config.host, config.port)
+    http = serve(metrics, config.host, config.port)
     LOG.info("operator %s: /healthz and /metrics on %s:%d", identity, config.host, config.port)
     loop = asyncio.get_running_loop()
     stop = threading.Event()
     stop_flag = asyncio.Event()
     lost = threading.Event()
     elector = None
+    queue: WorkQueue | None = None
+    resync: Resync | None = None
+    pool: ThreadPoolExecutor | None = None
+    poller: StatusPoller | None = None
     try:
         if config.leader_election:
             elector = LeaseElector(
@@ -165,63 +165,92 @@ async def _run(config: OperatorConfig) -> int:
         )
         queue = WorkQueue(reconciler.reconcile, config.workers)
         queue_ref.append(queue)
-        ready = threading.Event()
-        registry = kopf.OperatorRegistry()
-        register(registry, store, queue, metrics, ready, reconciler.forget, kueue_served=config.kueue)
-        # RewardGraders: their test cases run in sandbox processes and set their status, by the leader only.
-        graders.register(
-            registry,
-            graders.GraderChecker(
-                api=lambda: kube,
-                leading=(lambda: elector.leading) if elector else (lambda: True),
-            ),
+        # The jobs and their children: listed, then watched, into the cache (informers.py). Jobs are worked on
+        # once every watched resource was listed: a pass needs the whole cache.
+        watches = start_watches(
+            kube, config.namespaces, store, queue, metrics, reconciler.forget, stop, kueue_served=config.kueue
         )
-
-        register_sessions(registry, config, kube)
-
-        @kopf.on.login(registry=registry)
-        def login(**kwargs: Any) -> Any:
-            # An own registry has no default login handlers: use the kubeconfig / in-cluster config.
-            return kopf.login_via_client(**kwargs)
-
-        @kopf.on.startup(registry=registry)
-        async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-            settings.watching.server_timeout = 600
-            settings.watching.client_timeout = 660
-            for resource, selector in label_selectors().items():
-                settings.watching.label_selectors[resource if len(resource) > 1 else resource[0]] = selector
-            settings.networking.error_backoffs = [1, 2, 5, 10, 20, 30]
-            settings.execution.max_workers = 4
-            # No essence (two deep copies of each body per event) for kinds only watched (diffbase.py).
-            settings.persistence.diffbase_storage = ChangeDetectedOnly()
-            settings.scanning.disabled = True
-            settings.posting.enabled = False
-            settings.peering.standalone = True
-
+        if not await loop.run_in_executor(
+            None, _wait_listed, watches, lambda: stop.is_set() or lost.is_set()
+        ):
+            return 1 if lost.is_set() else 0
+        ready = threading.Event()
+        ready.set()
         queue.start()
         resync = Resync(store, queue, config.resync_seconds, ready)
         resync.start()
         LOG.info("operator %s: watching %s", identity, ",".join(config.namespaces) or "all namespaces")
-        try:
-            await kopf.operator(
-                registry=registry,
-                standalone=True,
-                clusterwide=not config.namespaces,
-                namespaces=config.namespaces,
-                stop_flag=stop_flag,
-            )
-        finally:
-            stop.set()
-            resync.stopping.set()
-            queue.stop()
-            pool.shutdown(wait=False, cancel_futures=True)
-            poller.shutdown()
+        # kopf runs the handlers that need its machinery (RewardGrader checks, TrainingSessions); imported
+        # only now, while the first passes run.
+        await _run_kopf(config, kube, elector, stop_flag)
     finally:
         stop.set()
+        if resync is not None:
+            resync.stopping.set()
+        if queue is not None:
+            queue.stop()
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        if poller is not None:
+            poller.shutdown()
         if elector is not None:
             elector.release()
-        await http.cleanup()
+        http.shutdown()
+        http.server_close()
     return 1 if lost.is_set() else 0
+
+
+def _wait_listed(watches: list[Any], stopping: Any) -> bool:
+    """Until every informer delivered its first LIST; False when the operator stops first."""
+    for watch in watches:
+        while not watch.listed.wait(0.5):
+            if stopping():
+                return False
+    return True
+
+
+async def _run_kopf(config: OperatorConfig, kube: Any, elector: Any, stop_flag: asyncio.Event) -> None:
+    import kopf
+
+    from . import graders
+    from .diffbase import ChangeDetectedOnly
+    from .sessions import register as register_sessions
+
+    registry = kopf.OperatorRegistry()
+    # RewardGraders: their test cases run in sandbox processes and set their status, by the leader only.
+    graders.register(
+        registry,
+        graders.GraderChecker(
+            api=lambda: kube,
+            leading=(lambda: elector.leading) if elector else (lambda: True),
+        ),
+    )
+    register_sessions(registry, config, kube)
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> Any:
+        # An own registry has no default login handlers: use the kubeconfig / in-cluster config.
+        return kopf.login_via_client(**kwargs)
+
+    @kopf.on.startup(registry=registry)
+    async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.watching.server_timeout = 600
+        settings.watching.client_timeout = 660
+        settings.networking.error_backoffs = [1, 2, 5, 10, 20, 30]
+        settings.execution.max_workers = 4
+        # No essence (two deep copies of each body per event) for kinds only watched (diffbase.py).
+        settings.persistence.diffbase_storage = ChangeDetectedOnly()
+        settings.scanning.disabled = True
+        settings.posting.enabled = False
+        settings.peering.standalone = True
+
+    await kopf.operator(
+        registry=registry,
+        standalone=True,
+        clusterwide=not config.namespaces,
+        namespaces=config.namespaces,
+        stop_flag=stop_flag,
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

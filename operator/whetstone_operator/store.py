@@ -1,7 +1,7 @@
-"""The operator's cache of what it watches, filled by kopf's watch streams (handlers.register) and read by the
-reconcile workers: the jobs as they are, and of their children only the views the lifecycle needs. Reading
-the cache instead of the API server is what keeps a resync of 500 jobs cheap: a pass costs API calls only
-for what changes.
+"""The operator's cache of what it watches, filled by the informers' watches (handlers.start_watches) and
+read by the reconcile workers: the jobs as they are, and of their children only the views the lifecycle
+needs. Reading the cache instead of the API server is what keeps a resync of 500 jobs cheap: a pass costs
+API calls only for what changes.
 
 Two rules keep the cache honest:
 - a job's body never goes back in time: our own status writes put the server's answer here at once, and a
