@@ -11,7 +11,7 @@ on both sides. `--threads N` sets torch's intra-op threads for the whole process
 on a shared machine whose cores are busy, 1 thread avoids the stalls of a parallel region waiting for a core.
 
     python bench/rft_steps.py [--model whetstone://tiny] [--steps 8] [--prompts 8] [--group 8] [--max-new 32]
-                              [--repeats 2] [--threads N]
+                              [--repeats 2] [--threads N] [--system-words N]
 """
 
 from __future__ import annotations
@@ -125,6 +125,12 @@ def main() -> int:
     parser.add_argument("--max-new", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument(
+        "--system-words",
+        type=int,
+        default=0,
+        help="a system message of this many words before every prompt, the same on both sides (long prompts)",
+    )
     args = parser.parse_args()
     import torch
 
@@ -133,9 +139,11 @@ def main() -> int:
     from whetstone_trainer.synthetic import make_prompt_rows, write_jsonl
 
     tmp = Path(tempfile.mkdtemp(prefix="whetstone-bench-rft-"))
-    data = write_jsonl(
-        make_prompt_rows("reverse", args.prompts * args.steps * 2, seed=5), tmp / "prompts.jsonl"
-    )
+    rows = make_prompt_rows("reverse", args.prompts * args.steps * 2, seed=5)
+    if args.system_words:
+        words = " ".join(f"rule{i % 50}" for i in range(args.system_words))
+        rows = [{**r, "messages": [{"role": "system", "content": words}, *r["messages"]]} for r in rows]
+    data = write_jsonl(rows, tmp / "prompts.jsonl")
     runs: dict[str, list[float]] = {"whetstone (stringCheck)": [], "whetstone (python grader)": [], "trl": []}
     for r in range(args.repeats):
         runs["whetstone (stringCheck)"].append(whetstone(args, data, tmp / f"ws{r}", "string"))
@@ -146,6 +154,7 @@ def main() -> int:
         f"RFT steps/s, {args.model}, {args.steps} steps of {args.prompts} prompts x {args.group} samples, "
         f"max {args.max_new} new tokens, full-parameter, {os.cpu_count()} CPUs, "
         f"{torch.get_num_threads()} torch threads, best of {args.repeats}"
+        + (f", a system message of {args.system_words} words" if args.system_words else "")
     )
     for name, seconds in best.items():
         runs_text = ", ".join(f"{s:.2f}" for s in runs[name])
