@@ -333,8 +333,9 @@ def test_cli_dry_run_and_plot(tryout: TryOut, tmp_path: Path) -> None:
 # Prometheus (1 s scrapes) needs several scrapes while the trainer trains (rate() over the panels' 10 s window
 # needs two). A tiny-model DPO step takes 0.03-0.3 s depending on the machine (30 steps were scraped 3 times
 # here; after the optimizer got faster, 120 steps were scraped only 4 times on CI), so DPO runs 400 steps:
-# 10 s or more of training wherever it runs. The eval series are written on eval steps, so evalEverySteps puts them on /metrics while
-# training goes on. One job at a time: the local profile's trainers share host ports.
+# 10 s or more of training wherever it runs. The eval series are written on eval steps, so evalEverySteps
+# puts them on /metrics while training goes on. One job at a time: the local profile's trainers share host
+# ports.
 DPO_JOB = """
 apiVersion: whetstone.dev/v1alpha1
 kind: FineTuneJob
