@@ -30,6 +30,7 @@ from .data.formats import DatasetError
 from .data.packing import Batch, Row, collate
 from .methods.losses import chunked_token_logprobs
 from .models.activations import enable_gradient_checkpointing, head_passes_hidden_states, output_head
+from .models.host_memory import return_large_frees_to_os
 from .optim import build_optimizer, build_scheduler
 from .zero import DEEPSPEED_DIR, ZeroModel, even_micro_batches
 
@@ -80,11 +81,16 @@ class Runtime:
 
 
 def start(spec: FineTuneJobSpec) -> Runtime:
-    """Join the process group (torchrun's env), pick the device, seed python and torch, choose precision."""
+    """Join the process group (torchrun's env), pick the device, seed python and torch, choose precision; on
+    the CPU, set how the process returns freed memory."""
     world = distributed.join()
     device = torch.device(
         world.device if world.distributed else ("cuda" if torch.cuda.is_available() else "cpu")
     )
+    if device.type == "cpu":
+        # Activations live in host memory: have glibc return a freed tensor's pages rather than keep them
+        # in a fragmenting heap (a checkpointed step's resident memory halves; models/host_memory.py).
+        return_large_frees_to_os()
     random.seed(spec.hyperparameters.seed)
     torch.manual_seed(spec.hyperparameters.seed)
     wanted = spec.hyperparameters.precision
