@@ -48,7 +48,7 @@ def layers(mode: str) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's; elsewhere it is a no-op")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc setting (no-op elsewhere)")
 def test_freed_transients_return_to_the_system_instead_of_fragmenting_the_heap():
     plain, returned = layers("off"), layers("on")
     assert returned["set"] is True
