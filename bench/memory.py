@@ -11,6 +11,8 @@ its completion-only loss); DPO uses the adapters-disabled model as reference on 
 `--group` answers of at most `--completion-tokens` tokens per prompt, no KL. The figure is the process's peak
 resident memory (VmHWM) and, to show what training itself adds, that peak minus the resident memory
 after the model was loaded. On a GPU the peak of torch.cuda.max_memory_allocated is reported instead.
+Each side runs with its own allocator behaviour: on the CPU Whetstone's trainer pins glibc's mmap threshold
+itself at start (models/host_memory.py), TRL runs with the C library's defaults.
 
     python bench/memory.py [--prompt-tokens 900] [--batch 2] [--steps 2] [--group 4] [--completion-tokens 32]
                            [--methods sft,dpo,rft] [--checkpointing on,off]
