@@ -35,6 +35,7 @@ from .models.activations import (
     hf_model,
     output_head,
 )
+from .models.host_memory import return_large_frees_to_os
 from .optim import build_optimizer, build_scheduler
 from .zero import DEEPSPEED_DIR, ZeroModel, even_micro_batches
 
@@ -85,11 +86,17 @@ class Runtime:
 
 
 def start(spec: FineTuneJobSpec) -> Runtime:
-    """Join the process group (torchrun's env), pick the device, seed python and torch, choose precision."""
+    """Join the process group (torchrun's env), pick the device, seed python and torch, choose precision; on
+    the CPU, how the process returns freed memory (hyperparameters.hostMemory)."""
     world = distributed.join()
     device = torch.device(
         world.device if world.distributed else ("cuda" if torch.cuda.is_available() else "cpu")
     )
+    if device.type == "cpu" and spec.hyperparameters.host_memory == "release":
+        # Activations live in host memory: have glibc return a freed tensor's pages rather than keep them
+        # in a fragmenting heap (a checkpointed step's resident memory halves; models/host_memory.py). Not
+        # the default: the page faults slow every step.
+        return_large_frees_to_os()
     random.seed(spec.hyperparameters.seed)
     torch.manual_seed(spec.hyperparameters.seed)
     wanted = spec.hyperparameters.precision
