@@ -61,7 +61,7 @@ def whetstone(args: argparse.Namespace, data: Path, out: Path, grader: str) -> f
                     "maxSteps": args.steps,
                     "batchSize": args.prompts,
                     "learningRate": 1e-5,
-                    "maxSeqLen": 256,
+                    "maxSeqLen": 256 + 8 * args.system_words,  # the tiny tokenizer: ~4 tokens a word
                     "scheduler": "constant",
                     "evalFraction": 0,
                 },
