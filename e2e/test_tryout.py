@@ -333,9 +333,9 @@ def test_cli_dry_run_and_plot(tryout: TryOut, tmp_path: Path) -> None:
 # Prometheus (1 s scrapes) needs several scrapes while the trainer trains (rate() over the panels' 10 s window
 # needs two). A tiny-model DPO step takes 0.03-0.3 s depending on the machine (30 steps were scraped 3 times
 # here; after the optimizer got faster, 120 steps were scraped only 4 times on CI), so DPO runs 400 steps:
-# 10 s or more of training wherever it runs. The eval series are written on eval steps, so evalEverySteps
-# puts them on /metrics while training goes on. One job at a time: the local profile's trainers share host
-# ports.
+# 10 s or more of training wherever it runs; RFT, whose steps also got faster, 120. The eval series are
+# written on eval steps, so evalEverySteps puts them on /metrics while training goes on. One job at a time:
+# the local profile's trainers share host ports.
 DPO_JOB = """
 apiVersion: whetstone.dev/v1alpha1
 kind: FineTuneJob
@@ -396,7 +396,7 @@ spec:
     zeroVarianceGroups: refill
   fullParameter: {}
   hyperparameters:
-    {maxSteps: 60, learningRate: 1.0e-3, batchSize: 4, maxSeqLen: 64, evalEverySteps: 10, seed: 3}
+    {maxSteps: 120, learningRate: 1.0e-3, batchSize: 4, maxSeqLen: 64, evalEverySteps: 10, seed: 3}
   output: {uri: pvc://work/out/rft-tiny-length}
   volumes:
   - {name: data, mountPath: /data, readOnly: true, configMap: {name: whetstone-method-data}}
