@@ -678,17 +678,16 @@ class Reconciler:
 class Resync(threading.Thread):
     """Queues every known job every `seconds`: the level-based safety net (watch streams can miss events)."""
 
-    def __init__(self, store: Store, queue: WorkQueue, seconds: float, ready: threading.Event) -> None:
+    def __init__(self, store: Store, queue: WorkQueue, seconds: float) -> None:
         super().__init__(name="resync", daemon=True)
-        self.store, self.queue, self.seconds, self.ready = store, queue, seconds, ready
+        self.store, self.queue, self.seconds = store, queue, seconds
         self.stopping = threading.Event()
 
     def run(self) -> None:
         while not self.stopping.is_set():
-            if self.ready.wait(1.0):
-                for key in self.store.job_keys():
-                    self.queue.add(key)
-                self.stopping.wait(self.seconds)
+            for key in self.store.job_keys():
+                self.queue.add(key)
+            self.stopping.wait(self.seconds)
 
 
 def start_watches(

@@ -174,10 +174,8 @@ async def _run(config: OperatorConfig) -> int:
             None, _wait_listed, watches, lambda: stop.is_set() or lost.is_set()
         ):
             return 1 if lost.is_set() else 0
-        ready = threading.Event()
-        ready.set()
         queue.start()
-        resync = Resync(store, queue, config.resync_seconds, ready)
+        resync = Resync(store, queue, config.resync_seconds)  # started once every watch was listed
         resync.start()
         LOG.info("operator %s: watching %s", identity, ",".join(config.namespaces) or "all namespaces")
         # kopf runs the handlers that need its machinery (RewardGrader checks, TrainingSessions); imported

@@ -27,7 +27,7 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .data.formats import DatasetError, TokenizedExample
-from .data.packing import Batch, Row, collate, collate_shared_prompts
+from .data.packing import Batch, Row, collate, collate_shared_prompts, shared_prompt_lengths
 from .methods.losses import chunked_token_logprobs
 from .models.activations import (
     enable_gradient_checkpointing,
@@ -371,11 +371,9 @@ def answers_batch(
     masks are of other kinds); its rows are longer, so its attention costs more, and a model's own sizes say
     which way the sum of the two goes (multiply-adds per layer: the projections per token, q.k and p.v per
     query-key pair). The logits are the same either way."""
-    one_per_row = collate([Row((e,)) for e in examples], pad_id)
     config = getattr(hf_model(model), "config", None)
     if getattr(config, "_attn_implementation", None) != "sdpa" or len(examples) < 2:
-        return one_per_row
-    shared = collate_shared_prompts(examples, prompt_lens, pad_id)
+        return collate([Row((e,)) for e in examples], pad_id)
     d = int(config.hidden_size)
     heads = int(getattr(config, "num_attention_heads", 1) or 1)
     head_dim = int(getattr(config, "head_dim", None) or d // heads)
@@ -384,11 +382,14 @@ def answers_batch(
     per_token = 2 * d * heads * head_dim + 2 * d * kv_heads * head_dim + 3 * d * ff
     per_pair = 2 * heads * head_dim
 
-    def cost(batch: Batch) -> int:
-        rows, width = batch.input_ids.shape
-        return rows * width * (per_token + width * per_pair)
+    def cost(lengths: list[int]) -> int:  # rows are padded to the longest
+        width = max(lengths)
+        return len(lengths) * width * (per_token + width * per_pair)
 
-    return shared if cost(shared) < cost(one_per_row) else one_per_row
+    # Decided from the lengths alone: the shared layout's [B, 1, T, T] mask is built only when it is taken.
+    if cost(shared_prompt_lengths(examples, prompt_lens)) < cost([len(e) for e in examples]):
+        return collate_shared_prompts(examples, prompt_lens, pad_id)
+    return collate([Row((e,)) for e in examples], pad_id)
 
 
 def _vocab_size(head: torch.nn.Module) -> int:

@@ -93,6 +93,30 @@ def collate(rows: list[Row], pad_id: int) -> Batch:
     return Batch(ids, pos, w)
 
 
+def prompt_groups(
+    examples: list[TokenizedExample], prompt_lens: list[int]
+) -> dict[tuple[int, ...], list[int]]:
+    """The examples' indices by prompt (the first `prompt_lens[i]` tokens of example i), in order of first
+    appearance."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (ex, n) in enumerate(zip(examples, prompt_lens, strict=True)):
+        if not 1 <= n <= len(ex):
+            raise ValueError(
+                f"example {i}: a prompt of {n} tokens in {len(ex)} (need 1 <= prompt <= example)"
+            )
+        groups.setdefault(tuple(ex.input_ids[:n]), []).append(i)
+    return groups
+
+
+def shared_prompt_lengths(examples: list[TokenizedExample], prompt_lens: list[int]) -> list[int]:
+    """The lengths of collate_shared_prompts' rows, before padding, without building them: the prompt less its
+    last token, then each answer after that token again."""
+    return [
+        len(prompt) - 1 + sum(len(examples[i]) - len(prompt) + 1 for i in members)
+        for prompt, members in prompt_groups(examples, prompt_lens).items()
+    ]
+
+
 def collate_shared_prompts(examples: list[TokenizedExample], prompt_lens: list[int], pad_id: int) -> Batch:
     """One row per distinct prompt: the prompt once, then each of its examples' answers, each answer
     attending to the prompt and to itself only (a tree, as in the sampler's shared prefill). The answers of a
@@ -103,15 +127,8 @@ def collate_shared_prompts(examples: list[TokenizedExample], prompt_lens: list[i
     t + 1 inside every segment, so each answer's first token is predicted from the prompt as before, and the
     logits are those of the examples run one per row. The first `prompt_lens[i]` tokens of example i are its
     prompt; they carry no weight."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, (ex, n) in enumerate(zip(examples, prompt_lens, strict=True)):
-        if not 1 <= n <= len(ex):
-            raise ValueError(
-                f"example {i}: a prompt of {n} tokens in {len(ex)} (need 1 <= prompt <= example)"
-            )
-        groups.setdefault(tuple(ex.input_ids[:n]), []).append(i)
     rows: list[tuple[list[int], list[int], list[int], list[float]]] = []
-    for prompt, members in groups.items():
+    for prompt, members in prompt_groups(examples, prompt_lens).items():
         n = len(prompt)
         ids, pos, seg, w = list(prompt[:-1]), list(range(n - 1)), [-1] * (n - 1), [0.0] * (n - 1)
         for i in members:

@@ -13,8 +13,9 @@ Pinning the threshold (mallopt M_MMAP_THRESHOLD, which also switches the dynamic
 allocation of at least `threshold` bytes with its own mmap, returned to the kernel when the tensor is freed,
 so resident memory follows the tensors alive. The price is a page fault per 4 KiB page of every large
 tensor each time it is allocated (~6 M faults per step at that shape) instead of reusing resident pages:
-kernel time on the CPU; nothing on a GPU, where activations never touch malloc. Small tensors (a tiny
-model's) stay below the threshold and see no change.
+kernel time on the CPU; nothing on a GPU, where activations never touch malloc. Even a tiny model's
+activations reach the threshold at an RFT update's batch (1–4 MiB), and its steps slow too: hence opt-in
+(hyperparameters.hostMemory: release).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import ctypes
 import ctypes.util
 
 M_MMAP_THRESHOLD = -3  # glibc's <malloc.h> parameter number
-MMAP_THRESHOLD = 1 << 20  # 1 MiB: every activation of a real model is above it, a tiny model's below
+MMAP_THRESHOLD = 1 << 20  # 1 MiB: every activation of a real model is above it
 
 
 def return_large_frees_to_os(threshold: int = MMAP_THRESHOLD) -> bool:
