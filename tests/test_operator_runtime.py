@@ -341,6 +341,34 @@ def test_delayed_adds_and_requeue_after() -> None:
         queue.stop()
 
 
+def test_wait_idle_returns_once_every_key_is_done_delayed_adds_aside() -> None:
+    release = threading.Event()
+    done: list[str] = []
+
+    def handler(key: Any) -> float | None:
+        release.wait(GUARD)
+        done.append(key)
+        return 60.0  # a delayed re-add: does not count as work left
+
+    queue = WorkQueue(handler, workers=1)
+    assert queue.wait_idle(0.0)  # nothing queued yet
+    queue.start()
+    try:
+        for key in "abc":
+            queue.add(key)
+        assert not queue.wait_idle(0.05)  # the first key holds the only worker
+        waiter: list[bool] = []
+        t = threading.Thread(target=lambda: waiter.append(queue.wait_idle(GUARD)))
+        t.start()
+        queue.add("d")  # added while it waits: worked on before it returns
+        release.set()
+        t.join(GUARD)
+        assert waiter == [True] and sorted(done) == ["a", "b", "c", "d"]
+    finally:
+        release.set()
+        queue.stop()
+
+
 # --- reading /status without trusting it
 
 

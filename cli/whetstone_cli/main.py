@@ -21,53 +21,48 @@ whetstone plot JOB|DIR [-o FILE.png]   loss / reward curves from the trainer's m
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from types import ModuleType
 
-from . import (
-    crds,
-    create,
-    delete,
-    describe,
-    get,
-    grader,
-    logs,
-    models,
-    operator,
-    plot,
-    run,
-    serve,
-    validate,
-    wait,
-)
-
+# The modules of the subcommands, in --help's order; each has register(sub) adding its parser.
 SUBCOMMANDS = (
-    validate,
-    run,
-    models,
-    crds,
-    operator,
-    grader,
-    serve,
-    get,
-    describe,
-    logs,
-    wait,
-    delete,
-    create,
-    plot,
+    "validate",
+    "run",
+    "models",
+    "crds",
+    "operator",
+    "grader",
+    "serve",
+    "get",
+    "describe",
+    "logs",
+    "wait",
+    "delete",
+    "create",
+    "plot",
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(f"{__package__}.{name}")
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or with `only` the parser of that one subcommand: each subcommand imports what it
+    needs (the API models, the Kubernetes client, the operator), and the operator's start-up should not pay
+    for the others' imports."""
     parser = argparse.ArgumentParser(prog="whetstone", description="Fine-tuning of LLMs on Kubernetes.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in SUBCOMMANDS:
-        module.register(sub)
+    for name in (only,) if only in SUBCOMMANDS else SUBCOMMANDS:
+        _module(name).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # A first argument naming a subcommand is argparse's own choice of subparser (an option never is).
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:

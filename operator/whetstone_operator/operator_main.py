@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -68,6 +70,10 @@ def wait_for_crds(kube: Any, timeout: float = 120.0) -> None:
         time.sleep(2)
 
 
+# The longest the RewardGrader checks and TrainingSessions wait for the jobs' first passes after a start.
+KOPF_START_DELAY = 20.0
+
+
 def run_operator(config: OperatorConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # kopf logs every watch event at DEBUG and handler runs at INFO; the story is told by whetstone.operator.
@@ -77,7 +83,7 @@ def run_operator(config: OperatorConfig) -> int:
     kube = Kube(_api_client(config))
     wait_for_crds(kube)
     config.kueue = kueue_served(kube)
-    return asyncio.run(_run(config))
+    return asyncio.run(_run(config, kube))
 
 
 def kueue_served(kube: Any) -> bool:
@@ -94,9 +100,8 @@ def kueue_served(kube: Any) -> bool:
     return served
 
 
-async def _run(config: OperatorConfig) -> int:
+async def _run(config: OperatorConfig, kube: Any) -> int:
     from .handlers import Reconciler, Resync, start_watches
-    from .kube import Kube
     from .leader import LeaseElector
     from .metrics import OperatorMetrics, serve
     from .poller import StatusPoller
@@ -104,7 +109,6 @@ async def _run(config: OperatorConfig) -> int:
     from .workqueue import WorkQueue
 
     metrics = OperatorMetrics()
-    kube = Kube(_api_client(config))
     kube.on_call = lambda resource, verb: metrics.api_calls.labels(resource, verb).inc()
     identity = config.identity or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
     http = serve(metrics, config.host, config.port)
@@ -178,8 +182,11 @@ async def _run(config: OperatorConfig) -> int:
         resync = Resync(store, queue, config.resync_seconds)  # started once every watch was listed
         resync.start()
         LOG.info("operator %s: watching %s", identity, ",".join(config.namespaces) or "all namespaces")
-        # kopf runs the handlers that need its machinery (RewardGrader checks, TrainingSessions); imported
-        # only now, while the first passes run.
+        # kopf runs the handlers that need its machinery (RewardGrader checks, TrainingSessions). Its import
+        # and start-up take about half a CPU second, which the jobs' first passes need more: it starts once
+        # they are done (at most KOPF_START_DELAY later). A grader keeps its Ready status meanwhile.
+        if not await _first_passes_done(loop, queue, stop_flag):
+            return 1 if lost.is_set() else 0
         await _run_kopf(config, kube, elector, stop_flag)
     finally:
         stop.set()
@@ -196,6 +203,19 @@ async def _run(config: OperatorConfig) -> int:
         http.shutdown()
         http.server_close()
     return 1 if lost.is_set() else 0
+
+
+async def _first_passes_done(loop: asyncio.AbstractEventLoop, queue: Any, stop_flag: asyncio.Event) -> bool:
+    """Until the work queue is idle or KOPF_START_DELAY passed; False when the operator stops first (a
+    SIGTERM meanwhile releases the lease on the way out; kopf installs its own handlers once it runs)."""
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread (tests)
+        loop.add_signal_handler(signal.SIGTERM, stop_flag.set)
+        loop.add_signal_handler(signal.SIGINT, stop_flag.set)
+    deadline = time.monotonic() + KOPF_START_DELAY
+    while not stop_flag.is_set() and time.monotonic() < deadline:
+        if await loop.run_in_executor(None, queue.wait_idle, 0.5):
+            break
+    return not stop_flag.is_set()
 
 
 def _wait_listed(watches: list[Any], stopping: Any) -> bool:

@@ -24,7 +24,9 @@ class WorkQueue:
         self._handler = handler
         self._workers = workers
         self._name = name
-        self._cv = threading.Condition()
+        lock = threading.RLock()
+        self._cv = threading.Condition(lock)  # workers wait on it for keys
+        self._idle = threading.Condition(lock)  # wait_idle waits on it (a notify for a key never wakes it)
         self._ready: deque[Hashable] = deque()
         self._queued: set[Hashable] = set()
         self._processing: set[Hashable] = set()
@@ -56,6 +58,18 @@ class WorkQueue:
         with self._cv:
             return len(self._ready)
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Until no key is ready or being worked on (delayed adds do not count), at most `timeout` seconds;
+        whether it got there."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._ready or self._processing:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stopping:
+                    return False
+                self._idle.wait(min(left, 0.5))
+            return True
+
     def start(self) -> None:
         for i in range(self._workers):
             t = threading.Thread(target=self._work, name=f"{self._name}-{i}", daemon=True)
@@ -66,6 +80,7 @@ class WorkQueue:
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
+            self._idle.notify_all()
         for t in self._threads:
             t.join(timeout)
 
@@ -100,6 +115,8 @@ class WorkQueue:
                     self._queued.add(key)
                     self._ready.append(key)
                     self._cv.notify()
+            if not self._processing and not self._ready:
+                self._idle.notify_all()
 
     def _work(self) -> None:
         while (key := self._next()) is not None:
