@@ -8,6 +8,10 @@ Every field is documented with an attribute docstring; the CRD generator turns t
 
 from __future__ import annotations
 
+import ast
+import inspect
+import itertools
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -86,13 +90,15 @@ def _schema_extra(schema: dict[str, Any], cls: type) -> None:
 
 class ApiModel(BaseModel):
     """Base of every resource model: camelCase on the wire, unknown fields rejected, docstrings as
-    descriptions, and the model's `RULES` checked after its fields."""
+    descriptions (in the schemas of CRDJsonSchema), and the model's `RULES` checked after its fields."""
 
+    # Not pydantic's use_attribute_docstrings: it parses each class's source when the class is built, about
+    # 40 % of building the models, on every start of the operator, the trainer and the CLI; only the schemas
+    # read the descriptions (CRDJsonSchema.model_schema).
     model_config = ConfigDict(
         alias_generator=to_camel,
         populate_by_name=True,
         extra="forbid",
-        use_attribute_docstrings=True,
         validate_default=False,
         allow_inf_nan=False,
         json_schema_extra=_schema_extra,
@@ -131,9 +137,46 @@ def cel_string_list(values: Any) -> str:
     return "[" + ", ".join(f"'{v}'" for v in values) + "]"
 
 
+def attribute_docstrings(cls: type) -> dict[str, str]:
+    """The docstring under each annotated attribute of the class body of `cls` (its own, not inherited)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source (a class built at run time)
+        return {}
+    body = ast.parse(source).body[0]
+    if not isinstance(body, ast.ClassDef):
+        return {}
+    out: dict[str, str] = {}
+    for node, after in itertools.pairwise(body.body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            out[node.target.id] = inspect.cleandoc(after.value.value)
+    return out
+
+
 class CRDJsonSchema(GenerateJsonSchema):
     """Gives fields with a default_factory an explicit empty default, so the API server fills in the nested
-    defaults and `kubectl get -o yaml` shows the settings a job really runs with."""
+    defaults and `kubectl get -o yaml` shows the settings a job really runs with; and each field the
+    docstring under it as its description."""
+
+    def model_schema(self, schema: Any) -> Any:
+        out = super().model_schema(schema)
+        cls = schema["cls"]
+        docs: dict[str, str] = {}
+        for base in reversed(cls.__mro__):  # a subclass's docstring wins over its base's
+            if issubclass(base, BaseModel) and base is not BaseModel:
+                docs.update(attribute_docstrings(base))
+        properties = self.resolve_ref_schema(out).get("properties", {}) if docs else {}
+        for name, field in cls.model_fields.items():
+            key = field.alias if self.by_alias and field.alias else name
+            if name in docs and key in properties and "description" not in properties[key]:
+                properties[key]["description"] = docs[name]
+        return out
 
     def default_schema(self, schema: Any) -> Any:
         factory = schema.get("default_factory")

@@ -122,12 +122,14 @@ class Kube:
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = content_type
-        method, url, headers, body, _ = self.api.param_serialize(
+        # The body is left out of param_serialize: its sanitize_for_serialization walks every value of the
+        # dict (a pod is some 400 of them) to convert model objects this module never sends; the REST client
+        # JSON-encodes the dict itself. The bearer token (and its refresh) never reads the body.
+        method, url, headers, _, _ = self.api.param_serialize(
             method,
             path,
             query_params=list(query.items()) if query else None,
             header_params=headers,
-            body=body,
             auth_settings=["BearerToken"],
         )
         return self.api.call_api(method, url, header_params=headers, body=body, _request_timeout=timeout)
