@@ -149,3 +149,55 @@ def test_validate_checks_only_the_graders_in_its_file(
         JobRefused, match="RewardGrader mix \\(weighted\\) names child 'exact', which does not"
     ):
         prepare(load_job_file(path))
+
+
+BROKEN_PYTHON = """
+apiVersion: whetstone.dev/v1alpha1
+kind: RewardGrader
+metadata: {name: typo}
+spec:
+  python:
+    source: |
+      def grade(sample, item):
+          return 1.0 if sample["output_text"] == item["answer"] else 0.0
+      def helper(
+"""
+
+
+@pytest.mark.parametrize(
+    ("source", "why"),
+    [
+        ("def grade(sample, item):\n    return 1.0\n", None),
+        ("def grade(sample, item)\n    return 1.0\n", "line 1"),
+        ("def grade(sample, item):\nreturn 1.0\n", "line 2, column 1: expected an indented block"),
+        # only the compiler, not the parser, says this one:
+        ("return 1.0\n", "line 1, column 1: 'return' outside function"),
+        ("x = 1\0\n", "source code string cannot contain null bytes"),
+        ("x = " + "(" * 300 + ")" * 300 + "\n", "too many nested parentheses"),
+    ],
+)
+def test_python_source_problem_compiles_without_running(source: str, why: str | None) -> None:
+    from whetstone_graders.graders import python_source_problem
+
+    problem = python_source_problem(source)
+    assert (problem is None) if why is None else (problem is not None and why in problem)
+
+
+def test_a_python_grader_that_does_not_compile_is_refused_before_the_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from whetstone_trainer.entry import JobRefused, load_job_file, prepare
+
+    grader = tmp_path / "grader.yaml"
+    grader.write_text(BROKEN_PYTHON)
+    assert main(["validate", str(grader)]) == 1
+    assert "RewardGrader/typo: 1 problem(s):\n  spec.python.source does not compile: line 3" in (
+        capsys.readouterr().err
+    )
+    path = _rft_file(tmp_path, [ASK + ', "answer": "2"}'], BROKEN_PYTHON)
+    path.write_text(path.read_text().replace("graders: [{name: mix}]", "graders: [{name: typo}]"))
+    assert main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "spec.rft.graders: RewardGrader typo: spec.python.source does not compile: line 3" in err
+    with pytest.raises(JobRefused, match="RewardGrader typo: spec.python.source does not compile"):
+        prepare(load_job_file(path))

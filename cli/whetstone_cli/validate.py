@@ -54,6 +54,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _preflight(resource: Any, path: Path, graders: dict[str, RewardGraderSpec]) -> list[str]:
+    if isinstance(resource, RewardGrader) and resource.spec.python is not None:
+        from whetstone_graders.graders import python_source_problem
+
+        why = python_source_problem(resource.spec.python.source)
+        return [f"spec.python.source does not compile: {why}"] if why else []
     if not isinstance(resource, FineTuneJob):
         return []
     try:

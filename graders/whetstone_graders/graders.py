@@ -130,6 +130,20 @@ class Sandboxed(Grader):
         self.sandbox.close()
 
 
+def python_source_problem(source: str) -> str | None:
+    """Why the source of a python grader does not compile (its line and the compiler's message), or None.
+    Compiling reads the source but never runs any of it, so this is done before the sandbox (and before a
+    model is loaded): a typo is refused up front instead of failing every worker."""
+    try:
+        compile(source, "<grader>", "exec", dont_inherit=True)
+    except SyntaxError as e:  # IndentationError and TabError included
+        where = f"line {e.lineno}" + (f", column {e.offset}" if e.offset else "")
+        return f"{where}: {e.msg}"
+    except (ValueError, MemoryError, RecursionError) as e:  # a NUL byte; nesting beyond the parser's limits
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 class Python(Sandboxed):
     def __init__(self, name: str, spec: PythonGrader, sandboxes: SandboxFactory) -> None:
         super().__init__(name, spec.source, spec.limits, sandboxes)
