@@ -37,7 +37,10 @@ def _head_and_hidden(
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_chunked_token_logprobs_equal_the_whole_head_in_value_and_gradient(temperature: float) -> None:
+@pytest.mark.parametrize("chunk_elements", [200, None])  # 10 chunks, recomputed in the backward; one chunk
+def test_chunked_token_logprobs_equal_the_whole_head_in_value_and_gradient(
+    temperature: float, chunk_elements: int | None
+) -> None:
     head, hidden, targets = _head_and_hidden()
     logits = head(hidden) / temperature
     whole = L.token_logprobs(logits, targets)
@@ -47,9 +50,9 @@ def test_chunked_token_logprobs_equal_the_whole_head_in_value_and_gradient(tempe
     grads = hidden.grad.clone(), head.weight.grad.clone()
     hidden.grad, head.weight.grad = None, None
 
-    # 4 tokens of a 50-word vocabulary per chunk: 10 chunks, the last one short
+    # 200: 4 tokens of a 50-word vocabulary per chunk, the last chunk short
     lp, entropy = L.chunked_token_logprobs(
-        hidden, targets, head, 50, temperature, with_entropy=True, chunk_elements=200
+        hidden, targets, head, 50, temperature, with_entropy=True, chunk_elements=chunk_elements
     )
     assert lp.dtype == torch.float32 and lp.shape == targets.shape
     assert torch.allclose(lp, whole, atol=1e-6)

@@ -82,16 +82,24 @@ def chunked_token_logprobs(
     logprobs, entropies = [], []
     for start in range(0, hidden.shape[0], chunk):
         h, t = hidden[start : start + chunk], targets[start : start + chunk]
-        logits: Tensor | None = None
+        logp_all: Tensor | None = None
         if recompute:
             logprobs.append(torch.utils.checkpoint.checkpoint(piece, h, t, use_reentrant=False))
+        elif with_entropy:
+            # One log-softmax serves the log-probs (cross_entropy is this same log_softmax and gather) and
+            # the entropy: computing both from the logits would take the full-vocabulary pass twice.
+            logp_all = torch.log_softmax(scaled_logits(h).float(), -1)
+            logprobs.append(logp_all.gather(-1, t[:, None])[:, 0])
         else:
-            logits = scaled_logits(h)
-            logprobs.append(token_logprobs(logits, t))
+            logprobs.append(token_logprobs(scaled_logits(h), t))
         if with_entropy:
             with torch.no_grad():
-                # The chunk's logits when at hand; a recomputed chunk keeps none, so its head runs again.
-                logp = torch.log_softmax((logits if logits is not None else scaled_logits(h)).float(), -1)
+                # A recomputed chunk keeps no logits, so its head runs again here.
+                logp = (
+                    logp_all.detach()
+                    if logp_all is not None
+                    else torch.log_softmax(scaled_logits(h).float(), -1)
+                )
                 entropies.append(-(logp.exp() * logp).sum(-1))
     if not logprobs:  # no targets at all
         return hidden.new_zeros(0, dtype=torch.float32), (
