@@ -110,6 +110,22 @@ def test_the_cli_reaches_operator_and_trainer_only_lazily() -> None:
             ("torch", "transformers", "whetstone_trainer"),
         ),
         ("import whetstone_api.crd, whetstone_api.manifests, whetstone_api.wire", ("torch", "kopf")),
+        # The operator's start-up, up to its first passes: not the other subcommands, not kopf (started once
+        # the first passes are done), no resource model but the FineTuneJob's.
+        (
+            "import whetstone_cli.main as m; m.build_parser('operator'); "
+            "import whetstone_operator.handlers, whetstone_operator.leader, whetstone_operator.kube",
+            (
+                "kopf",
+                "whetstone_cli.validate",
+                "whetstone_cli.run",
+                "whetstone_cli.get",
+                "whetstone_api.rewardgrader",
+                "whetstone_api.trainingsession",
+                "whetstone_api.checkpoint",
+                "whetstone_api.manifests",
+            ),
+        ),
         (
             "import whetstone_graders, whetstone_operator.graders",
             ("torch", "kopf", "kubernetes", "whetstone_trainer", "whetstone_cli"),
