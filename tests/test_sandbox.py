@@ -414,3 +414,42 @@ def test_workers_die_with_the_process_that_started_them(tmp_path: Path) -> None:
     while Path(f"/proc/{worker}").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not Path(f"/proc/{worker}").exists()
+
+
+def test_a_read_only_root_under_the_hosts_tmp_keeps_every_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A virtual environment under /tmp makes its lib folder one of the read-only roots; the sandbox's own
+    # /tmp (its scratch folder) used to take that path's mount point, and the namespaces (and with them the
+    # uid) were lost: threads, the host's files and the network were no longer confined by the kernel.
+    from whetstone_graders.sandbox import local
+
+    venv_like = Path(tempfile.mkdtemp(prefix="whetstone-ro-root-", dir="/tmp"))
+    python_roots = local.python_roots
+    try:
+        venv_like.chmod(0o755)
+        (venv_like / "data.txt").write_text("42")
+        (venv_like / "data.txt").chmod(0o644)
+        source = (
+            "import threading\n"
+            "def grade(s, i):\n"
+            f"    value = float(open({str(venv_like / 'data.txt')!r}).read())\n"
+            "    try:\n"
+            "        threading.Thread(target=print).start()\n"
+            "    except RuntimeError:  # RLIMIT_NPROC, once the uid is dropped\n"
+            "        return value\n"
+            "    return -1.0\n"
+        )
+        spec = RewardGraderSpec.model_validate({"python": {"source": source}, "onError": "zero"})
+
+        def layers_and_score() -> tuple[tuple[str, ...], float | None]:
+            with GraderSet([("g", 1.0)], {"g": spec}, workers=1) as graders:
+                grade = graders.grade([Sample("x")], [{}])[0].grades["g"]
+                return graders.stats().sandbox, grade.score
+
+        without, _ = layers_and_score()
+        monkeypatch.setattr(local, "python_roots", lambda: [*python_roots(), str(venv_like)])
+        with_root, score = layers_and_score()
+    finally:
+        shutil.rmtree(venv_like)
+    assert with_root == without
+    if "uid" in with_root:  # the file is bound read-only at its own path, and the thread was refused
+        assert score == 42.0

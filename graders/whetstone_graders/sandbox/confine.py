@@ -135,10 +135,14 @@ def enter_namespaces(new_root: str, read_only: list[str], scratch_mb: int, allow
             f.write(f"0 {gid} 1")
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     _mount("tmpfs", new_root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+    # The scratch folder first: a read-only root under the host's /tmp (a virtual environment or a checkout
+    # there) is then bound inside it, instead of its mount point being taken for the scratch folder's.
+    os.makedirs(new_root + "/tmp")
+    _mount("tmpfs", new_root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={scratch_mb}m,mode=0700")
     bound: list[str] = []
     for path in sorted({os.path.normpath(p) for p in read_only}, key=len):
-        if not os.path.exists(path) or _covered(path, bound):
-            continue
+        if not os.path.exists(path) or _covered(path, bound) or _covered("/tmp", [path]):
+            continue  # missing, bound already, or / or /tmp itself (it would hide the scratch folder)
         inside = new_root + path
         if os.path.islink(path):  # e.g. /lib -> usr/lib on merged-/usr systems
             os.makedirs(os.path.dirname(inside), exist_ok=True)
@@ -157,8 +161,6 @@ def enter_namespaces(new_root: str, read_only: list[str], scratch_mb: int, allow
     for dev in ("null", "zero", "urandom", "random"):
         open(f"{new_root}/dev/{dev}", "w").close()
         _mount(f"/dev/{dev}", f"{new_root}/dev/{dev}", None, MS_BIND)
-    os.makedirs(new_root + "/tmp")
-    _mount("tmpfs", new_root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={scratch_mb}m,mode=0700")
     os.makedirs(new_root + "/.old-root")
     os.chdir(new_root)
     _syscall("pivot_root", b".", b".old-root")
