@@ -9,9 +9,10 @@ Every field is documented with an attribute docstring; the CRD generator turns t
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import itertools
-import textwrap
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -139,23 +140,36 @@ def cel_string_list(values: Any) -> str:
 
 def attribute_docstrings(cls: type) -> dict[str, str]:
     """The docstring under each annotated attribute of the class body of `cls` (its own, not inherited)."""
+    return _module_attribute_docstrings(cls.__module__).get(cls.__qualname__, {})
+
+
+@functools.cache
+def _module_attribute_docstrings(module: str) -> dict[str, dict[str, str]]:
+    """Every class of a module by qualified name: its attributes' docstrings. One parse of the module's
+    source (inspect.getsource of each class would parse the whole file once per class)."""
     try:
-        source = textwrap.dedent(inspect.getsource(cls))
-    except (OSError, TypeError):  # no source (a class built at run time)
+        tree = ast.parse(inspect.getsource(sys.modules[module]))
+    except (KeyError, OSError, TypeError):  # no source (a module built at run time)
         return {}
-    body = ast.parse(source).body[0]
-    if not isinstance(body, ast.ClassDef):
-        return {}
-    out: dict[str, str] = {}
-    for node, after in itertools.pairwise(body.body):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(after, ast.Expr)
-            and isinstance(after.value, ast.Constant)
-            and isinstance(after.value.value, str)
-        ):
-            out[node.target.id] = inspect.cleandoc(after.value.value)
+    out: dict[str, dict[str, str]] = {}
+
+    def visit(body: list[ast.stmt], prefix: str) -> None:
+        for node in body:
+            if not isinstance(node, ast.ClassDef):
+                continue
+            docs = out.setdefault(prefix + node.name, {})
+            for attr, after in itertools.pairwise(node.body):
+                if (
+                    isinstance(attr, ast.AnnAssign)
+                    and isinstance(attr.target, ast.Name)
+                    and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)
+                ):
+                    docs[attr.target.id] = inspect.cleandoc(after.value.value)
+            visit(node.body, f"{prefix}{node.name}.")
+
+    visit(tree.body, "")
     return out
 
 
