@@ -11,7 +11,9 @@ python="$("$repo/scripts/bootstrap.sh")"
 
 # The control plane, helm (the chart tests), gopher-lua (Argo CD health), the Prometheus Operator and
 # Kueue CRDs (server-side dry-runs) and Kueue's controller manager (gang admission, e2e/test_kueue.py);
-# cold: ~25 min on 2 cores plus ~15 min for kueue, then cached.
+# cold: 38 min on 2 cores at the lowest priority beside the fast tier (Kubernetes 23, kueue 6, kwok 4, helm 3,
+# etcd 1.5), then cached. A whole cold run (empty venv, model and Go caches) took 61 min: venv 3.5, fast tier 44,
+# e2e 13 (2026-11-30).
 export WHETSTONE_E2E_TOOLS="${WHETSTONE_E2E_TOOLS:-kube etcd kwok helm luahealth promcrds kueuecrds kueue}"
 if [[ "${1:-}" != "--fast" ]] && command -v go >/dev/null; then
   # A cold build starts now, at the lowest priority, so its module downloads and the CPU the fast tier leaves

@@ -4,7 +4,7 @@
 #   e2e/ci.sh [PYTHON]      PYTHON: the interpreter of the project's venv (default $PYTHON, else python3)
 #
 # Works on a fresh machine with Go >= 1.26 and the package registries: apt for openssl/iproute2, pip for the Python
-# packages, the Go module proxy for the binaries (cold build 15-25 min on 2 cores, cached in
+# packages, the Go module proxy for the binaries (cold build ~30-40 min on 2 cores, cached in
 # ~/.cache/whetstone/k8s-bin and Go's own caches afterwards).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
