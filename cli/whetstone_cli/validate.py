@@ -54,11 +54,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _preflight(resource: Any, path: Path, graders: dict[str, RewardGraderSpec]) -> list[str]:
-    if isinstance(resource, RewardGrader) and resource.spec.python is not None:
-        from whetstone_graders.graders import python_source_problem
+    if isinstance(resource, RewardGrader):
+        from whetstone_graders.graders import spec_problems
 
-        why = python_source_problem(resource.spec.python.source)
-        return [f"spec.python.source does not compile: {why}"] if why else []
+        return spec_problems(resource.spec)
     if not isinstance(resource, FineTuneJob):
         return []
     try:

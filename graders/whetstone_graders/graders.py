@@ -16,6 +16,7 @@ from typing import Any
 from whetstone_api.rewardgrader import (
     PythonGrader,
     RegexGrader,
+    RewardGraderSpec,
     SandboxLimits,
     SimilarityGrader,
     StringCheckGrader,
@@ -142,6 +143,12 @@ def python_source_problem(source: str) -> str | None:
     except (ValueError, MemoryError, RecursionError) as e:  # a NUL byte; nesting beyond the parser's limits
         return f"{type(e).__name__}: {e}"
     return None
+
+
+def spec_problems(spec: RewardGraderSpec) -> list[str]:
+    """What in a RewardGrader's spec cannot work, found without running any of it, each naming its field."""
+    why = python_source_problem(spec.python.source) if spec.python is not None else None
+    return [f"spec.python.source does not compile: {why}"] if why else []
 
 
 class Python(Sandboxed):

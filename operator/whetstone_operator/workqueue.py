@@ -67,7 +67,7 @@ class WorkQueue:
                 left = deadline - time.monotonic()
                 if left <= 0 or self._stopping:
                     return False
-                self._idle.wait(min(left, 0.5))
+                self._idle.wait(left)  # woken when a key is done, or on stop
             return True
 
     def start(self) -> None:

@@ -199,7 +199,7 @@ def grader_problems(
     if spec.rft is None:
         return []
     from whetstone_graders import GraderConfigError, grader_order
-    from whetstone_graders.graders import python_source_problem
+    from whetstone_graders.graders import spec_problems
     from whetstone_graders.templates import missing_item_fields, rendered_templates
 
     try:
@@ -214,12 +214,7 @@ def grader_problems(
             ]
     problems = []
     for name in names:
-        if graders[name].python is not None:
-            why = python_source_problem(graders[name].python.source)
-            if why:
-                problems.append(
-                    f"spec.rft.graders: RewardGrader {name}: spec.python.source does not compile: {why}"
-                )
+        problems += [f"spec.rft.graders: RewardGrader {name}: {p}" for p in spec_problems(graders[name])]
         templates = rendered_templates(graders[name].settings)
         for where, rows in checked.rows.items():
             for missing in missing_item_fields(templates, rows):
