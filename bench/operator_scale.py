@@ -16,6 +16,7 @@ Operators compared, one at a time:
   (20, burst 30) and with raised QPS (--kubeflow-qps).
 
     python bench/operator_scale.py [--sizes 100 500] [--window 60] [--before 9dc7cd4] [--skip-kubeflow]
+                                   [--rounds 5]
 
 Prints a table and writes the figures as JSON (--json). Never a timed test.
 """
@@ -29,6 +30,7 @@ import math
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -466,6 +468,12 @@ def main() -> int:
     parser.add_argument("--skip-before", action="store_true")
     parser.add_argument("--kubeflow-qps", type=float, default=500.0, help="raised client QPS of the peer")
     parser.add_argument("--timeout", type=float, default=900.0, help="most seconds one start-up may take")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every operator this many times, in a rotated order each round; medians are reported",
+    )
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
 
@@ -537,13 +545,16 @@ def main() -> int:
                         kf_user,
                     )
                 )
-        for label, kind, setup, make, user in variants:
-            for n in args.sizes:
-                print(f"[bench] {label}: N={n}", file=sys.stderr, flush=True)
-                window = args.window if n == min(args.sizes) else 0.0
-                results.append(
-                    measure(cluster, label, kind, n, setup, make, audit, user, window, args.timeout)
-                )
+        for r in range(args.rounds):
+            # Rotated, so that no operator always runs first on a fresh cluster or right after another.
+            k = r % len(variants)
+            for label, kind, setup, make, user in variants[k:] + variants[:k]:
+                for n in args.sizes:
+                    print(f"[bench] round {r + 1}: {label}: N={n}", file=sys.stderr, flush=True)
+                    window = args.window if n == min(args.sizes) and r == 0 else 0.0
+                    results.append(
+                        measure(cluster, label, kind, n, setup, make, audit, user, window, args.timeout)
+                    )
     finally:
         local.down()
 
@@ -556,6 +567,20 @@ def main() -> int:
             f"{fmt(r['all_running_seconds'])} s | {fmt(r['startup_cpu_seconds'])} | "
             f"{fmt(r['peak_rss_mib'], '.0f')} |"
         )
+    if args.rounds > 1:
+        print(f"\nMedians over {args.rounds} rounds (each run's figure in brackets):\n")
+        print("| operator | N | all pods exist | all jobs Running | CPU s (start-up) |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        groups: dict[tuple[str, int], list[Json]] = {}
+        for r in results:
+            groups.setdefault((r["operator"], r["jobs"]), []).append(r)
+        for (label, n), runs in groups.items():
+            cells = []
+            for key in ("all_pods_created_seconds", "all_running_seconds", "startup_cpu_seconds"):
+                values = [v for v in (run[key] for run in runs) if v is not None and not math.isnan(v)]
+                each = ", ".join(fmt(v) for v in values)
+                cells.append(f"{fmt(statistics.median(values)) if values else '-'} ({each})")
+            print(f"| {label} | {n} | {cells[0]} | {cells[1]} | {cells[2]} |")
     print("\nSteady state (default resync), API calls per second per 100 Running jobs:\n")
     for r in results:
         if "calls_per_second_per_100_running" in r:

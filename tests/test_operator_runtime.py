@@ -341,29 +341,36 @@ def test_delayed_adds_and_requeue_after() -> None:
         queue.stop()
 
 
-def test_wait_idle_returns_once_every_key_is_done_delayed_adds_aside() -> None:
+def test_idle_for_counts_from_the_last_pass_and_is_zero_while_keys_wait_or_run() -> None:
     release = threading.Event()
+    started = threading.Event()
     done: list[str] = []
 
     def handler(key: Any) -> float | None:
+        started.set()
         release.wait(GUARD)
         done.append(key)
         return 60.0  # a delayed re-add: does not count as work left
 
     queue = WorkQueue(handler, workers=1)
-    assert queue.wait_idle(0.0)  # nothing queued yet
     queue.start()
     try:
         for key in "abc":
             queue.add(key)
-        assert not queue.wait_idle(0.05)  # the first key holds the only worker
-        waiter: list[bool] = []
-        t = threading.Thread(target=lambda: waiter.append(queue.wait_idle(GUARD)))
-        t.start()
-        queue.add("d")  # added while it waits: worked on before it returns
+        assert started.wait(GUARD)
+        assert queue.idle_for() == 0.0  # a key is being worked on, two wait
         release.set()
-        t.join(GUARD)
-        assert waiter == [True] and sorted(done) == ["a", "b", "c", "d"]
+        deadline = time.monotonic() + GUARD
+        while len(done) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sorted(done) == ["a", "b", "c"]
+        first = queue.idle_for()
+        time.sleep(0.05)
+        assert queue.idle_for() >= first + 0.05  # grows while nothing is queued (delayed adds aside)
+        release.clear()
+        started.clear()
+        queue.add("d")
+        assert started.wait(GUARD) and queue.idle_for() == 0.0
     finally:
         release.set()
         queue.stop()

@@ -40,6 +40,7 @@ from whetstone_api.wire import final_report_of
 from . import children, kueue, lifecycle, reports
 from .children import JOB_LABEL, MANAGED_BY, MANAGED_BY_LABEL
 from .config import OperatorConfig
+from .events import EventRecorder
 from .informers import Informer
 from .kube import Kube, api_path
 from .lifecycle import CreateFailure, Observed
@@ -116,10 +117,13 @@ class Reconciler:
         leading: Callable[[], bool] = lambda: True,
         identity: str = "whetstone-operator",
         pool: Executor | None = None,
+        events: EventRecorder | None = None,
     ) -> None:
         self.config, self.kube, self.store, self.metrics = config, kube, store, metrics
-        # Threads for a pass's independent calls (a job's children, its Events); None: one after another.
+        # Threads for a pass's independent calls (a job's children); None: one after another.
         self.pool = pool
+        # Events go out in the background (events.py); None: posted by the pass itself.
+        self.events = events
         self.poller = poller
         self.leading = leading
         self.identity = identity
@@ -239,17 +243,13 @@ class Reconciler:
             self.store.put_job(job)
         if plan.phase and plan.phase != old_phase:
             self._announce(job, old_phase, plan)
-        # The Events go out while the plan is carried out (they are told, not waited for by anything).
-        telling = [
-            self.pool.submit(self._event, job, *event) if self.pool else self._event(job, *event)
-            for event in plan.events
-        ]
+        for event in plan.events:
+            self._event(job, *event)
         if "progress" in patch:
             self.metrics.set_progress(namespace, name, patch["progress"])
 
         again = self._act(job, key, plan, seen)
         self._sync_checkpoints(job, report_plan, final, checkpoints)
-        wait([f for f in telling if f is not None])
         if phase:
             self.metrics.jobs.set(namespace, name, phase)
         return again if again is not None else plan.requeue_after
@@ -654,6 +654,9 @@ class Reconciler:
                 )
 
     def _event(self, job: Json, etype: str, reason: str, message: str) -> None:
+        if self.events is not None:
+            self.events.record(job, "FineTuneJob", etype, reason, message, datetime.now(UTC))
+            return
         try:
             self.kube.create_event(job, "FineTuneJob", etype, reason, message, self.identity)
         except (ApiException, OSError, ValueError) as e:

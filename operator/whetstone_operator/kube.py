@@ -374,10 +374,17 @@ class Kube:
 
     @api_call("", "events", "create")
     def create_event(
-        self, obj: Json, kind: str, etype: str, reason: str, message: str, instance: str
+        self,
+        obj: Json,
+        kind: str,
+        etype: str,
+        reason: str,
+        message: str,
+        instance: str,
+        when: datetime | None = None,
     ) -> None:
         meta = obj["metadata"]
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = (when or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
         body = {
             "apiVersion": "v1",
             "kind": "Event",

@@ -118,6 +118,11 @@ class OperatorMetrics:
             ["resource", "verb"],
             registry=r,
         )
+        self.events_dropped = Counter(
+            "whetstone_operator_events_dropped",
+            "Events not posted because the background queue was full (the API server fell behind)",
+            registry=r,
+        )
         self.job_step = Gauge(
             "whetstone_job_step", "Optimizer steps done, per FineTuneJob", ["namespace", "job"], registry=r
         )

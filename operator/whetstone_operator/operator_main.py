@@ -28,6 +28,7 @@ from whetstone_api.wire import MASTER_PORT, STATUS_PORT
 
 from .children import DEFAULT_TRAINER_IMAGE, ChildSettings
 from .config import OperatorConfig
+from .events import EventRecorder
 
 LOG = logging.getLogger("whetstone.operator")
 
@@ -72,6 +73,7 @@ def wait_for_crds(kube: Any, timeout: float = 120.0) -> None:
 
 # The longest the RewardGrader checks and TrainingSessions wait for the jobs' first passes after a start.
 KOPF_START_DELAY = 20.0
+KOPF_QUIET = 1.0
 
 
 def run_operator(config: OperatorConfig) -> int:
@@ -121,6 +123,7 @@ async def _run(config: OperatorConfig, kube: Any) -> int:
     queue: WorkQueue | None = None
     resync: Resync | None = None
     pool: ThreadPoolExecutor | None = None
+    events: EventRecorder | None = None
     poller: StatusPoller | None = None
     try:
         if config.leader_election:
@@ -157,6 +160,12 @@ async def _run(config: OperatorConfig, kube: Any) -> int:
         # A pass's independent calls (a job's ConfigMap, Service and NetworkPolicy; its pods; its Events) run
         # at once in this pool, shared by the workers.
         pool = ThreadPoolExecutor(config.workers * 2, thread_name_prefix="create")
+        events = EventRecorder(
+            lambda obj, kind, etype, reason, message, when: kube.create_event(
+                obj, kind, etype, reason, message, identity, when
+            ),
+            on_drop=metrics.events_dropped.inc,
+        )
         reconciler = Reconciler(
             config,
             kube,
@@ -166,6 +175,7 @@ async def _run(config: OperatorConfig, kube: Any) -> int:
             leading=(lambda: elector.leading) if elector else (lambda: True),
             identity=identity,
             pool=pool,
+            events=events,
         )
         queue = WorkQueue(reconciler.reconcile, config.workers)
         queue_ref.append(queue)
@@ -185,7 +195,7 @@ async def _run(config: OperatorConfig, kube: Any) -> int:
         # kopf runs the handlers that need its machinery (RewardGrader checks, TrainingSessions). Its import
         # and start-up take about half a CPU second, which the jobs' first passes need more: it starts once
         # they are done (at most KOPF_START_DELAY later). A grader keeps its Ready status meanwhile.
-        if not await _first_passes_done(loop, queue, stop_flag):
+        if not await _first_passes_done(queue, stop_flag):
             return 1 if lost.is_set() else 0
         await _run_kopf(config, kube, elector, stop_flag)
     finally:
@@ -196,6 +206,8 @@ async def _run(config: OperatorConfig, kube: Any) -> int:
             queue.stop()
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+        if events is not None:
+            events.close()
         if poller is not None:
             poller.shutdown()
         if elector is not None:
@@ -205,16 +217,22 @@ async def _run(config: OperatorConfig, kube: Any) -> int:
     return 1 if lost.is_set() else 0
 
 
-async def _first_passes_done(loop: asyncio.AbstractEventLoop, queue: Any, stop_flag: asyncio.Event) -> bool:
-    """Until the work queue is idle or KOPF_START_DELAY passed; False when the operator stops first (a
-    SIGTERM meanwhile releases the lease on the way out; kopf installs its own handlers once it runs)."""
+async def _first_passes_done(queue: Any, stop_flag: asyncio.Event) -> bool:
+    """Until the work queue has been idle for KOPF_QUIET seconds (the start-up burst of passes is over: a
+    job's pods going Running bring a second wave right after the first) or KOPF_START_DELAY passed; False
+    when the operator stops first (a SIGTERM meanwhile releases the lease on the way out; kopf installs its
+    own handlers once it runs)."""
+    loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread (tests)
         loop.add_signal_handler(signal.SIGTERM, stop_flag.set)
         loop.add_signal_handler(signal.SIGINT, stop_flag.set)
     deadline = time.monotonic() + KOPF_START_DELAY
     while not stop_flag.is_set() and time.monotonic() < deadline:
-        if await loop.run_in_executor(None, queue.wait_idle, 0.5):
+        idle = queue.idle_for()
+        if idle >= KOPF_QUIET:
             break
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop_flag.wait(), max(0.1, KOPF_QUIET - idle))
     return not stop_flag.is_set()
 
 

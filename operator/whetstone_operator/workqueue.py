@@ -24,9 +24,7 @@ class WorkQueue:
         self._handler = handler
         self._workers = workers
         self._name = name
-        lock = threading.RLock()
-        self._cv = threading.Condition(lock)  # workers wait on it for keys
-        self._idle = threading.Condition(lock)  # wait_idle waits on it (a notify for a key never wakes it)
+        self._cv = threading.Condition(threading.RLock())  # workers wait on it for keys
         self._ready: deque[Hashable] = deque()
         self._queued: set[Hashable] = set()
         self._processing: set[Hashable] = set()
@@ -36,6 +34,7 @@ class WorkQueue:
         self._seq = 0
         self._failures: dict[Hashable, int] = {}
         self._stopping = False
+        self._last_done = time.monotonic()
         self._threads: list[threading.Thread] = []
 
     def add(self, key: Hashable, delay: float = 0.0) -> None:
@@ -58,17 +57,12 @@ class WorkQueue:
         with self._cv:
             return len(self._ready)
 
-    def wait_idle(self, timeout: float) -> bool:
-        """Until no key is ready or being worked on (delayed adds do not count), at most `timeout` seconds;
-        whether it got there."""
-        deadline = time.monotonic() + timeout
-        with self._idle:
-            while self._ready or self._processing:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._stopping:
-                    return False
-                self._idle.wait(left)  # woken when a key is done, or on stop
-            return True
+    def idle_for(self) -> float:
+        """Seconds since the last pass ended, while no key is ready or being worked on; 0 while busy."""
+        with self._cv:
+            if self._ready or self._processing:
+                return 0.0
+            return time.monotonic() - self._last_done
 
     def start(self) -> None:
         for i in range(self._workers):
@@ -80,7 +74,6 @@ class WorkQueue:
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
-            self._idle.notify_all()
         for t in self._threads:
             t.join(timeout)
 
@@ -109,14 +102,13 @@ class WorkQueue:
     def _done(self, key: Hashable) -> None:
         with self._cv:
             self._processing.discard(key)
+            self._last_done = time.monotonic()
             if key in self._dirty:
                 self._dirty.discard(key)
                 if key not in self._queued:
                     self._queued.add(key)
                     self._ready.append(key)
                     self._cv.notify()
-            if not self._processing and not self._ready:
-                self._idle.notify_all()
 
     def _work(self) -> None:
         while (key := self._next()) is not None:
