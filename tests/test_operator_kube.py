@@ -16,6 +16,7 @@ import kubernetes
 import pytest
 from kubernetes.client.rest import ApiException
 from whetstone_operator.kube import Kube
+from whetstone_operator.transport import Transport
 
 Json = dict[str, Any]
 
@@ -52,15 +53,17 @@ class Recorder(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def kube() -> Iterator[Kube]:
+@pytest.fixture(params=["transport", "client"])
+def kube(request: pytest.FixtureRequest) -> Iterator[Kube]:
+    """Kube as the operator builds it (its own transport), and on the kubernetes client's path (a proxy)."""
     Recorder.seen, Recorder.answers = [], {}
     server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     config = kubernetes.client.Configuration(host=f"http://127.0.0.1:{server.server_port}")
     config.api_key = {"BearerToken": "tok"}
     config.api_key_prefix = {"BearerToken": "Bearer"}
-    yield Kube(kubernetes.client.ApiClient(config))
+    transport = Transport.for_configuration(config) if request.param == "transport" else None
+    yield Kube(kubernetes.client.ApiClient(config), transport)
     server.shutdown()
 
 
@@ -118,8 +121,8 @@ def test_missing_objects_are_none_and_refusals_carry_the_servers_status_and_mess
 
 
 def test_requests_share_one_connection_even_when_the_answer_is_not_used(kube: Kube) -> None:
-    """A create's answer is not used, but it is read to its end: otherwise urllib3 never puts the connection
-    back, and each request opens a new one (a TLS handshake on both sides, at start-up once per child)."""
+    """A create's answer is not used, but it is read to its end: otherwise the connection is never put back,
+    and each request opens a new one (a TLS handshake on both sides, at start-up once per child)."""
     for i in range(5):
         kube.create_service("ns", {"metadata": {"name": f"s{i}"}})
         kube.create_event(
@@ -158,3 +161,7 @@ def test_the_proxy_is_resolved_once_not_on_every_request(tmp_path, monkeypatch) 
     for _ in range(3):
         api.param_serialize("GET", "/api/v1/nodes", auth_settings=["BearerToken"])
     assert looked_up == [] and api.configuration.proxy == "http://proxy.example:3128"
+    # Through a proxy requests stay on the client's path; a host the proxy is bypassed for gets the transport.
+    assert Transport.for_configuration(api.configuration) is None
+    api.configuration.no_proxy = "127.0.0.1"
+    assert Transport.for_configuration(api.configuration) is not None

@@ -3,10 +3,12 @@
 and the watched resources (tests/test_operator_rbac.py), so no rule is missing and none unused. Each call is
 also counted (`calls`), which bench/operator_scale.py reads to report API calls per job.
 
-Requests go through the kubernetes client's ApiClient (kubeconfig or in-cluster auth, TLS, token refresh, the
-connection pool) but not through its generated API classes: those import some 250 pydantic model modules
-(about a CPU second, and seconds of start-up on a busy node, before the operator can act) and validate each
-call's arguments, only to send JSON the operator already holds as dicts. Answers are parsed only where read.
+Requests never go through the kubernetes client's generated API classes: those import some 250 pydantic
+model modules (about a CPU second, and seconds of start-up on a busy node, before the operator can act) and
+validate each call's arguments, only to send JSON the operator already holds as dicts. Short requests go over
+the operator's own keep-alive connections (transport.py) with the client's configuration (kubeconfig or
+in-cluster auth, TLS, token refresh); watches, and every request where transport.py does not apply (a proxy),
+through the client's ApiClient. Answers are parsed only where read.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import kubernetes
 from kubernetes.client.rest import ApiException
@@ -26,6 +28,7 @@ from whetstone_api import API_GROUP, API_VERSION
 
 from .kueue import GROUP as KUEUE_GROUP
 from .kueue import VERSION as KUEUE_VERSION
+from .transport import Transport
 
 Json = dict[str, Any]
 F = TypeVar("F", bound=Callable[..., Any])
@@ -84,8 +87,9 @@ def not_found(e: Exception) -> bool:
 
 
 class Kube:
-    def __init__(self, api: kubernetes.client.ApiClient) -> None:
+    def __init__(self, api: kubernetes.client.ApiClient, transport: Transport | None = None) -> None:
         self.api = api
+        self.transport = transport
         self.calls: Counter[tuple[str, str]] = Counter()
         self._calls_lock = threading.Lock()
         self.on_call: Callable[[str, str], None] | None = None
@@ -98,8 +102,15 @@ class Kube:
         query: dict[str, str] | None = None,
         content_type: str = "application/json",
     ) -> Any:
-        """One request with the client's auth and pool; the answer (its bytes in .data), ApiException unless
-        2xx."""
+        """One request with the client's auth; the answer (its bytes in .data), ApiException unless 2xx."""
+        if self.transport is not None:
+            data = None if body is None else json.dumps(body).encode()
+            answer = self.transport.request(
+                method, f"{path}?{urlencode(query)}" if query else path, data, content_type
+            )
+            if not 200 <= answer.status <= 299:
+                raise ApiException.from_response(http_resp=answer, body=None, data=None)
+            return answer
         resp = self._send(method, path, body, query, content_type)
         # Always read the answer to its end: only then does urllib3 put the connection back in the pool. An
         # answer left unread (every create's) cost a new TCP and TLS connection per request, on both sides.

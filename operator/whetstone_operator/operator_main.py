@@ -81,8 +81,10 @@ def run_operator(config: OperatorConfig) -> int:
     # kopf logs every watch event at DEBUG and handler runs at INFO; the story is told by whetstone.operator.
     logging.getLogger("kopf").setLevel(logging.WARNING)
     from .kube import Kube
+    from .transport import Transport
 
-    kube = Kube(_api_client(config))
+    api = _api_client(config)
+    kube = Kube(api, Transport.for_configuration(api.configuration))
     wait_for_crds(kube)
     config.kueue = kueue_served(kube)
     return asyncio.run(_run(config, kube))
