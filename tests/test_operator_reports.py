@@ -129,6 +129,18 @@ def test_on_success_the_final_checkpoint_and_what_the_trainer_pruned_last() -> N
     plan = final_from(j, [ckpt(30), ckpt(40), ckpt(50), ckpt(20, keep=True)])
     assert plan.output == "pvc://work/out/j/final" and plan.step == 60 and plan.create_final
     assert plan.delete == ["j-step-00000030"] and plan.mark_pruned == ["j-step-00000020"]
+    assert plan.create == []  # 40 and 50, the two kept at the end, are recorded already
+    # The job finished between two reads of /status: the last read saw only step 30's checkpoint. The two
+    # the trainer kept (40, 50; 60 is the export) get their Checkpoints, named and placed as it writes them.
+    fast = final_from(j, [ckpt(10), ckpt(30)])
+    assert fast.delete == ["j-step-00000010", "j-step-00000030"]
+    assert fast.create == [
+        (40, "pvc://work/out/j/checkpoints/step-00000040"),
+        (50, "pvc://work/out/j/checkpoints/step-00000050"),
+    ]
+    assert final_from(j, [ckpt(40, uid="old")]).create == [
+        (50, "pvc://work/out/j/checkpoints/step-00000050")
+    ]  # a name another job holds is left to it
     taken = final_from(j, [CheckpointView("j-final", 60, "export", "old", None)])
     assert not taken.create_final and "j-final exists and belongs to another job" in (taken.refused or "")
 

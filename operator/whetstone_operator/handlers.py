@@ -599,6 +599,16 @@ class Reconciler:
             if final.create_final:
                 body = children.checkpoint_resource(job, final.step, final.output, "export")
                 self._create_checkpoint(namespace, body)
+            for step, uri in final.create:
+                body = children.checkpoint_resource(job, step, uri, "resumable")
+                if self._create_checkpoint(namespace, body):
+                    LOG.info(
+                        "FineTuneJob %s/%s: checkpoint %s at step %s (written after the last /status read)",
+                        namespace,
+                        name,
+                        body["metadata"]["name"],
+                        step,
+                    )
             delete += final.delete
             pruned += final.mark_pruned
             if final.refused:

@@ -12,7 +12,13 @@ from datetime import datetime
 from typing import Any
 
 from whetstone_api.uris import is_within, uri_of_pod_path
-from whetstone_api.wire import ReportedCheckpoint, TrainerReport, checkpoint_resource_name
+from whetstone_api.wire import (
+    CHECKPOINTS_DIR,
+    ReportedCheckpoint,
+    TrainerReport,
+    checkpoint_folder,
+    checkpoint_resource_name,
+)
 
 from .views import CheckpointView, parse_time, rfc3339
 
@@ -144,7 +150,9 @@ def checkpoints_kept_at_end(spec: Json, total_steps: int) -> set[int]:
 
 @dataclass
 class FinalPlan:
-    """On success: the export Checkpoint, and the resumable ones the trainer pruned after the last read."""
+    """On success: the export Checkpoint, the resumable ones the trainer pruned after the last read, and the
+    ones it wrote and kept after that read (a fast job can finish between two reads of /status; the final
+    report in its termination message is too small to list them)."""
 
     output: str
     step: int
@@ -152,6 +160,7 @@ class FinalPlan:
     delete: list[str]
     mark_pruned: list[str]
     refused: str | None = None
+    create: list[tuple[int, str]] = field(default_factory=list)  # (step, uri) of each kept, unrecorded one
 
 
 def final_from(job: Json, existing: list[CheckpointView]) -> FinalPlan:
@@ -164,7 +173,7 @@ def final_from(job: Json, existing: list[CheckpointView]) -> FinalPlan:
     final = checkpoint_resource_name(name, step, "export")
     refused = f"Checkpoint {final} exists and belongs to another job of this name" if final in taken else None
     total = progress.get("totalSteps") or (spec.get("hyperparameters") or {}).get("maxSteps")
-    delete, pruned = [], []
+    delete, pruned, create = [], [], []
     if total:
         kept = checkpoints_kept_at_end(spec, int(total))
         for cname, c in sorted(ours.items()):
@@ -174,4 +183,10 @@ def final_from(job: Json, existing: list[CheckpointView]) -> FinalPlan:
                         pruned.append(cname)
                 else:
                     delete.append(cname)
-    return FinalPlan(output, step, final not in ours and final not in taken, delete, pruned, refused)
+        # Named as the trainer names them (wire.py), under the job's own output, so never another's.
+        base = spec["output"]["uri"].rstrip("/")
+        for at in sorted(kept):
+            cname = checkpoint_resource_name(name, at)
+            if cname not in ours and cname not in taken:
+                create.append((at, f"{base}/{CHECKPOINTS_DIR}/{checkpoint_folder(at)}"))
+    return FinalPlan(output, step, final not in ours and final not in taken, delete, pruned, refused, create)
