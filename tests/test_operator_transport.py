@@ -175,12 +175,27 @@ def test_a_keep_alive_connection_the_server_closed_while_idle_is_replaced_once_n
     assert server.connections == 2
 
 
+def test_a_request_the_server_may_have_acted_on_is_never_sent_twice_a_read_is_retried_once(scripted) -> None:
+    ok = (reply("200 OK", b"{}", "Content-Length: 2"), False)
+    gone = (b"", True)  # the server reads the request, then closes without an answer
+    server = scripted([ok, gone, ok, gone, ok])
+    t = transport_for(server.port)
+    t.request("GET", "/a")
+    with pytest.raises(ConnectionError):
+        t.request("POST", "/b", b"{}")  # written whole on a pooled connection: perhaps created; not resent
+    t.request("GET", "/c")
+    assert t.request("GET", "/d").status == 200  # a read: once more, on a new connection
+    assert [s["path"] for s in server.seen] == ["/a", "/b", "/c", "/d", "/d"]
+
+
 def test_an_answer_cut_short_or_garbled_is_an_error_not_a_short_document(scripted) -> None:
     server = scripted(
         [
             (reply("200 OK", b'{"a": ', "Content-Length: 50"), True),
             (reply("200 OK", b"3\r\nab", "Transfer-Encoding: chunked"), True),
             (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", True),
+            (reply("200 OK", b"{}", "Content-Length: -5"), True),
+            (reply("200 OK", b"zz\r\n", "Transfer-Encoding: chunked"), True),
         ]
     )
     t = transport_for(server.port)
@@ -190,6 +205,9 @@ def test_an_answer_cut_short_or_garbled_is_an_error_not_a_short_document(scripte
         t.request("GET", "/b")
     with pytest.raises(ConnectionError, match="not an HTTP answer"):
         t.request("GET", "/c")
+    for path in ("/d", "/e"):  # a malformed length is a broken answer (an OSError), never a ValueError
+        with pytest.raises(ConnectionError, match="malformed length"):
+            t.request("GET", path)
 
 
 def test_a_server_that_never_answers_times_out(scripted) -> None:
@@ -231,7 +249,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Echo(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
+    connections: set[int] = set()
+
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        Echo.connections.add(self.client_address[1])
+        # /bye: answer, then drop the connection without saying so (as an idle timeout does)
+        self.close_connection = self.path == "/bye"
         peer = self.connection.getpeercert()  # type: ignore[attr-defined]
         subject = dict(x[0] for x in peer["subject"]) if peer else {}
         data = json.dumps({"client": subject.get("commonName")}).encode()
@@ -264,6 +287,11 @@ def test_tls_verifies_the_server_against_the_clusters_ca_and_presents_the_client
     t = transport_for(tls_server, "https", ssl_ca_cert=str(pki / "ca.crt"), **client)
     assert json.loads(t.request("GET", "/version").data) == {"client": "client"}
     assert json.loads(t.request("GET", "/version").data) == {"client": "client"}  # the same connection
+    # The server drops a pooled TLS connection while it is idle: found closed before the next request.
+    Echo.connections.clear()
+    assert t.request("GET", "/bye").status == 200
+    assert t.request("GET", "/version").status == 200
+    assert len(Echo.connections) == 2
     # A server whose certificate the configured CA did not sign is refused.
     wrong = transport_for(tls_server, "https", ssl_ca_cert=str(pki / "other.crt"), **client)
     with pytest.raises(ssl.SSLCertVerificationError):

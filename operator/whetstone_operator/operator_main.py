@@ -85,9 +85,13 @@ def run_operator(config: OperatorConfig) -> int:
 
     api = _api_client(config)
     kube = Kube(api, Transport.for_configuration(api.configuration))
-    wait_for_crds(kube)
-    config.kueue = kueue_served(kube)
-    return asyncio.run(_run(config, kube))
+    try:
+        wait_for_crds(kube)
+        config.kueue = kueue_served(kube)
+        return asyncio.run(_run(config, kube))
+    finally:
+        if kube.transport is not None:
+            kube.transport.close()
 
 
 def kueue_served(kube: Any) -> bool:
@@ -208,12 +212,12 @@ async def _run(config: OperatorConfig, kube: Any) -> int:
             queue.stop()
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
-        if events is not None:
-            events.close()
         if poller is not None:
             poller.shutdown()
         if elector is not None:
             elector.release()
+        if events is not None:  # after the lease is handed over: Events never delay the next leader
+            events.close()
         http.shutdown()
         http.server_close()
     return 1 if lost.is_set() else 0

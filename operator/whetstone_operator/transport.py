@@ -14,6 +14,7 @@ the operator keeps the client's own path. Watches stay on that path too: they ar
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import ssl
 import threading
@@ -45,6 +46,28 @@ class Response:
 
 class _Stale(ConnectionError):
     """A reused connection the server had closed: nothing of the request was answered."""
+
+
+# What sending on a connection the peer closed raises (over TLS: an EOF in violation of the protocol).
+_DROPPED = (
+    BrokenPipeError,
+    ConnectionResetError,
+    ConnectionAbortedError,
+    ssl.SSLEOFError,
+    ssl.SSLZeroReturnError,
+)
+
+
+def _closed_by_peer(conn: _Connection) -> bool:
+    """Whether a pooled connection was closed by the server while idle (or holds bytes nobody asked for):
+    readable when no answer is due, as urllib3 checks before it reuses one."""
+    if isinstance(conn.sock, ssl.SSLSocket) and conn.sock.pending():
+        return True
+    try:
+        readable, _, _ = select.select([conn.sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 class _Connection:
@@ -140,19 +163,24 @@ class Transport:
         elif method in ("POST", "PUT", "PATCH"):
             lines.append("Content-Length: 0")
         message = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
+        conn, reused = self._checkout(timeout)
         while True:
-            conn, reused = self._checkout(timeout)
+            sent = False
             try:
                 conn.sock.settimeout(timeout)
                 try:
                     conn.sock.sendall(message)
-                except (BrokenPipeError, ConnectionResetError) as e:
+                except _DROPPED as e:
                     raise _Stale(str(e)) from e
+                sent = True
                 response, keep = _read_response(conn.rfile, method)
             except _Stale:
                 conn.close()
-                if reused:
-                    continue  # the server had closed it while it was idle: once more on a fresh one
+                # A pooled connection the server dropped after the check at checkout: once more, on a new
+                # connection, where the server cannot have acted on it (nothing sent, or a read).
+                if reused and (not sent or method in ("GET", "HEAD")):
+                    conn, reused = self._connect(timeout), False
+                    continue
                 raise
             except BaseException:
                 conn.close()
@@ -178,7 +206,7 @@ class Transport:
         with self._lock:
             while self._idle:
                 conn = self._idle.pop()
-                if now - conn.used < IDLE_SECONDS:
+                if now - conn.used < IDLE_SECONDS and not _closed_by_peer(conn):
                     found = conn
                     break
                 stale.append(conn)
@@ -247,7 +275,7 @@ def _read_response(rfile: Any, method: str) -> tuple[Response, bool]:
     elif "chunked" in headers.get("transfer-encoding", "").lower():
         data = _read_chunked(rfile)
     elif "content-length" in headers:
-        length = int(headers["content-length"])
+        length = _size(headers["content-length"], 10)
         data = rfile.read(length)
         if len(data) != length:
             raise ConnectionError(f"the answer ended after {len(data)} of {length} bytes")
@@ -256,13 +284,24 @@ def _read_response(rfile: Any, method: str) -> tuple[Response, bool]:
     return Response(status, reason, headers, data), keep
 
 
+def _size(text: str, base: int) -> int:
+    """A length from the answer's framing; a malformed one is a broken connection, as a cut one is."""
+    try:
+        size = int(text.strip(), base)
+    except ValueError:
+        size = -1
+    if size < 0:
+        raise ConnectionError(f"malformed length {text[:40]!r} in the API server's answer")
+    return size
+
+
 def _read_chunked(rfile: Any) -> bytes:
     parts: list[bytes] = []
     while True:
         size_line = _read_line(rfile).split(b";", 1)[0].strip()
         if not size_line:
             raise ConnectionError("the chunked answer ended early")
-        size = int(size_line, 16)
+        size = _size(size_line.decode("latin-1"), 16)
         if size == 0:
             while _read_line(rfile) not in (b"\r\n", b"\n", b""):  # trailers
                 pass
