@@ -580,17 +580,10 @@ class Reconciler:
         delete: list[str] = []
         pruned: list[str] = []
         refused: list[str] = []
+        # (step, uri, kind, metrics) of each Checkpoint to create: reported, or kept past the last report
+        create: list[tuple[int, str, str, dict[str, float] | None]] = []
         if plan is not None:
-            for c in plan.create:
-                body = children.checkpoint_resource(job, c.step, c.uri, c.kind, c.metrics)
-                if self._create_checkpoint(namespace, body):
-                    LOG.info(
-                        "FineTuneJob %s/%s: checkpoint %s at step %s",
-                        namespace,
-                        name,
-                        body["metadata"]["name"],
-                        c.step,
-                    )
+            create += [(c.step, c.uri, c.kind, c.metrics) for c in plan.create]
             delete += plan.delete
             pruned += plan.mark_pruned
             refused += plan.refused
@@ -599,20 +592,21 @@ class Reconciler:
             if final.create_final:
                 body = children.checkpoint_resource(job, final.step, final.output, "export")
                 self._create_checkpoint(namespace, body)
-            for step, uri in final.create:
-                body = children.checkpoint_resource(job, step, uri, "resumable")
-                if self._create_checkpoint(namespace, body):
-                    LOG.info(
-                        "FineTuneJob %s/%s: checkpoint %s at step %s (written after the last /status read)",
-                        namespace,
-                        name,
-                        body["metadata"]["name"],
-                        step,
-                    )
+            create += [(step, uri, "resumable", None) for step, uri in final.create]
             delete += final.delete
             pruned += final.mark_pruned
             if final.refused:
                 refused.append(final.refused)
+        for step, uri, kind, metrics in create:
+            body = children.checkpoint_resource(job, step, uri, kind, metrics)
+            if self._create_checkpoint(namespace, body):
+                LOG.info(
+                    "FineTuneJob %s/%s: checkpoint %s at step %s",
+                    namespace,
+                    name,
+                    body["metadata"]["name"],
+                    step,
+                )
         for cname in sorted(orphan):
             self.kube.orphan_checkpoint(namespace, cname)
             LOG.info(
