@@ -119,9 +119,14 @@ ROWS: list[Row] = [
                         "sum by (resource, verb) "
                         "(rate(whetstone_operator_api_calls_total[$__rate_interval]))",
                         "{{verb}} {{resource}}",
-                    )
+                    ),
+                    (
+                        "sum(rate(whetstone_operator_events_dropped_total[$__rate_interval]))",
+                        "Events dropped",
+                    ),
                 ],
-                description="What the operator costs the API server (watches excluded).",
+                description="What the operator costs the API server (watches excluded), and the Events it "
+                "dropped while the server was behind.",
             ),
             Panel(
                 "Group restarts",
