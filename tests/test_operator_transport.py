@@ -30,6 +30,7 @@ class Scripted:
         self.replies = list(replies)
         self.seen: list[dict[str, Any]] = []
         self.connections = 0
+        self.closed = threading.Semaphore(0)  # released each time the server has closed a connection
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(8)
@@ -46,8 +47,15 @@ class Scripted:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        try:
+            self._answer(conn)
+        finally:
+            conn.close()
+            self.closed.release()
+
+    def _answer(self, conn: socket.socket) -> None:
         rfile = conn.makefile("rb")
-        with conn:
+        with rfile:
             while self.replies:
                 line = rfile.readline()
                 if not line:
@@ -170,6 +178,7 @@ def test_a_keep_alive_connection_the_server_closed_while_idle_is_replaced_once_n
     )
     t = transport_for(server.port)
     assert t.request("GET", "/a").status == 200
+    assert server.closed.acquire(timeout=GUARD)  # closed before the next request is sent
     assert t.request("POST", "/b", b"{}").status == 201
     assert [s["path"] for s in server.seen] == ["/a", "/b"]  # /b sent once, on a fresh connection
     assert server.connections == 2
