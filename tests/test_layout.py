@@ -114,7 +114,9 @@ def test_the_cli_reaches_operator_and_trainer_only_lazily() -> None:
         # the first passes are done), no resource model but the FineTuneJob's.
         (
             "import whetstone_cli.main as m; m.build_parser('operator'); "
-            "import whetstone_operator.handlers, whetstone_operator.leader, whetstone_operator.kube",
+            "import whetstone_operator.handlers, whetstone_operator.leader, whetstone_operator.kube; "
+            "import whetstone_operator.operator_main as o; from whetstone_api import PLURALS; "
+            "o.wait_for_crds(type('K', (), {'served_resources': lambda s, g, v: set(PLURALS.values())})())",
             (
                 "kopf",
                 "whetstone_cli.validate",
@@ -124,6 +126,7 @@ def test_the_cli_reaches_operator_and_trainer_only_lazily() -> None:
                 "whetstone_api.trainingsession",
                 "whetstone_api.checkpoint",
                 "whetstone_api.manifests",
+                "whetstone_api.crd",
             ),
         ),
         (

@@ -28,6 +28,14 @@ _MODELS = {
     "TrainingSession": "trainingsession",
 }
 _KINDS = ("FineTuneJob", "RewardGrader", "Checkpoint", "TrainingSession")
+PLURALS = {
+    "FineTuneJob": "finetunejobs",
+    "RewardGrader": "rewardgraders",
+    "Checkpoint": "checkpoints",
+    "TrainingSession": "trainingsessions",
+}
+"""The REST resource name of each kind (crd.py's KINDS use them; the operator's start-up reads them here,
+without building the models)."""
 
 
 def __getattr__(name: str) -> Any:
@@ -42,6 +50,7 @@ __all__ = [
     "API_GROUP",
     "API_VERSION",
     "GROUP_VERSION",
+    "PLURALS",
     "RESOURCE_KINDS",
     "Checkpoint",
     "Condition",

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from . import k8s
+from . import PLURALS, k8s
 from .base import API_GROUP, API_VERSION, LIST_MAP_KEYS, ApiModel, CRDJsonSchema, Rule, cel
 from .checkpoint import Checkpoint
 from .finetunejob import FineTuneJob
@@ -70,7 +70,7 @@ class ResourceKind:
 KINDS: list[ResourceKind] = [
     ResourceKind(
         model=FineTuneJob,
-        plural="finetunejobs",
+        plural=PLURALS["FineTuneJob"],
         short_names=["ftj"],
         columns=[
             PrinterColumn(
@@ -98,7 +98,7 @@ KINDS: list[ResourceKind] = [
     ),
     ResourceKind(
         model=RewardGrader,
-        plural="rewardgraders",
+        plural=PLURALS["RewardGrader"],
         short_names=["rg"],
         columns=[
             PrinterColumn("Phase", ".status.phase"),
@@ -113,7 +113,7 @@ KINDS: list[ResourceKind] = [
     ),
     ResourceKind(
         model=Checkpoint,
-        plural="checkpoints",
+        plural=PLURALS["Checkpoint"],
         short_names=["ckpt"],
         columns=[
             PrinterColumn("Source", ".spec.source.name", description="The job or session that wrote it"),
@@ -127,7 +127,7 @@ KINDS: list[ResourceKind] = [
     ),
     ResourceKind(
         model=TrainingSession,
-        plural="trainingsessions",
+        plural=PLURALS["TrainingSession"],
         short_names=["ts"],
         columns=[
             PrinterColumn("Phase", ".status.phase"),

@@ -54,10 +54,9 @@ def wait_for_crds(kube: Any, timeout: float = 120.0) -> None:
     """kopf looks its resources up once, at start (scanning is off, so RBAC needs no cluster-wide list of
     CRDs): an operator started before its CRDs (a first install, where the pod can win the race) would never
     serve them. Wait until the API serves every Whetstone kind; after `timeout`, exit so the pod restarts."""
-    from whetstone_api import API_GROUP, API_VERSION
-    from whetstone_api.crd import KINDS
+    from whetstone_api import API_GROUP, API_VERSION, PLURALS
 
-    wanted = {k.plural for k in KINDS}
+    wanted = set(PLURALS.values())
     deadline, said = time.monotonic() + timeout, False
     while missing := sorted(wanted - kube.served_resources(API_GROUP, API_VERSION)):
         if time.monotonic() > deadline:
