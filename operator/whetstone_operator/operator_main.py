@@ -162,8 +162,8 @@ async def _run(config: OperatorConfig, kube: Any) -> int:
             deadline=config.poll_deadline_seconds,
             on_done=lambda key: queue_ref[0].add(key[:2]),
         )
-        # A pass's independent calls (a job's ConfigMap, Service and NetworkPolicy; its pods; its Events) run
-        # at once in this pool, shared by the workers.
+        # A pass's independent calls (a job's ConfigMap, Service and NetworkPolicy; its pods) run at once in
+        # this pool, shared by the workers; its Events go to the recorder's one thread.
         pool = ThreadPoolExecutor(config.workers * 2, thread_name_prefix="create")
         events = EventRecorder(
             lambda obj, kind, etype, reason, message, when: kube.create_event(

@@ -40,9 +40,6 @@ class Response:
     def __init__(self, status: int, reason: str, headers: dict[str, str], data: bytes) -> None:
         self.status, self.reason, self.headers, self.data = status, reason, headers, data
 
-    def getheaders(self) -> dict[str, str]:
-        return self.headers
-
 
 class _Stale(ConnectionError):
     """A reused connection the server had closed: nothing of the request was answered."""
@@ -97,10 +94,8 @@ class Transport:
         self.prefix = prefix
         self.configuration = configuration
         self.pool_size = pool_size
-        default_port = 443 if tls is not None else 80
-        self.host_header = host if port == default_port else f"{host}:{port}"
-        if ":" in host and not host.startswith("["):  # an IPv6 literal
-            self.host_header = f"[{host}]" if port == default_port else f"[{host}]:{port}"
+        name = f"[{host}]" if ":" in host else host  # an IPv6 literal (urlsplit drops its brackets)
+        self.host_header = name if port == (443 if tls is not None else 80) else f"{name}:{port}"
         self._idle: list[_Connection] = []
         self._lock = threading.Lock()
 
