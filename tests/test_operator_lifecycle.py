@@ -91,6 +91,34 @@ def test_a_new_job_creates_its_children_and_pods_and_is_pending() -> None:
     assert p.events == [("Normal", "Created", "creating 2 trainer pod(s)")]
 
 
+def test_a_new_jobs_status_is_written_after_its_pods_exist() -> None:
+    """Plan.write_later: the first pass only creates; the pass after it writes what it finds, once."""
+    first = plan(job(), Observed(), NOW)
+    assert first.write_later and first.create_pods
+    # Before the watch delivered the pods: the same plan again (the reconciler's expectations create nothing).
+    assert plan(job(), seen(), NOW).write_later
+    # Delivered and still starting: Pending, written, as the first pass would have written it.
+    p = plan(job(), seen(pods("Pending", "Pending")), NOW)
+    assert not p.write_later and not p.create_pods and p.phase == "Pending"
+    assert p.status["nodes"]["active"] == 2 and p.status["startTime"] == "2026-11-28T18:00:00Z"
+    assert p.events == [("Normal", "Created", "creating 2 trainer pod(s)")]
+    # Already running: one write, both Events.
+    p = plan(job(), seen(pods("Running", "Running")), NOW)
+    assert not p.write_later and p.phase == "Running" and p.status["attempt"] == 0
+    assert [e[1] for e in p.events] == ["Created", "Running"]
+    # Written at once: a job that waits, an RFT job's grader snapshot, a refused create, a queued job.
+    assert not plan(job(suspend=True), Observed(), NOW).write_later
+    graders = {"g": GraderView("g", 1, "3", True, None)}
+    rft = job(method="rft", rft={"graders": [{"name": "g"}]})
+    assert plan(rft, Observed(graders=graders), NOW).snapshot_graders
+    assert not plan(rft, Observed(graders=graders), NOW).write_later
+    refused = CreateFailure("quota", NOW, NOW + timedelta(seconds=5))
+    assert not plan(job(), seen(create_failure=refused), NOW).write_later
+    queued = job()
+    queued["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "q"}
+    assert not plan(queued, Observed(), NOW).write_later
+
+
 def test_pending_until_every_pod_runs_then_running_once_and_then_nothing_to_write() -> None:
     pending = settle(job(), plan(job(), Observed(), NOW))
     p = plan(pending, seen(pods("Running", "Pending")), NOW)

@@ -277,6 +277,10 @@ def test_a_new_job_gets_its_children_then_a_steady_job_costs_no_api_call() -> No
     w.run()
     kinds = [b["kind"] for b in w.kube.created]
     assert kinds == ["ConfigMap", "Service", "NetworkPolicy", "Pod"]
+    # The status and its Event come with the pass the watch brings (lifecycle.Plan.write_later).
+    assert w.status == {} and w.kube.events == []
+    w.watch()
+    w.run()
     assert w.status["phase"] == "Pending" and w.kube.events == [
         ("Normal", "Created", "creating 1 trainer pod(s)")
     ]
@@ -286,16 +290,33 @@ def test_a_new_job_gets_its_children_then_a_steady_job_costs_no_api_call() -> No
         assert sum(w.kube.calls.values()) == 0, w.kube.calls
 
 
-def test_a_jobs_start_is_one_status_write_and_a_refused_pod_is_not_counted_active() -> None:
-    """The first pass writes the pods it is about to create as active (as the Job controller counts them), so
-    the watch delivering its children and pods costs no second status write; a refused create is corrected."""
+def test_a_jobs_start_is_one_status_write_after_its_pods_and_a_refused_pod_is_not_counted_active() -> None:
+    """A new job's first pass only creates; the pass the watch brings writes the status once, and a job
+    whose pods already run by then goes to Running in that one write, with both Events. A refused create
+    is reported by the next pass."""
     w = World(nodes=2)
     w.run()
-    assert w.kube.calls["patch_job_status"] == 1 and w.kube.calls["create_pod"] == 2
-    assert w.status["nodes"] == {"active": 2, "succeeded": 0, "failed": 0}
+    assert w.kube.calls["patch_job_status"] == 0 and w.kube.calls["create_pod"] == 2
+    w.run()  # before the watch caught up: nothing to create, nothing to write yet
+    assert sum(w.kube.calls.values()) == 0, w.kube.calls
     w.watch()
     w.run()
-    assert w.kube.calls["patch_job_status"] == 0 and sum(w.kube.calls.values()) == 0, w.kube.calls
+    assert w.kube.calls["patch_job_status"] == 1 and sum(w.kube.calls.values()) == 2, w.kube.calls
+    assert w.status["phase"] == "Pending" and w.status["nodes"] == {"active": 2, "succeeded": 0, "failed": 0}
+    w.watch()
+    w.run()
+    assert sum(w.kube.calls.values()) == 0, w.kube.calls
+
+    fast = World(nodes=2)
+    fast.run()
+    fast.watch()
+    fast.set_pod(0, "Running")
+    fast.set_pod(1, "Running")
+    fast.watch()
+    fast.run()
+    assert fast.kube.calls["patch_job_status"] == 1 and fast.status["phase"] == "Running"
+    assert fast.status["startTime"] and fast.status["attempt"] == 0 and fast.status["restartCount"] == 0
+    assert [e[1] for e in fast.kube.events] == ["Created", "Running"]
 
     refused = World(nodes=2)
     refused.kube.refuse["pod"] = api_error(422, "pods are forbidden: exceeded quota")
@@ -358,7 +379,7 @@ def test_a_jobs_children_are_created_at_once_all_owned_and_one_refusal_is_one_ba
         kinds = [b["kind"] for b in w.kube.created]
         assert sorted(kinds[:3]) == ["ConfigMap", "NetworkPolicy", "Service"] and kinds[3:] == ["Pod", "Pod"]
         assert {b["metadata"]["ownerReferences"][0]["uid"] for b in w.kube.created} == {"u"}
-        assert w.kube.events == [("Normal", "Created", "creating 2 trainer pod(s)")]
+        assert w.kube.events == [] and w.status == {}  # both come with the next pass (Plan.write_later)
         # Two refusals in one pass: reported once, one step of back-off (5 s), the first one named.
         w2 = World()
         w2.reconciler.pool = pool
@@ -381,7 +402,7 @@ def test_status_writes_apply_only_to_the_version_they_were_planned_from() -> Non
     w.kube.jobs["j"]["metadata"]["resourceVersion"] = "999"
     again = w.run()
     assert w.kube.calls["patch_job_status"] == 1 and again == 0.0
-    assert w.status["phase"] == "Pending", "a plan on an outdated job is never written"
+    assert w.status == {}, "a plan on an outdated job is never written"
     assert w.kube.calls["get_job"] == 1 and w.store.job(KEY)["metadata"]["resourceVersion"] == "999"
     w.run()
     assert w.status["phase"] == "Running"

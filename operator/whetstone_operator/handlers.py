@@ -180,6 +180,9 @@ class Reconciler:
         now = datetime.now(UTC)
         seen = self.observe(job, key)
         plan = lifecycle.plan(job, seen, now)
+        if plan.write_later:
+            # A new job: create now, write the status when the watch brings its pods (Plan.write_later).
+            return self._act(job, key, plan, seen)
         if plan.destructive:
             # Deleting pods or ending the job: decide again on a fresh read of the job and its pods.
             fresh = self.kube.get_job(namespace, name)
