@@ -632,3 +632,29 @@ def test_a_queued_job_waits_for_kueue_then_runs_where_its_flavor_says_and_finish
     w.run()
     finished = [c for c in wl["status"]["conditions"] if c["type"] == "Finished"]
     assert finished and finished[0]["status"] == "True" and finished[0]["reason"] == "Succeeded"
+
+
+def test_end_of_job_checkpoints_whose_create_failed_are_created_by_a_later_pass() -> None:
+    """The export Checkpoint is planned on the pass that ends the job; an API error there must not lose it."""
+    w = running_world()
+    w.set_pod(0, "Succeeded")
+    w.watch()
+    create = w.kube.create_checkpoint
+    failing = {"left": 1}
+
+    def flaky(namespace: str, body: Json) -> Json:
+        if failing["left"]:
+            failing["left"] -= 1
+            raise api_error(500, "etcdserver: request timed out")
+        return create(namespace, body)
+
+    w.kube.create_checkpoint = flaky  # type: ignore[method-assign]
+    with pytest.raises(ApiException):
+        w.run()
+    assert w.status["phase"] == "Succeeded" and not w.kube.checkpoints
+    w.watch()
+    w.run()
+    assert [b["spec"]["uri"] for b in w.kube.checkpoints.values()] == ["pvc://work/out/j/final"]
+    w.watch()
+    w.run()
+    assert w.kube.calls["create_checkpoint"] == 0

@@ -130,6 +130,9 @@ class Reconciler:
         self._failures: dict[str, tuple[CreateFailure, int]] = {}
         self._refusals_told: dict[str, set[str]] = {}
         self._seen_running: set[str] = set()
+        # A finished job's end-of-job Checkpoints (export, kept-at-end) whose creation failed: planned only on
+        # the pass that ended the job, so kept here until a later pass created them (lost on a restart).
+        self._finals_due: dict[str, reports.FinalPlan] = {}
         self._lock = threading.Lock()
 
     # --- the pass
@@ -252,7 +255,12 @@ class Reconciler:
             self.metrics.set_progress(namespace, name, patch["progress"])
 
         again = self._act(job, key, plan, seen)
+        if final is None and phase == R.SUCCEEDED:
+            final = self._finals_due.get(uid)
+        if final is not None:
+            self._finals_due[uid] = final
         self._sync_checkpoints(job, report_plan, final, checkpoints)
+        self._finals_due.pop(uid, None)
         if phase:
             self.metrics.jobs.set(namespace, name, phase)
         return again if again is not None else plan.requeue_after
@@ -681,6 +689,7 @@ class Reconciler:
             self._failures.pop(uid, None)
         self._refusals_told.pop(uid, None)
         self._seen_running.discard(uid)
+        self._finals_due.pop(uid, None)
         if self.poller is not None:
             self.poller.forget((namespace, name, uid))
 
