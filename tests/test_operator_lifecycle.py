@@ -106,6 +106,13 @@ def test_a_new_jobs_status_is_written_after_its_pods_exist() -> None:
     p = plan(job(), seen(pods("Running", "Running")), NOW)
     assert not p.write_later and p.phase == "Running" and p.status["attempt"] == 0
     assert [e[1] for e in p.events] == ["Created", "Running"]
+    # The pods moved on before the first write: it still records the start (deadlines count from it).
+    p = plan(job(), seen(pods("Failed", "Running", exit_code=1)), NOW)
+    assert p.phase == "Restarting" and p.status["attempt"] == 1 and p.status["restartCount"] == 1
+    assert p.status["startTime"] == "2026-11-28T18:00:00Z" and p.events[0][1] == "Created"
+    p = plan(job(), seen(pods("Succeeded", "Succeeded")), NOW)
+    assert p.phase == "Succeeded" and p.status["startTime"] and p.status["attempt"] == 0
+    assert [e[1] for e in p.events] == ["Created", "Succeeded"]
     # Written at once: a job that waits, an RFT job's grader snapshot, a refused create, a queued job.
     assert not plan(job(suspend=True), Observed(), NOW).write_later
     graders = {"g": GraderView("g", 1, "3", True, None)}

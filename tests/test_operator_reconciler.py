@@ -658,3 +658,61 @@ def test_end_of_job_checkpoints_whose_create_failed_are_created_by_a_later_pass(
     w.watch()
     w.run()
     assert w.kube.calls["create_checkpoint"] == 0
+
+
+def test_end_of_job_checkpoints_refused_for_good_are_told_once_and_dropped() -> None:
+    w = running_world()
+    w.set_pod(0, "Succeeded")
+    w.watch()
+    refusals = {"n": 0}
+
+    def refuse(namespace: str, body: Json) -> Json:
+        refusals["n"] += 1
+        raise api_error(403, 'checkpoints "j-final" is forbidden: exceeded quota')
+
+    w.kube.create_checkpoint = refuse  # type: ignore[method-assign]
+    w.run()  # no exception: the pass completes, and says why
+    assert w.status["phase"] == "Succeeded" and refusals["n"] == 1
+    assert [e[1] for e in w.kube.events].count("CheckpointRefused") == 1
+    assert "exceeded quota" in next(e[2] for e in w.kube.events if e[1] == "CheckpointRefused")
+    assert w.metrics.jobs._phase[("ns", "j")] == "Succeeded"
+    w.watch()
+    w.run()
+    assert refusals["n"] == 1, "a refusal for good is not retried"
+
+
+def test_a_retried_end_of_job_plan_does_not_redo_what_was_done() -> None:
+    from whetstone_operator.reports import FinalPlan
+
+    w = running_world()
+    job = w.kube.jobs["j"]
+    final = FinalPlan("pvc://work/out/j/final", 40, True, delete=["j-step-10"], mark_pruned=["j-step-20"])
+    deletes = {"left": 1}
+
+    def flaky_delete(namespace: str, name: str) -> None:
+        if deletes["left"]:
+            deletes["left"] -= 1
+            raise api_error(503, "the server is currently unable to handle the request")
+
+    w.kube.delete_checkpoint = flaky_delete  # type: ignore[method-assign]
+    with pytest.raises(ApiException):
+        w.reconciler._sync_final(job, final)
+    assert len(w.kube.checkpoints) == 1 and final.create_final is False and final.delete == ["j-step-10"]
+    w.kube.checkpoints.clear()  # the user deletes the export meanwhile: it stays deleted
+    w.kube.calls.clear()
+    w.kube.patch_checkpoint_status = lambda ns, name, status: (_ for _ in ()).throw(api_error(404))  # type: ignore[method-assign]
+    w.reconciler._sync_final(job, final)  # the prune of a Checkpoint deleted meanwhile is done, not an error
+    assert not w.kube.checkpoints and w.kube.calls["create_checkpoint"] == 0
+    assert final.delete == [] and final.mark_pruned == []
+
+
+def test_a_new_job_whose_pods_the_watch_never_shows_still_gets_a_status() -> None:
+    """write_later waits for pods on their way; a create answered AlreadyExists by an object the watch does
+    not show (no labels of ours) leaves nothing on its way, and the next pass writes the status."""
+    w = World()
+    w.kube.refuse["pod"] = api_error(409, 'pods "j-node-0" already exists')
+    w.run()
+    assert w.status == {} and w.kube.calls["create_pod"] == 1
+    w.watch()
+    w.run()
+    assert w.status["phase"] == "Pending" and w.kube.calls["patch_job_status"] == 1

@@ -133,6 +133,8 @@ class Reconciler:
         # A finished job's end-of-job Checkpoints (export, kept-at-end) whose creation failed: planned only on
         # the pass that ended the job, so kept here until a later pass created them (lost on a restart).
         self._finals_due: dict[str, reports.FinalPlan] = {}
+        # New jobs whose first pass created without writing (Plan.write_later).
+        self._started: set[str] = set()
         self._lock = threading.Lock()
 
     # --- the pass
@@ -184,8 +186,13 @@ class Reconciler:
         seen = self.observe(job, key)
         plan = lifecycle.plan(job, seen, now)
         if plan.write_later:
-            # A new job: create now, write the status when the watch brings its pods (Plan.write_later).
-            return self._act(job, key, plan, seen)
+            # A new job: create now, write the status when the watch brings its pods (Plan.write_later). Only
+            # while they are on their way: pods the watch never shows (a create answered AlreadyExists by an
+            # object without our labels) must not leave the job without any status.
+            coming = any(e.kind == "Pod" for e in self.store.expected(key, uid))
+            if uid not in self._started or coming:
+                self._started.add(uid)
+                return self._act(job, key, plan, seen)
         if plan.destructive:
             # Deleting pods or ending the job: decide again on a fresh read of the job and its pods.
             fresh = self.kube.get_job(namespace, name)
@@ -255,14 +262,14 @@ class Reconciler:
             self.metrics.set_progress(namespace, name, patch["progress"])
 
         again = self._act(job, key, plan, seen)
-        if final is None and phase == R.SUCCEEDED:
-            final = self._finals_due.get(uid)
-        if final is not None:
-            self._finals_due[uid] = final
-        self._sync_checkpoints(job, report_plan, final, checkpoints)
-        self._finals_due.pop(uid, None)
         if phase:
             self.metrics.jobs.set(namespace, name, phase)
+        self._sync_checkpoints(job, report_plan, checkpoints)
+        if final is not None:
+            self._finals_due[uid] = final
+        if phase == R.SUCCEEDED and uid in self._finals_due:
+            self._sync_final(job, self._finals_due[uid])
+            self._finals_due.pop(uid, None)
         return again if again is not None else plan.requeue_after
 
     # --- the trainer's report
@@ -582,53 +589,79 @@ class Reconciler:
 
     # --- Checkpoints
 
-    def _sync_checkpoints(
-        self, job: Json, plan: reports.CheckpointPlan | None, final: reports.FinalPlan | None, existing: list
-    ) -> None:
+    def _sync_checkpoints(self, job: Json, plan: reports.CheckpointPlan | None, existing: list) -> None:
         meta = job["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         orphan = set(reports.keep_annotated(job, existing))
-        delete: list[str] = []
-        pruned: list[str] = []
-        refused: list[str] = []
-        # (step, uri, kind, metrics) of each Checkpoint to create: reported, or kept past the last report
-        create: list[tuple[int, str, str, dict[str, float] | None]] = []
         if plan is not None:
-            create += [(c.step, c.uri, c.kind, c.metrics) for c in plan.create]
-            delete += plan.delete
-            pruned += plan.mark_pruned
-            refused += plan.refused
+            for c in plan.create:
+                self._create_reported(job, c.step, c.uri, c.kind, c.metrics)
             orphan |= set(plan.orphan)
-        if final is not None:
-            if final.create_final:
-                body = children.checkpoint_resource(job, final.step, final.output, "export")
-                self._create_checkpoint(namespace, body)
-            create += [(step, uri, "resumable", None) for step, uri in final.create]
-            delete += final.delete
-            pruned += final.mark_pruned
-            if final.refused:
-                refused.append(final.refused)
-        for step, uri, kind, metrics in create:
-            body = children.checkpoint_resource(job, step, uri, kind, metrics)
-            if self._create_checkpoint(namespace, body):
-                LOG.info(
-                    "FineTuneJob %s/%s: checkpoint %s at step %s",
-                    namespace,
-                    name,
-                    body["metadata"]["name"],
-                    step,
-                )
         for cname in sorted(orphan):
             self.kube.orphan_checkpoint(namespace, cname)
             LOG.info(
                 "FineTuneJob %s/%s: Checkpoint %s kept (no longer owned by the job)", namespace, name, cname
             )
-        for cname in delete:
-            self.kube.delete_checkpoint(namespace, cname)
-        for cname in pruned:
+        if plan is not None:
+            for cname in plan.delete:
+                self.kube.delete_checkpoint(namespace, cname)
+            for cname in plan.mark_pruned:
+                self._mark_pruned(namespace, cname)
+            self._tell_refused(job, plan.refused)
+
+    def _sync_final(self, job: Json, final: reports.FinalPlan) -> None:
+        """The end-of-job Checkpoints: the export, those kept or pruned after the last report. Each item
+        leaves `final` once carried out, so a pass that failed half-way is resumed by the next one without
+        redoing (or undoing what the user did since) the part that was done. A request the API server refuses
+        for good (4xx) is told as a Warning Event and dropped; other errors raise (a later pass retries)."""
+        namespace = job["metadata"]["namespace"]
+        if final.refused:
+            self._tell_refused(job, [final.refused])
+            final.refused = None
+        try:
+            if final.create_final:
+                body = children.checkpoint_resource(job, final.step, final.output, "export")
+                self._create_checkpoint(namespace, body)
+                final.create_final = False
+            while final.create:
+                step, uri = final.create[0]
+                self._create_reported(job, step, uri, "resumable", None)
+                final.create.pop(0)
+            while final.delete:
+                self.kube.delete_checkpoint(namespace, final.delete[0])
+                final.delete.pop(0)
+            while final.mark_pruned:
+                self._mark_pruned(namespace, final.mark_pruned[0])
+                final.mark_pruned.pop(0)
+        except ApiException as e:
+            if e.status is None or e.status >= 500 or e.status == 429:
+                raise
+            self._tell_refused(job, [f"end-of-job Checkpoints not recorded: {server_message(e)}"])
+
+    def _create_reported(
+        self, job: Json, step: int, uri: str, kind: str, metrics: dict[str, float] | None
+    ) -> None:
+        body = children.checkpoint_resource(job, step, uri, kind, metrics)
+        if self._create_checkpoint(job["metadata"]["namespace"], body):
+            meta = job["metadata"]
+            LOG.info(
+                "FineTuneJob %s/%s: checkpoint %s at step %s",
+                meta["namespace"],
+                meta["name"],
+                body["metadata"]["name"],
+                step,
+            )
+
+    def _mark_pruned(self, namespace: str, cname: str) -> None:
+        try:
             self.kube.patch_checkpoint_status(namespace, cname, {"phase": R.CHECKPOINT_PRUNED})
-        told = self._refusals_told.setdefault(meta["uid"], set())
-        for message in refused:
+        except ApiException as e:
+            if e.status != 404:  # deleted meanwhile: nothing left to mark
+                raise
+
+    def _tell_refused(self, job: Json, messages: list[str]) -> None:
+        told = self._refusals_told.setdefault(job["metadata"]["uid"], set())
+        for message in messages:
             if message not in told:
                 told.add(message)
                 self._event(job, "Warning", R.EVENT_CHECKPOINT_REFUSED, message)
@@ -655,7 +688,10 @@ class Reconciler:
     def _announce(self, job: Json, old: str | None, plan: lifecycle.Plan) -> None:
         meta = job["metadata"]
         namespace, name = meta["namespace"], meta["name"]
-        _, reason, message = plan.events[0] if plan.events else ("Normal", plan.phase or "", "")
+        events = plan.events
+        if plan.phase != R.PENDING and len(events) > 1 and events[0][1] == R.REASON_CREATED:
+            events = events[1:]  # a first write after the pods moved on (lifecycle.plan): log the phase's
+        _, reason, message = events[0] if events else ("Normal", plan.phase or "", "")
         LOG.info("FineTuneJob %s/%s: %s -> %s (%s): %s", namespace, name, old, plan.phase, reason, message)
         self.metrics.transitions.labels(namespace, plan.phase).inc()
         if plan.restarted:
@@ -690,6 +726,7 @@ class Reconciler:
         self._refusals_told.pop(uid, None)
         self._seen_running.discard(uid)
         self._finals_due.pop(uid, None)
+        self._started.discard(uid)
         if self.poller is not None:
             self.poller.forget((namespace, name, uid))
 

@@ -261,6 +261,21 @@ def _graders(job: Json, seen: Observed) -> tuple[list[GraderView], tuple[str, st
 def plan(job: Json, seen: Observed, now: datetime | None = None) -> Plan:
     """The next step of the job's life, given what the operator observes of it."""
     now = now or datetime.now(UTC)
+    out = _plan(job, seen, now)
+    uid, status = job["metadata"]["uid"], job.get("status") or {}
+    moved_on = status.get("phase") is None and out.phase not in (None, R.PENDING)
+    if moved_on and any(p.owner_uid == uid for p in seen.pods):
+        # Its first pass created the pods without a write (write_later), and they have moved on since
+        # (running, failed, gone, finished): this first write records the start as that pass would have.
+        nodes = int(job["spec"].get("nodes", 1))
+        out.events.insert(0, ("Normal", R.REASON_CREATED, f"created {nodes} trainer pod(s)"))
+        if out.phase != R.SUSPENDED:
+            for field_name, value in (("startTime", rfc3339(now)), ("restartCount", 0), ("attempt", 0)):
+                out.status.setdefault(field_name, value)
+    return out
+
+
+def _plan(job: Json, seen: Observed, now: datetime) -> Plan:
     meta, spec, status = job["metadata"], job["spec"], job.get("status") or {}
     uid = meta["uid"]
     phase = status.get("phase")
@@ -496,9 +511,6 @@ def plan(job: Json, seen: Observed, now: datetime | None = None) -> Plan:
             )
     elif d.phase == R.RUNNING:
         d.phase, d.reason, d.message = R.PENDING, R.REASON_PODS_PENDING, "waiting for trainer pods to start"
-    if fresh and live_current and d.phase != R.PENDING:
-        # The first pass created the pods without a write (write_later); they already run: say both.
-        out.events.append(("Normal", R.REASON_CREATED, f"created {nodes} trainer pod(s)"))
     out.write_later = (
         fresh
         and out.create_pods
