@@ -641,9 +641,9 @@ class Reconciler:
     def _create_reported(
         self, job: Json, step: int, uri: str, kind: str, metrics: dict[str, float] | None
     ) -> None:
+        meta = job["metadata"]
         body = children.checkpoint_resource(job, step, uri, kind, metrics)
-        if self._create_checkpoint(job["metadata"]["namespace"], body):
-            meta = job["metadata"]
+        if self._create_checkpoint(meta["namespace"], body):
             LOG.info(
                 "FineTuneJob %s/%s: checkpoint %s at step %s",
                 meta["namespace"],
