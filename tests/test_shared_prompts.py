@@ -14,6 +14,7 @@ from whetstone_api import FineTuneJob
 from whetstone_trainer import loop
 from whetstone_trainer.data.formats import TokenizedExample
 from whetstone_trainer.data.packing import Row, collate, collate_shared_prompts
+from whetstone_trainer.models import shared_prompt_attention
 from whetstone_trainer.models.activations import is_gradient_checkpointing
 from whetstone_trainer.models.sources import load_model_and_tokenizer, materialise, parse_model_uri
 
@@ -48,34 +49,66 @@ def _answers(
 
 
 def test_the_layout_puts_each_prompt_once_and_masks_answers_from_each_other() -> None:
-    examples, prompt_lens = _answers([[2, 3], [1]])
+    examples, prompt_lens = _answers([[2, 3], [1]])  # examples 0 and 2 answer group 0, example 1 group 1
     batch = collate_shared_prompts(examples, prompt_lens, pad_id=0)
-    assert batch.input_ids.shape == (2, 2 + (1 + 2) + (1 + 3))  # group 0: its prompt once, two answers
+    # P = 4 prompt columns (group 1's prompt of 5, less its last token), S = 2 segments of W = 4 columns
+    # (the longest answer, 3, after the prompt's last token again).
+    assert batch.shared_prompt == (4, 2, 4)
+    assert batch.input_ids.shape == (2, 4 + 2 * 4)
     assert batch.num_examples == 3 and batch.attention_mask is not None
     ids, seg, mask = batch.input_ids[0].tolist(), batch.example_ids[0].tolist(), batch.attention_mask[0, 0]
-    assert ids == examples[0].input_ids[:2] + examples[0].input_ids[2:] + examples[2].input_ids[2:]
-    assert seg == [-1, -1, 0, 0, 0, 2, 2, 2, 2]
-    assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 4, 2, 3, 4, 5]
-    assert mask[5].tolist() == [True, True, False, False, False, True, False, False, False]  # not answer 0
-    assert mask[4].tolist() == [True] * 5 + [False] * 4
-    assert batch.weights[0].tolist() == [0, 0, 0, 1, 1, 0, 1, 1, 1]
-    # Group 1's row is padded: its padding attends only to itself, and nothing real attends to it.
-    assert batch.example_ids[1].tolist()[-3:] == [-1, -1, -1] and not mask[:, -1][:-1].any()
+    p0, a0, a2 = examples[0].input_ids[:3], examples[0].input_ids[3:], examples[2].input_ids[3:]
+    assert ids == [0, 0, *p0[:2]] + [p0[2], *a0, 0] + [p0[2], *a2]
+    assert seg == [-1, -1, -1, -1, 0, 0, 0, -1, 2, 2, 2, 2]
+    assert batch.position_ids[0].tolist()[2:7] == [0, 1, 2, 3, 4]
+    assert batch.position_ids[0].tolist()[8:] == [2, 3, 4, 5]
+    assert batch.weights[0].tolist() == [0, 0, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1]
+    # Answer 2 sees the prompt and itself, not answer 0 nor the prompt's left padding.
+    assert mask[9].tolist() == [False, False, True, True] + [False] * 4 + [True, True, False, False]
+    assert mask[6].tolist() == [False, False, True, True, True, True, True] + [False] * 5
+    # Group 1's row: its single answer, then a segment of padding that nothing real attends to.
+    row1 = batch.attention_mask[1, 0]
+    assert batch.example_ids[1].tolist() == [-1] * 4 + [1, 1, -1, -1] + [-1] * 4
+    real = batch.example_ids[1] >= 0
+    assert not row1[real][:, 6:].any()
+    assert row1.diagonal().all()  # every position, padding too, attends to something
     with pytest.raises(ValueError, match="example 0: a prompt of 0"):
         collate_shared_prompts(examples[:1], [0], pad_id=0)
 
 
+@pytest.fixture(params=["answers-apart", "dense-mask", "answers-apart-short-mask"])
+def attention(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> tuple[bool, list[tuple[int, int, int]]]:
+    """How the shared rows' attention runs: models/shared_prompt_attention.py (with the full mask, or the
+    short one it needs), or transformers' sdpa over the whole row with the dense mask. Yields whether the
+    full mask is built, and the layouts the answers-apart attention was called with."""
+    calls: list[tuple[int, int, int]] = []
+    if request.param == "dense-mask":
+        monkeypatch.setattr(shared_prompt_attention, "supported", lambda config: False)
+    else:
+        attend = shared_prompt_attention.attend
+
+        def spy(*args: Any, **kwargs: Any) -> Any:
+            calls.append(args[4])
+            return attend(*args, **kwargs)
+
+        monkeypatch.setattr(shared_prompt_attention, "attend", spy)
+    return request.param != "answers-apart-short-mask", calls
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_shared_prompts_give_the_log_probs_entropy_and_gradients_of_one_row_per_answer(
-    tiny: tuple[Any, Any], temperature: float
+    tiny: tuple[Any, Any], temperature: float, attention: tuple[bool, list[tuple[int, int, int]]]
 ) -> None:
     model, tokenizer = tiny
+    full_mask, calls = attention
     examples, prompt_lens = _answers([[4, 6, 0, 9], [7, 2, 5], [3, 8]], twins=True)
     advantages = torch.linspace(-1.5, 2.0, len(examples))
     results = []
     for batch in (
         collate([Row((e,)) for e in examples], tokenizer.pad_token_id),
-        collate_shared_prompts(examples, prompt_lens, tokenizer.pad_token_id),
+        collate_shared_prompts(examples, prompt_lens, tokenizer.pad_token_id, full_mask=full_mask),
     ):
         model.zero_grad(set_to_none=True)
         t = loop.target_logprobs(model, batch, CPU, with_entropy=True, temperature=temperature)
@@ -91,20 +124,40 @@ def test_shared_prompts_give_the_log_probs_entropy_and_gradients_of_one_row_per_
     assert any(g.abs().sum() > 0 for g in plain_grads)
     for a, b in zip(plain_grads, shared_grads, strict=True):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+    # The answers-apart attention ran in every layer on the shared rows (P = 6, S = 4, W = 10), or never.
+    dense = bool(calls) is False
+    assert calls == ([] if dense else [(6, 4, 10)] * model.config.num_hidden_layers)
+
+
+def test_a_short_mask_never_reaches_an_attention_that_needs_the_full_one(tiny: tuple[Any, Any]) -> None:
+    model, tokenizer = tiny
+    examples, prompt_lens = _answers([[4, 6], [7, 2]])
+    batch = collate_shared_prompts(examples, prompt_lens, tokenizer.pad_token_id, full_mask=False)
+    assert batch.attention_mask is not None and batch.attention_mask.shape[-1] == 5  # P + 1, not T
+    with pytest.raises(RuntimeError):  # without the layout argument, sdpa gets a mask of the wrong size
+        model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask)
 
 
 def test_the_layout_is_taken_where_it_is_cheaper_and_the_attention_takes_its_mask(
-    tiny: tuple[Any, Any],
+    tiny: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, tokenizer = tiny
     pad = tokenizer.pad_token_id
     # An RFT group: 8 short answers after a longer prompt: the prompt once is cheaper.
     short, short_lens = _answers([[6] * 8, [5] * 8], seed=1)
     short = [TokenizedExample([7] * 40 + e.input_ids, [0.0] * 40 + e.weights) for e in short]
-    assert loop.answers_batch(model, short, [n + 40 for n in short_lens], pad).attention_mask is not None
-    # Long answers after a short prompt: the rows' attention would outgrow the few tokens saved.
+    chosen = loop.answers_batch(model, short, [n + 40 for n in short_lens], pad)
+    assert chosen.shared_prompt == (44, 8, 7)  # prompts of 43 and 45, answers of 6
+    assert chosen.attention_mask is not None and chosen.attention_mask.shape[-2:] == (45, 45)  # short mask
+    # Long answers after a short prompt: with the answers apart, an answer's attention is the same as in a
+    # row of its own, and its prompt still runs once.
     long, long_lens = _answers([[900] * 8], seed=2)
+    assert loop.answers_batch(model, long, long_lens, pad).shared_prompt is not None
+    # Through the dense mask over the whole row, the rows' attention would outgrow the few tokens saved.
+    monkeypatch.setattr(shared_prompt_attention, "supported", lambda config: False)
     assert loop.answers_batch(model, long, long_lens, pad).attention_mask is None
+    dense = loop.answers_batch(model, short, [n + 40 for n in short_lens], pad)
+    assert dense.attention_mask is not None and dense.attention_mask.shape[-1] == 44 + 8 * 7  # full mask
     # An attention without arbitrary masks (eager here) always gets one row per answer.
     config = model.config
     kept = config._attn_implementation

@@ -27,8 +27,9 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .data.formats import DatasetError, TokenizedExample
-from .data.packing import Batch, Row, collate, collate_shared_prompts, shared_prompt_lengths
+from .data.packing import Batch, Row, collate, collate_shared_prompts, shared_prompt_layout
 from .methods.losses import chunked_token_logprobs
+from .models import shared_prompt_attention
 from .models.activations import (
     enable_gradient_checkpointing,
     head_passes_hidden_states,
@@ -328,6 +329,11 @@ def target_logprobs(
     inputs = {"input_ids": ids, "position_ids": batch.position_ids.to(device), "use_cache": False}
     if batch.attention_mask is not None:
         inputs["attention_mask"] = batch.attention_mask.to(device)
+    if batch.shared_prompt is not None and shared_prompt_attention.supported(
+        getattr(hf_model(model), "config", None)
+    ):
+        shared_prompt_attention.install()
+        inputs[shared_prompt_attention.SHARED_PROMPT_KWARG] = batch.shared_prompt
     head = output_head(model)
     passes = head_passes_hidden_states(head) if head is not None else contextlib.nullcontext()
     with passes:  # with a head of our own, the model's `.logits` are the kept hidden states
@@ -368,9 +374,10 @@ def answers_batch(
     """Answers after prompts, several answers per prompt (an RFT group), in the cheaper of two layouts: one
     row per answer, or one row per prompt with its answers side by side (collate_shared_prompts: the prompt
     runs once). The second needs an attention that takes any mask (sdpa's does; flash-attention's and eager's
-    masks are of other kinds); its rows are longer, so its attention costs more, and a model's own sizes say
-    which way the sum of the two goes (multiply-adds per layer: the projections per token, q.k and p.v per
-    query-key pair). The logits are the same either way."""
+    masks are of other kinds). A model's own sizes say which way the sum goes (multiply-adds per layer: the
+    projections per token, q.k and p.v per query-key pair); with models/shared_prompt_attention.py an answer
+    pays for its prompt's keys and its own, otherwise for the whole row. The logits are the same either
+    way."""
     config = getattr(hf_model(model), "config", None)
     if getattr(config, "_attn_implementation", None) != "sdpa" or len(examples) < 2:
         return collate([Row((e,)) for e in examples], pad_id)
@@ -382,13 +389,14 @@ def answers_batch(
     per_token = 2 * d * heads * head_dim + 2 * d * kv_heads * head_dim + 3 * d * ff
     per_pair = 2 * heads * head_dim
 
-    def cost(lengths: list[int]) -> int:  # rows are padded to the longest
-        width = max(lengths)
-        return len(lengths) * width * (per_token + width * per_pair)
-
+    width = max(len(e) for e in examples)  # one row per answer: rows padded to the longest
+    rows_cost = len(examples) * width * (per_token + width * per_pair)
     # Decided from the lengths alone: the shared layout's [B, 1, T, T] mask is built only when it is taken.
-    if cost(shared_prompt_lengths(examples, prompt_lens)) < cost([len(e) for e in examples]):
-        return collate_shared_prompts(examples, prompt_lens, pad_id)
+    groups, (p, s, w) = shared_prompt_layout(examples, prompt_lens)
+    tree = shared_prompt_attention.supported(config)
+    pairs = p * p + s * w * (p + w) if tree else (p + s * w) ** 2
+    if len(groups) * ((p + s * w) * per_token + pairs * per_pair) < rows_cost:
+        return collate_shared_prompts(examples, prompt_lens, pad_id, full_mask=not tree)
     return collate([Row((e,)) for e in examples], pad_id)
 
 

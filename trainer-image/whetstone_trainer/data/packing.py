@@ -63,10 +63,13 @@ class Batch:
     # weights[b, t] is the loss weight of predicting input_ids[b, t] from the tokens before it.
     weights: torch.Tensor  # [B, T] float
     # Only from collate_shared_prompts: the example each position belongs to (-1: a shared prompt or
-    # padding), how many examples there are, and who may attend to whom ([B, 1, T, T] bool, True: may).
+    # padding), how many examples there are, and who may attend to whom ([B, 1, T, T] bool, True: may; or
+    # only its first P + 1 rows and columns, see there).
     example_ids: torch.Tensor | None = None
     num_examples: int | None = None
     attention_mask: torch.Tensor | None = None
+    # (P prompt columns, S answer segments, W columns each): the layout of collate_shared_prompts' rows.
+    shared_prompt: tuple[int, int, int] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -108,48 +111,59 @@ def prompt_groups(
     return groups
 
 
-def shared_prompt_lengths(examples: list[TokenizedExample], prompt_lens: list[int]) -> list[int]:
-    """The lengths of collate_shared_prompts' rows, before padding, without building them: the prompt less its
-    last token, then each answer after that token again."""
-    return [
-        len(prompt) - 1 + sum(len(examples[i]) - len(prompt) + 1 for i in members)
-        for prompt, members in prompt_groups(examples, prompt_lens).items()
-    ]
+def shared_prompt_layout(
+    examples: list[TokenizedExample], prompt_lens: list[int]
+) -> tuple[dict[tuple[int, ...], list[int]], tuple[int, int, int]]:
+    """The groups of collate_shared_prompts and its row layout (P, S, W), without building the rows: P prompt
+    columns (the longest prompt less its last token), then S segments (the largest group) of W columns (the
+    longest answer, after the prompt's last token again)."""
+    groups = prompt_groups(examples, prompt_lens)
+    prompt_width = max(len(prompt) - 1 for prompt in groups)
+    segments = max(len(members) for members in groups.values())
+    answer_width = max(len(examples[i]) - len(prompt) + 1 for prompt, ms in groups.items() for i in ms)
+    return groups, (prompt_width, segments, answer_width)
 
 
-def collate_shared_prompts(examples: list[TokenizedExample], prompt_lens: list[int], pad_id: int) -> Batch:
+def collate_shared_prompts(
+    examples: list[TokenizedExample], prompt_lens: list[int], pad_id: int, full_mask: bool = True
+) -> Batch:
     """One row per distinct prompt: the prompt once, then each of its examples' answers, each answer
     attending to the prompt and to itself only (a tree, as in the sampler's shared prefill). The answers of a
     group then cost their own tokens, not the prompt's again: an RFT group of G answers runs its prompt
-    once instead of G times, and no row is padded to the longest answer of the batch.
+    once instead of G times.
 
-    A segment starts with the prompt's last token again (at its own position): position t predicts token
-    t + 1 inside every segment, so each answer's first token is predicted from the prompt as before, and the
-    logits are those of the examples run one per row. The first `prompt_lens[i]` tokens of example i are its
-    prompt; they carry no weight."""
-    rows: list[tuple[list[int], list[int], list[int], list[float]]] = []
-    for prompt, members in prompt_groups(examples, prompt_lens).items():
+    Every row has the same layout (`Batch.shared_prompt` = (P, S, W)): the prompt right-aligned in its first
+    P columns, then S segments of W columns, one per answer, each padded at its end, so the attention can
+    take the answers as a batch of their own (models/shared_prompt_attention.py). A segment starts with the
+    prompt's last token again (at its own position): position t predicts token t + 1 inside every segment,
+    so each answer's first token is predicted from the prompt as before, and the logits are those of the
+    examples run one per row. The first `prompt_lens[i]` tokens of example i are its prompt; they carry no
+    weight. The [B, 1, T, T] mask says the same for any attention; `full_mask=False` keeps only its first
+    P + 1 rows and columns (the prompt, and what an answer's first token sees of it), all that
+    models/shared_prompt_attention.py reads: the full one grows with the square of the row, which is G
+    answers long. An attention that would need the full mask fails on the short one instead of guessing."""
+    groups, (p, s, w) = shared_prompt_layout(examples, prompt_lens)
+    width = p + s * w
+    rows = len(groups)
+    ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    pos = torch.zeros((rows, width), dtype=torch.long)
+    seg = torch.full((rows, width), -2, dtype=torch.long)  # -2: padding, -1: a shared prompt
+    weights = torch.zeros((rows, width), dtype=torch.float32)
+    for b, (prompt, members) in enumerate(groups.items()):
         n = len(prompt)
-        ids, pos, seg, w = list(prompt[:-1]), list(range(n - 1)), [-1] * (n - 1), [0.0] * (n - 1)
-        for i in members:
-            ex = examples[i]
-            ids += [prompt[-1], *ex.input_ids[n:]]
-            pos += range(n - 1, len(ex))
-            seg += [i] * (len(ex) - n + 1)
-            w += [0.0, *ex.weights[n:]]
-        rows.append((ids, pos, seg, w))
-    width = max(len(r[0]) for r in rows)
-    ids_t = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    pos_t = torch.zeros((len(rows), width), dtype=torch.long)
-    seg_t = torch.full((len(rows), width), -2, dtype=torch.long)  # -2: padding, -1: a shared prompt
-    w_t = torch.zeros((len(rows), width), dtype=torch.float32)
-    for b, (ids, pos, seg, w) in enumerate(rows):
-        ids_t[b, : len(ids)] = torch.tensor(ids)
-        pos_t[b, : len(ids)] = torch.tensor(pos)
-        seg_t[b, : len(ids)] = torch.tensor(seg)
-        w_t[b, : len(ids)] = torch.tensor(w)
-    query, key = seg_t[:, :, None], seg_t[:, None, :]
-    causal = torch.ones((width, width), dtype=torch.bool).tril()
+        ids[b, p - (n - 1) : p] = torch.tensor(prompt[:-1], dtype=torch.long)
+        pos[b, p - (n - 1) : p] = torch.arange(n - 1)
+        seg[b, p - (n - 1) : p] = -1
+        for j, i in enumerate(members):
+            ex, at = examples[i], p + j * w
+            answer = ex.input_ids[n:]
+            ids[b, at : at + 1 + len(answer)] = torch.tensor([prompt[-1], *answer], dtype=torch.long)
+            pos[b, at : at + 1 + len(answer)] = torch.arange(n - 1, len(ex))
+            seg[b, at : at + 1 + len(answer)] = i
+            weights[b, at + 1 : at + 1 + len(answer)] = torch.tensor(ex.weights[n:], dtype=torch.float32)
+    side = width if full_mask else p + 1
+    query, key = seg[:, :side, None], seg[:, None, :side]
+    causal = torch.ones((side, side), dtype=torch.bool).tril()
     mask = causal & (key != -2) & ((key == -1) | (key == query))
-    mask |= torch.eye(width, dtype=torch.bool)  # a padding position attends to itself: no empty softmax
-    return Batch(ids_t, pos_t, w_t, seg_t.clamp_min(-1), len(examples), mask[:, None])
+    mask |= torch.eye(side, dtype=torch.bool)  # a padding position attends to itself: no empty softmax
+    return Batch(ids, pos, weights, seg.clamp_min(-1), len(examples), mask[:, None], (p, s, w))

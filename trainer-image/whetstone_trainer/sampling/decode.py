@@ -1,11 +1,18 @@
 """The decode step of Llama-family models (Llama, Mistral and Qwen2 without sliding window, Qwen3), without
 the per-call machinery of a transformers forward: the KV cache is preallocated for the whole generation and
-written in place, the attention mask is kept as one [B, T] tensor, and each layer is called through its own
-modules (norms, q/k/v/o projections, MLP), so LoRA adapters and autocast apply as in the model's forward.
+written in place, the attention mask is kept as one [B, T] tensor, and each layer is computed from its own
+weights.
 
-On a small model the transformers forward spends most of a decode step in Python (mask building, cache
-concatenation, output bookkeeping); this path does only the tensor work. tests/test_sampling.py checks that
-it gives the same tokens and log-probs as the model's own forward (greedy = transformers' generate).
+On a small model a decode step is bound by the number of tensor operations, not by their arithmetic: the
+transformers forward spends most of it in Python (mask building, cache concatenation, output bookkeeping),
+and even a bare module call costs more than a [64 × 128] matrix product. So a plain `nn.Linear` is applied
+as `F.linear` on its weight, an fp32 RMSNorm as one `F.rms_norm`, the rotary embedding as one operation on
+queries and keys together, and, when the copies are small (`FUSE_LIMIT_BYTES`), the q/k/v and gate/up
+projections as one product each. Anything else (a LoRA or quantised layer, another activation, autocast) is
+called as the model's own module, so adapters and mixed precision apply as in the model's forward.
+tests/test_sampling.py and tests/test_decode.py check that this gives the model's own logits (greedy =
+transformers' generate), fused or not, for Llama, Qwen2 (biases) and Qwen3 (q/k norms), with and without
+LoRA.
 
 Anything else (another architecture, or a wrapper such as the training service's MoE routing capture) is
 decoded by calling the model itself.
@@ -13,13 +20,17 @@ decoded by calling the model itself.
 
 from __future__ import annotations
 
-import sys
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 _FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
+# Fused q/k/v and gate/up weights are copies made for each sampling call (the policy's weights change every
+# step). Under this size they cost nothing that matters and save a product per layer; above it the products
+# themselves dominate the step, and the copies would be memory taken from the KV cache (a GPU's above all).
+FUSE_LIMIT_BYTES = 64 << 20
 
 
 def _base(model: Any) -> Any:
@@ -38,10 +49,95 @@ def supported(model: Any) -> bool:
     return (
         getattr(config, "model_type", None) in _FAMILIES
         and not getattr(config, "sliding_window", None)
+        and getattr(config, "partial_rotary_factor", 1.0) == 1.0
         and type(base).__name__.endswith("ForCausalLM")
         and all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb"))
         and hasattr(base, "lm_head")
     )
+
+
+def _plain(module: Any) -> bool:
+    return type(module) is torch.nn.Linear
+
+
+def _rms(module: Any) -> bool:
+    return type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")
+
+
+def _silu(module: Any) -> bool:
+    return type(module).__name__ in ("SiLU", "SiLUActivation")
+
+
+def _fused(modules: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight = torch.cat([m.weight for m in modules])
+    if all(m.bias is None for m in modules):
+        return weight, None
+    biases = [m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in modules]
+    return weight, torch.cat(biases)
+
+
+@dataclass
+class _Layer:
+    """How one decoder layer is computed in a decode step: fused weights where they were made."""
+
+    module: Any
+    qkv: tuple[torch.Tensor, torch.Tensor | None] | None  # q, k and v stacked, or each projection alone
+    gate_up: tuple[torch.Tensor, torch.Tensor | None] | None
+    own_mlp: bool  # the MLP is called as a module (not gate/up/down plain linears with SiLU)
+    q_size: int
+    k_size: int
+
+
+def _layers(inner: Any) -> list[_Layer]:
+    layers = []
+    for layer in inner.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        projections = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        layers.append(
+            _Layer(
+                module=layer,
+                qkv=None,
+                gate_up=None,
+                own_mlp=not (all(_plain(p) for p in projections) and _silu(getattr(mlp, "act_fn", None))),
+                q_size=attn.q_proj.out_features,
+                k_size=attn.k_proj.out_features,
+            )
+        )
+    qkv_bytes = sum(
+        sum(p.weight.nbytes for p in (x.module.self_attn.q_proj, x.module.self_attn.k_proj))
+        + x.module.self_attn.v_proj.weight.nbytes
+        for x in layers
+    )
+    gate_up_bytes = sum(
+        x.module.mlp.gate_proj.weight.nbytes + x.module.mlp.up_proj.weight.nbytes
+        for x in layers
+        if not x.own_mlp
+    )
+    if qkv_bytes + gate_up_bytes <= FUSE_LIMIT_BYTES:
+        for x in layers:
+            attn, mlp = x.module.self_attn, x.module.mlp
+            if all(_plain(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj)):
+                x.qkv = _fused([attn.q_proj, attn.k_proj, attn.v_proj])
+            if not x.own_mlp:
+                x.gate_up = _fused([mlp.gate_proj, mlp.up_proj])
+    return layers
+
+
+def _linear(module: Any, h: torch.Tensor) -> torch.Tensor:
+    return F.linear(h, module.weight, module.bias) if _plain(module) else module(h)
+
+
+def _norm(module: Any, x: torch.Tensor, exact: bool) -> torch.Tensor:
+    """The model's RMSNorm; as one operation where that gives its very values (fp32, no autocast)."""
+    if exact and _rms(module):
+        return F.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
+    return module(x)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of [rows, heads, head_dim] (transformers' rotate-half form)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 class Decoder:
@@ -52,9 +148,9 @@ class Decoder:
         base = _base(model)
         self.inner, self.lm_head, self.config = base.model, base.lm_head, base.config
         layer0 = self.inner.layers[0].self_attn
-        self.rope = sys.modules[type(layer0).__module__].apply_rotary_pos_emb
         self.head_dim = layer0.head_dim
         self.scaling = layer0.scaling
+        self.layers = _layers(self.inner)
         rows, filled = mask.shape
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
@@ -66,47 +162,66 @@ class Decoder:
             buf_v[:, :, :filled] = v
             self.keys.append(buf_k)
             self.values.append(buf_v)
-        self.mask = mask.new_zeros((rows, width), dtype=torch.bool)
-        self.mask[:, :filled] = mask.bool()
+        # The attention mask as the additive bias sdpa would make of a boolean one, kept for the whole
+        # generation: 0 where a row may attend, -inf on padding and on positions not yet written.
+        self.bias = k.new_full((rows, width), float("-inf"))
+        self.bias[:, :filled].masked_fill_(mask.bool(), 0.0)
         self.length = filled
 
     def keep(self, rows: torch.Tensor) -> None:
         """Drop every row not in `rows` (finished ones)."""
         self.keys = [k.index_select(0, rows) for k in self.keys]
         self.values = [v.index_select(0, rows) for v in self.values]
-        self.mask = self.mask.index_select(0, rows)
+        self.bias = self.bias.index_select(0, rows)
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Append one token per row (at `positions`); the logits of the next token, [B, V]."""
         t = self.length
-        self.mask[:, t] = True
-        x = self.inner.embed_tokens(tokens[:, None])
-        cos, sin = self.inner.rotary_emb(x, position_ids=positions[:, None])
-        attend = self.mask[:, None, None, : t + 1]
-        rows = x.shape[0]
-        for i, layer in enumerate(self.inner.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(rows, 1, -1, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(rows, 1, -1, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(rows, 1, -1, self.head_dim).transpose(1, 2)
-            if hasattr(attn, "q_norm"):  # Qwen3 normalises queries and keys per head
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k = self.rope(q, k, cos, sin)
-            self.keys[i][:, :, t] = k[:, :, 0]
-            self.values[i][:, :, t] = v[:, :, 0]
+        self.bias[:, t] = 0.0
+        x = self.inner.embed_tokens(tokens)  # [B, D]: one token a row, no sequence axis
+        cos, sin = self.inner.rotary_emb(x, position_ids=positions[:, None])  # [B, 1, head_dim]
+        exact = x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
+        attend = self.bias[:, None, None, : t + 1]
+        rows, hd = x.shape[0], self.head_dim
+        for i, layer in enumerate(self.layers):
+            module, attn = layer.module, layer.module.self_attn
+            h = _norm(module.input_layernorm, x, exact)
+            if layer.qkv is not None:
+                qkv = F.linear(h, *layer.qkv)
+                qk, v = qkv[:, : layer.q_size + layer.k_size], qkv[:, layer.q_size + layer.k_size :]
+            else:
+                qk = torch.cat((_linear(attn.q_proj, h), _linear(attn.k_proj, h)), dim=-1)
+                v = _linear(attn.v_proj, h)
+            qk = qk.view(rows, -1, hd)  # the query heads, then the key heads
+            heads = layer.q_size // hd
+            if hasattr(attn, "q_norm"):  # Qwen3 normalises queries and keys per head, before the rotation
+                qk = torch.cat(
+                    (_norm(attn.q_norm, qk[:, :heads], exact), _norm(attn.k_norm, qk[:, heads:], exact)), 1
+                )
+            qk = _rotate(qk, cos, sin)
+            self.keys[i][:, :, t] = qk[:, heads:]
+            self.values[i][:, :, t] = v.view(rows, -1, hd)
             out = F.scaled_dot_product_attention(
-                q,
+                qk[:, :heads, None],
                 self.keys[i][:, :, : t + 1],
                 self.values[i][:, :, : t + 1],
                 attn_mask=attend,
                 scale=self.scaling,
-                enable_gqa=q.shape[1] != k.shape[1],
+                enable_gqa=heads != self.keys[i].shape[1],
             )
-            x = x + attn.o_proj(out.transpose(1, 2).reshape(rows, 1, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + _linear(attn.o_proj, out.reshape(rows, -1))
+            h = _norm(module.post_attention_layernorm, x, exact)
+            mlp = module.mlp
+            if layer.own_mlp:
+                x = x + mlp(h)
+                continue
+            if layer.gate_up is not None:
+                gate, up = F.linear(h, *layer.gate_up).chunk(2, dim=-1)
+            else:
+                gate, up = _linear(mlp.gate_proj, h), _linear(mlp.up_proj, h)
+            x = x + _linear(mlp.down_proj, F.silu(gate) * up)
         self.length = t + 1
-        return self.lm_head(self.inner.norm(x))[:, -1, :].float()
+        return self.lm_head(_norm(self.inner.norm, x, exact)).float()
 
 
 def _layer_cache(cache: Any, i: int) -> tuple[torch.Tensor, torch.Tensor]:

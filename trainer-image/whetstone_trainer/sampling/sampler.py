@@ -123,14 +123,14 @@ def _choose(
         tokens_B = logits_BV.argmax(-1)
         logp_BV = torch.log_softmax(logits_BV, -1)
         return tokens_B, logp_BV.gather(-1, tokens_B[:, None])[:, 0]
-    scaled = logits_BV / params.temperature
-    # One exponential over the vocabulary serves both the log-prob (logit − max − log Σ) and the draw (the
-    # cumulative sum of the same weights, filtered): a log_softmax and a softmax would take two.
-    top_B1 = scaled.amax(-1, keepdim=True)
-    weights_BV = (scaled - top_B1).exp_()
-    log_total_B = weights_BV.sum(-1).log()
-    filtered = scaled
+    scaled = logits_BV / params.temperature if params.temperature != 1 else logits_BV
+    # One softmax (one exponential, in one pass) serves both the log-prob of the chosen token and the
+    # draw: a token is only ever chosen with a probability far above float32's smallest normal number, so
+    # log(p) is its log-prob to within rounding.
+    probs_BV = torch.softmax(scaled, -1)
+    weights_BV = probs_BV
     vocab = scaled.shape[-1]
+    filtered = scaled
     if 0 < params.top_k < vocab:
         kth = torch.topk(scaled, params.top_k, dim=-1).values[:, -1:]
         filtered = filtered.masked_fill(filtered < kth, float("-inf"))
@@ -142,14 +142,36 @@ def _choose(
         drop_sorted[:, 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         filtered = filtered.masked_fill(drop, float("-inf"))
-    if filtered is not scaled:  # the most likely token is never filtered: `top_B1` is the kept maximum too
-        weights_BV = weights_BV.masked_fill(filtered == float("-inf"), 0.0)
-    cdf = weights_BV.cumsum(-1)  # unnormalised: u is scaled to the total
-    u = _uniform(cdf.shape[0], generator, row_prompts).to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
-    # The first index whose cumulative probability exceeds u: never a token with probability 0.
-    tokens_B = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_max(vocab - 1)
-    chosen_B = scaled.gather(-1, tokens_B[:, None])[:, 0]
-    return tokens_B, chosen_B - top_B1[:, 0] - log_total_B
+    if filtered is not scaled:  # the most likely token is never filtered, so some weight always stays
+        weights_BV = probs_BV.masked_fill(filtered == float("-inf"), 0.0)
+    u_B = _uniform(weights_BV.shape[0], generator, row_prompts).to(weights_BV.device, weights_BV.dtype)
+    tokens_B = inverse_cdf(weights_BV, u_B)
+    return tokens_B, probs_BV.gather(-1, tokens_B[:, None])[:, 0].log()
+
+
+_BLOCK = 64
+
+
+def inverse_cdf(weights_BV: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
+    """For each row, the first token whose running sum of (unnormalised, non-negative) weights exceeds
+    u × total, u in [0, 1): a token of weight 0 is never chosen, whatever the rounding. In two levels, the
+    sums of blocks of 64 tokens and then the running sum inside the one block hit, since a running sum over
+    the whole vocabulary is serial and costs more than the softmax before it (4× at 49 152 tokens)."""
+    rows, vocab = weights_BV.shape
+    blocks = -(-vocab // _BLOCK)
+    if blocks * _BLOCK != vocab:
+        weights_BV = torch.nn.functional.pad(weights_BV, (0, blocks * _BLOCK - vocab))
+    weights = weights_BV.view(rows, blocks, _BLOCK)
+    block_cdf = weights.sum(-1).cumsum(-1)  # [B, blocks]
+    total = block_cdf[:, -1:]
+    zero = torch.zeros_like(total)
+    # Strictly below the total, so some block's running sum exceeds it; likewise inside that block.
+    u = torch.minimum(u_B[:, None] * total, torch.nextafter(total, zero))
+    block = torch.searchsorted(block_cdf, u, right=True)  # [B, 1]
+    before = block_cdf.gather(-1, (block - 1).clamp_min(0)).masked_fill(block == 0, 0.0)
+    inside = weights.gather(1, block[:, :, None].expand(rows, 1, _BLOCK))[:, 0].cumsum(-1)  # [B, 64]
+    rest = torch.minimum(u - before, torch.nextafter(inside[:, -1:], zero))
+    return (block * _BLOCK + torch.searchsorted(inside, rest, right=True))[:, 0]
 
 
 def _cache_kwarg(model: Any) -> str:
