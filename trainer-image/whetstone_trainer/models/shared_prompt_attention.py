@@ -21,6 +21,7 @@ and without this path, full-parameter and LoRA with checkpointing.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -31,18 +32,20 @@ SHARED_PROMPT_KWARG = "whetstone_shared_prompt"  # (prompt width P, answers per 
 # sliding window (the dense mask of the layout has none either).
 _FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
 _sdpa: Any = None
+_installing = threading.Lock()
 
 
 def install() -> None:
-    """Route transformers' "sdpa" attention through `_attention` (once per process)."""
+    """Route transformers' "sdpa" attention through `_attention` (once per process, from any thread)."""
     global _sdpa
-    if _sdpa is not None:
-        return
-    from transformers import AttentionInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    with _installing:
+        if _sdpa is not None:
+            return
+        from transformers import AttentionInterface
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    _sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    AttentionInterface.register("sdpa", _attention)
+        _sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        AttentionInterface.register("sdpa", _attention)
 
 
 def supported(config: Any) -> bool:
