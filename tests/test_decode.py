@@ -70,11 +70,13 @@ def test_each_step_gives_the_models_own_next_token_logits(
         full_mask = torch.cat((mask, torch.ones((rows, steps), dtype=torch.long)), 1)
         full_positions = (full_mask.cumsum(-1) - 1).clamp_min(0)
         expected = model(input_ids=ids, attention_mask=full_mask, position_ids=full_positions).logits
+        running = torch.arange(rows)
         for s in range(steps):
-            logits = decoder.step(ids[:, prompt + s], full_positions[:, prompt + s])
-            torch.testing.assert_close(logits, expected[:, prompt + s].float(), atol=2e-5, rtol=1e-5)
-        decoder.keep(torch.tensor([2, 0]))  # finished rows leave; the others go on as before
-        assert decoder.keys[0].shape[0] == 2
+            if s == 2:  # rows 1 finished: the others go on as before, row 0 with its left padding
+                running = torch.tensor([2, 0])
+                decoder.keep(running)
+            logits = decoder.step(ids[running, prompt + s], full_positions[running, prompt + s])
+            torch.testing.assert_close(logits, expected[running, prompt + s].float(), atol=2e-5, rtol=1e-5)
 
 
 def test_the_inverse_cdf_picks_by_cumulative_weight_and_never_a_token_of_weight_zero() -> None:
@@ -99,3 +101,6 @@ def test_the_inverse_cdf_picks_by_cumulative_weight_and_never_a_token_of_weight_
     torch.testing.assert_close(
         counts.double() / 20000, torch.tensor([0.125, 0, 0.375, 0, 0.5]).double(), atol=0.02, rtol=0
     )
+    # Logits that are not numbers (a model that overflowed) are an error that says so, not a token.
+    with pytest.raises(ValueError, match="not finite"):
+        inverse_cdf(torch.tensor([[1.0, float("nan")], [1.0, 2.0]]), torch.tensor([0.5, 0.5]))

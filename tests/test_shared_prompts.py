@@ -138,6 +138,34 @@ def test_a_short_mask_never_reaches_an_attention_that_needs_the_full_one(tiny: t
         model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask)
 
 
+def test_one_token_prompts_uneven_groups_and_empty_answers_give_the_rows_log_probs(
+    tiny: tuple[Any, Any],
+) -> None:
+    """No prompt column at all (P = 0: the full mask, since a 1 × 1 one would broadcast silently), and a
+    prompt region that is all padding in one row, groups of 3 and 1 answers, an empty answer."""
+    model, tokenizer = tiny
+    pad = tokenizer.pad_token_id
+    for prompts in ([[11], [12]], [[11], [12, 13, 14]]):
+        examples = [
+            TokenizedExample(prompts[0] + [20, 21, 22], [0.0] + [1.0] * 3),
+            TokenizedExample(prompts[1] + [23], [0.0] * len(prompts[1]) + [1.0]),
+            TokenizedExample(prompts[0] + [], [0.0]),
+            TokenizedExample(prompts[0] + [24, 25], [0.0, 1.0, 1.0]),
+        ]
+        lens = [1, len(prompts[1]), 1, 1]
+        shared = collate_shared_prompts(examples, lens, pad, full_mask=False)
+        assert shared.attention_mask is not None
+        assert shared.attention_mask.shape[-1] == (shared.input_ids.shape[1] if len(prompts[1]) == 1 else 3)
+        with torch.no_grad():
+            got = loop.target_logprobs(model, shared, CPU, with_entropy=True)
+            want = loop.target_logprobs(
+                model, collate([Row((e,)) for e in examples], pad), CPU, with_entropy=True
+            )
+        assert got.rows.tolist() == want.rows.tolist()
+        torch.testing.assert_close(got.logprobs, want.logprobs, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.entropy, want.entropy, atol=1e-5, rtol=1e-5)
+
+
 def test_the_layout_is_taken_where_it_is_cheaper_and_the_attention_takes_its_mask(
     tiny: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:

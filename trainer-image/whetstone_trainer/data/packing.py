@@ -141,7 +141,8 @@ def collate_shared_prompts(
     weight. The [B, 1, T, T] mask says the same for any attention; `full_mask=False` keeps only its first
     P + 1 rows and columns (the prompt, and what an answer's first token sees of it), all that
     models/shared_prompt_attention.py reads: the full one grows with the square of the row, which is G
-    answers long. An attention that would need the full mask fails on the short one instead of guessing."""
+    answers long. An attention that would need the full mask fails on the short one instead of guessing
+    (with one-token prompts only, P = 0, the mask is the full one)."""
     groups, (p, s, w) = shared_prompt_layout(examples, prompt_lens)
     width = p + s * w
     rows = len(groups)
@@ -161,7 +162,9 @@ def collate_shared_prompts(
             pos[b, at : at + 1 + len(answer)] = torch.arange(n - 1, len(ex))
             seg[b, at : at + 1 + len(answer)] = i
             weights[b, at + 1 : at + 1 + len(answer)] = torch.tensor(ex.weights[n:], dtype=torch.float32)
-    side = width if full_mask else p + 1
+    # With no prompt column the short mask would be [1 × 1], which any attention broadcasts without
+    # complaint: build the full one, small then.
+    side = width if full_mask or p == 0 else p + 1
     query, key = seg[:, :side, None], seg[:, None, :side]
     causal = torch.ones((side, side), dtype=torch.bool).tril()
     mask = causal & (key != -2) & ((key == -1) | (key == query))

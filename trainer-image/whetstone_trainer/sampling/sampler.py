@@ -125,8 +125,8 @@ def _choose(
         return tokens_B, logp_BV.gather(-1, tokens_B[:, None])[:, 0]
     scaled = logits_BV / params.temperature if params.temperature != 1 else logits_BV
     # One softmax (one exponential, in one pass) serves both the log-prob of the chosen token and the
-    # draw: a token is only ever chosen with a probability far above float32's smallest normal number, so
-    # log(p) is its log-prob to within rounding.
+    # draw (top-p takes one more, over its sorted logits): a token is only ever chosen with a probability
+    # far above float32's smallest normal number, so log(p) is its log-prob to within rounding.
     probs_BV = torch.softmax(scaled, -1)
     weights_BV = probs_BV
     vocab = scaled.shape[-1]
@@ -164,6 +164,11 @@ def inverse_cdf(weights_BV: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
     weights = weights_BV.view(rows, blocks, _BLOCK)
     block_cdf = weights.sum(-1).cumsum(-1)  # [B, blocks]
     total = block_cdf[:, -1:]
+    if not bool(torch.isfinite(total).all() and (total > 0).all()):
+        bad = (~torch.isfinite(total) | (total <= 0))[:, 0].nonzero()[:, 0].tolist()
+        raise ValueError(
+            f"no token can be drawn in rows {bad[:8]}: the model's logits are not finite (NaN/inf)"
+        )
     zero = torch.zeros_like(total)
     # Strictly below the total, so some block's running sum exceeds it; likewise inside that block.
     u = torch.minimum(u_B[:, None] * total, torch.nextafter(total, zero))
