@@ -360,7 +360,7 @@ class Hyperparameters(ApiModel):
     host_memory: Literal["trim", "reuse", "release"] = "trim"
     """Training on the CPU, what happens to host memory the step frees (glibc's heap fragments: a long-context
     step leaves holes the next layers cannot reuse). trim (default): after any decoder layer, once resident
-    memory has grown by more than a budget (256 MiB) since the last trim, the heap's free pages go back to
+    memory has grown by more than a budget (512 MiB) since the last trim, the heap's free pages go back to
     the operating system, so the holes stay bounded at a small cost in step time; a small model never
     trims. reuse keeps every freed page in the process (fastest, highest peak). release gives every large
     tensor's memory back the moment it is freed, the lowest peak (a third of TRL's on a 135M model over
