@@ -11,12 +11,13 @@ its completion-only loss); DPO uses the adapters-disabled model as reference on 
 `--group` answers of at most `--completion-tokens` tokens per prompt, no KL. The figure is the process's peak
 resident memory (VmHWM) and, to show what training itself adds, that peak minus the resident memory
 after the model was loaded. On a GPU the peak of torch.cuda.max_memory_allocated is reported instead.
-`--host-memory release` runs Whetstone with hyperparameters.hostMemory: release (opt-in: glibc returns every
-large freed tensor to the kernel, models/host_memory.py; steps get slower); TRL always runs with the C
-library's defaults.
+`--host-memory` sets Whetstone's hyperparameters.hostMemory (models/host_memory.py): trim, its default (the
+heap's free pages go back to the kernel whenever resident memory has grown by a budget), reuse (glibc left as
+it is) or release (glibc returns every large freed tensor to the kernel; steps get slower); TRL always runs
+with the C library's defaults.
 
     python bench/memory.py [--prompt-tokens 900] [--batch 2] [--steps 2] [--group 4] [--completion-tokens 32]
-                           [--methods sft,dpo,rft] [--checkpointing on,off] [--host-memory reuse|release]
+                           [--methods sft,dpo,rft] [--checkpointing on,off] [--host-memory trim|reuse|release]
 """
 
 from __future__ import annotations
@@ -210,7 +211,7 @@ def main() -> int:
     parser.add_argument("--completion-tokens", type=int, default=32)
     parser.add_argument("--methods", default="sft,dpo,rft")
     parser.add_argument("--checkpointing", default="on,off", help="on, off or both (on,off)")
-    parser.add_argument("--host-memory", default="reuse", choices=("reuse", "release"))
+    parser.add_argument("--host-memory", default="trim", choices=("trim", "reuse", "release"))
     parser.add_argument(
         "--child", nargs=4, metavar=("METHOD", "TRAINER", "ON", "DIR"), help=argparse.SUPPRESS
     )

@@ -1,5 +1,7 @@
-"""The trainer's host-memory setting (models/host_memory.py): with it, memory freed by a layer's transient
-tensors goes back to the system instead of staying in glibc's heap as holes the next layer cannot use."""
+"""The trainer's host-memory setting (models/host_memory.py): memory freed by a layer's transient tensors goes
+back to the system instead of staying in glibc's heap as holes the next layer cannot use, either as soon as
+it is freed (release) or whenever the resident heap has grown by a budget (trim, the default), which a small
+model's step never reaches."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from whetstone_trainer.models.host_memory import BoundedTrim, trim_due
 
 TRAINER = Path(__file__).resolve().parent.parent / "trainer-image"
 
@@ -58,7 +62,9 @@ def test_freed_transients_return_to_the_system_instead_of_fragmenting_the_heap()
     assert returned["free"] < plain["free"] / 8
 
 
-@pytest.mark.parametrize(("setting", "applied"), [(None, False), ("reuse", False), ("release", True)])
+@pytest.mark.parametrize(
+    ("setting", "applied"), [(None, False), ("trim", False), ("reuse", False), ("release", True)]
+)
 def test_the_job_setting_decides_it_on_the_cpu(
     monkeypatch: pytest.MonkeyPatch, setting: str | None, applied: bool
 ) -> None:
@@ -75,3 +81,147 @@ def test_the_job_setting_decides_it_on_the_cpu(
         doc["spec"]["hyperparameters"]["hostMemory"] = setting
     loop.start(FineTuneJob.model_validate(doc).spec)
     assert bool(calls) is applied
+
+
+# --- trim (the default): a malloc_trim whenever resident memory grew by a budget ----------------------------
+
+MiB = 1 << 20
+
+
+def test_a_trim_is_due_only_past_the_budget() -> None:
+    assert not trim_due(resident=900 * MiB, since=800 * MiB, budget=256 * MiB)
+    assert not trim_due(resident=1056 * MiB, since=800 * MiB, budget=256 * MiB)  # exactly the budget
+    assert trim_due(resident=1057 * MiB, since=800 * MiB, budget=256 * MiB)
+    assert not trim_due(resident=700 * MiB, since=800 * MiB, budget=256 * MiB)  # it shrank
+
+
+def test_the_budget_counts_from_the_last_trim_or_the_lowest_since() -> None:
+    resident = iter([100, 150, 90, 180, 200, 60, 110, 110])
+    trims: list[int] = []
+    policy = BoundedTrim(lambda: next(resident), lambda: trims.append(1), budget=50)  # starts at 100
+    policy.check()  # 150: +50, not more than the budget
+    assert (policy.trims, policy.since) == (0, 100)
+    policy.check()  # 90: lower, the budget counts from there
+    assert (policy.trims, policy.since) == (0, 90)
+    policy.check()  # 180: +90 -> trim; 200 read after it (what could not be handed back)
+    assert (policy.trims, policy.since) == (1, 200)
+    policy.check()  # 60
+    policy.check()  # 110: +50 from 60, no trim
+    assert (policy.trims, policy.since, policy.checks, len(trims)) == (1, 60, 5, 1)
+
+
+# A checkpointed forward in miniature, as it fragments glibc's heap: each layer writes a large transient, then
+# allocates a small long-lived object (an autograd node, a saved tensor) above it, then frees the transient,
+# leaving a hole the next layer's slightly larger transient does not fit. The trim policy is checked before
+# each layer (as the hooks do) or not. Prints the highest anonymous resident memory above the start not
+# explained by the tensors kept alive: the free-but-resident heap.
+RESIDENT = f"""
+import json, sys, threading
+sys.path.insert(0, {str(TRAINER)!r})
+import torch
+from whetstone_trainer.models.host_memory import BoundedTrim, _AnonymousResident, _libc
+
+resident = _AnonymousResident()
+libc = _libc()
+policy = BoundedTrim(resident, lambda: libc.malloc_trim(0), budget=int(sys.argv[2]) << 20)
+# Where loading a model leaves glibc (freeing a large mmapped block raises its thresholds; how far depends on
+# what ran before, so set them): every tensor here comes from the heap, and its top is not trimmed.
+libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+result = {{}}
+
+
+def forward():
+    start, kept, worst = resident(), [], 0
+    for layer in range(40):
+        if sys.argv[1] == "on":
+            policy.check()
+        transient = torch.ones((2 << 20) + layer * (16 << 10))  # 8 MiB, growing by 64 KiB a layer
+        kept.append(torch.ones(16))
+        del transient
+        worst = max(worst, resident() - start - sum(t.nbytes for t in kept))
+    result["worst"] = worst
+
+
+# In a new thread: glibc gives it an arena of its own, with no free chunks left by the imports in which the
+# small objects could land instead of above the transient.
+thread = threading.Thread(target=forward)
+thread.start()
+thread.join()
+worst = result["worst"]
+print(json.dumps({{"free_resident": worst, "trims": policy.trims}}))
+"""
+
+
+def resident_run(mode: str, budget_mib: int) -> dict:
+    run = subprocess.run(
+        [sys.executable, "-c", RESIDENT, mode, str(budget_mib)], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc call (no-op elsewhere)")
+def test_trimming_past_a_budget_bounds_the_free_but_resident_heap():
+    budget = 64
+    plain, trimmed = resident_run("off", budget), resident_run("on", budget)
+    layer = 11 * MiB  # one layer's transient (at most): what can be free and resident before a check
+    assert plain["trims"] == 0
+    # Without trims the holes stay resident and pile up layer after layer.
+    assert plain["free_resident"] > 3 * (budget * MiB + layer)
+    # With them the free-but-resident heap stays about the budget (plus a layer or two), and the policy
+    # trimmed every few layers, not before each one.
+    assert trimmed["free_resident"] <= budget * MiB + 2 * layer
+    assert 0 < trimmed["trims"] < 40 / 2
+
+
+def _tiny_trainee(**hyper: object) -> object:
+    from conftest import valid_job
+    from whetstone_api import FineTuneJob
+    from whetstone_trainer import loop
+    from whetstone_trainer.models.sources import materialise, parse_model_uri
+
+    doc = valid_job()
+    doc["spec"].pop("fullParameter")
+    doc["spec"]["lora"] = {"rank": 4}
+    doc["spec"]["hyperparameters"].update(hyper)
+    spec = FineTuneJob.model_validate(doc).spec
+    folder = materialise(parse_model_uri(spec.base_model.uri))
+    return loop.prepare_trainee(spec, loop.start(spec), folder, total_steps=1, micro=2)
+
+
+def _tiny_step(trainee: object) -> None:
+    from whetstone_trainer import loop
+    from whetstone_trainer.data.formats import TokenizedExample
+    from whetstone_trainer.data.packing import Row, collate
+
+    rows = [
+        Row((TokenizedExample(list(range(3, 3 + n)), [0.0] * (n // 2) + [1.0] * (n - n // 2)),))
+        for n in (40, 29)
+    ]
+    loss, _ = loop.token_nll_sum(trainee.model, collate(rows, pad_id=0), torch.device("cpu"))
+    trainee.backward(loss)
+    trainee.step()
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc call (no-op elsewhere)")
+def test_a_tiny_models_training_step_checks_every_layer_and_never_trims():
+    trainee = _tiny_trainee()  # hostMemory unset: trim
+    trim = trainee.host_trim
+    assert trim is not None
+    layers = len(trim.handles)
+    _tiny_step(trainee)
+    # Checked before every part of every layer in the forward, and again in the checkpoint's recompute...
+    assert trim.checks > layers
+    # ...but the step never grew the heap by the budget: no trim, nothing paid but the checks.
+    assert trim.trims == 0
+    # The same hooks with no budget left do trim, in the forward and the recompute alike.
+    checked = trim.checks
+    trim.policy.budget = -1
+    _tiny_step(trainee)
+    assert trim.trims == trim.checks - checked > layers
+
+
+@pytest.mark.parametrize("setting", ["reuse", "release"])
+def test_only_the_trim_setting_hooks_the_layers(setting: str) -> None:
+    assert _tiny_trainee(hostMemory=setting).host_trim is None

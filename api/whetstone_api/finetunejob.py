@@ -357,13 +357,15 @@ class Hyperparameters(ApiModel):
     recompute the rest in the backward, so activation memory grows with layers × tokens × hidden size instead
     of with everything a layer computes (about a third more compute). Unset: on with lora, where activations
     dominate memory, off with fullParameter, where weights, gradients and optimizer state do."""
-    host_memory: Literal["reuse", "release"] = "reuse"
-    """Training on the CPU: reuse keeps freed memory in the process for the next tensors (fastest); release
-    gives every large tensor's memory back to the operating system when it is freed, so resident memory
-    follows the tensors alive instead of a fragmenting heap (a checkpointed LoRA step of a 135M model on 2 x
-    1000 tokens: a third of TRL's peak instead of two thirds) at the price of page faults each time a large
-    tensor is allocated (steps 1.2-2x slower). For long-context jobs on a host with little memory. No effect
-    on a GPU."""
+    host_memory: Literal["trim", "reuse", "release"] = "trim"
+    """Training on the CPU, what happens to host memory the step frees (glibc's heap fragments: a long-context
+    step leaves holes the next layers cannot reuse). trim (default): after any decoder layer, once resident
+    memory has grown by more than a budget (512 MiB) since the last trim, the heap's free pages go back to
+    the operating system, so the holes stay bounded at a small cost in step time; a small model never
+    trims. reuse keeps every freed page in the process (fastest, highest peak). release gives every large
+    tensor's memory back the moment it is freed, the lowest peak (a third of TRL's on a 135M model over
+    2 x 1000 tokens) at the price of a page fault each time a large tensor is allocated (steps 1.2-2x
+    slower). No effect on a GPU."""
     eval_every_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     """Compute the eval loss every N steps (and at the end); unset: at each checkpoint and at the end."""
     eval_fraction: float = Field(default=0.05, ge=0, lt=1)

@@ -36,7 +36,7 @@ from .models.activations import (
     hf_model,
     output_head,
 )
-from .models.host_memory import return_large_frees_to_os
+from .models.host_memory import LayerTrim, return_large_frees_to_os, trim_between_layers
 from .optim import build_optimizer, build_scheduler
 from .zero import DEEPSPEED_DIR, ZeroModel, even_micro_batches
 
@@ -96,7 +96,8 @@ def start(spec: FineTuneJobSpec) -> Runtime:
     if device.type == "cpu" and spec.hyperparameters.host_memory == "release":
         # Activations live in host memory: have glibc return a freed tensor's pages rather than keep them
         # in a fragmenting heap (a checkpointed step's resident memory halves; models/host_memory.py). Not
-        # the default: the page faults slow every step.
+        # the default: the page faults slow every step. (trim, the default, is set up with the model:
+        # prepare_trainee.)
         return_large_frees_to_os()
     random.seed(spec.hyperparameters.seed)
     torch.manual_seed(spec.hyperparameters.seed)
@@ -170,6 +171,7 @@ class Trainee:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
     zero: ZeroModel | None = None
+    host_trim: LayerTrim | None = None  # hostMemory: trim on the CPU (models/host_memory.py)
 
     @property
     def module(self) -> Any:
@@ -268,13 +270,33 @@ def prepare_trainee(
             lambda: load_model(model_folder),
             bf16=rt.dtype == torch.bfloat16,
         )
-        return Trainee(zero.engine, rt, hp.max_grad_norm, zero=zero)
+        return Trainee(
+            zero.engine, rt, hp.max_grad_norm, zero=zero, host_trim=host_trim(zero.engine, spec, rt)
+        )
     model, _tokenizer = load_model(model_folder)
     model = apply_tuning(model, spec).to(rt.device)
     model.train()
     optimizer = build_optimizer(model, hp)
     scheduler = build_scheduler(optimizer, total_steps, hp)
-    return Trainee(wrap_for_training(model, rt), rt, hp.max_grad_norm, model, optimizer, scheduler)
+    return Trainee(
+        wrap_for_training(model, rt),
+        rt,
+        hp.max_grad_norm,
+        model,
+        optimizer,
+        scheduler,
+        host_trim=host_trim(model, spec, rt),
+    )
+
+
+def host_trim(model: torch.nn.Module, spec: FineTuneJobSpec, rt: Runtime) -> LayerTrim | None:
+    """hostMemory: trim (the default) on the CPU: each decoder layer's forward checks whether the resident
+    heap has grown by more than a budget since the last trim and only then hands its free pages back, so a
+    long-context step's glibc holes stay bounded and a small model never trims (models/host_memory.py).
+    Nothing on a GPU, where activations never touch malloc."""
+    if rt.device.type != "cpu" or spec.hyperparameters.host_memory != "trim":
+        return None
+    return trim_between_layers(model)
 
 
 # --- the forward every loss starts from ---------------------------------------------------------------------
