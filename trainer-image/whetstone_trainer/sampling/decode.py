@@ -135,10 +135,19 @@ def _norm(module: Any, x: torch.Tensor, exact: bool) -> torch.Tensor:
     return module(x)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of [rows, heads, head_dim] (transformers' rotate-half form)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+def _rotate_half(head_dim: int, like: torch.Tensor) -> torch.Tensor:
+    """The matrix R with x @ R = cat(-x[half:], x[:half]) (transformers' rotate_half): one exact product
+    (one ±1 per column) instead of a negation, two slices and a concatenation."""
+    half = head_dim // 2
+    r = torch.zeros((head_dim, head_dim), dtype=like.dtype, device=like.device)
+    r[torch.arange(half) + half, torch.arange(half)] = -1
+    r[torch.arange(half), torch.arange(half) + half] = 1
+    return r
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half_turn: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of [rows, heads, head_dim]: x·cos + rotate_half(x)·sin."""
+    return torch.addcmul(x * cos, x @ half_turn, sin)
 
 
 class Decoder:
@@ -152,6 +161,7 @@ class Decoder:
         self.head_dim = layer0.head_dim
         self.scaling = layer0.scaling
         self.layers = _layers(self.inner)
+        self.half_turn = _rotate_half(self.head_dim, self.inner.embed_tokens.weight)
         rows, filled = mask.shape
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
@@ -199,7 +209,7 @@ class Decoder:
                 qk = torch.cat(
                     (_norm(attn.q_norm, qk[:, :heads], exact), _norm(attn.k_norm, qk[:, heads:], exact)), 1
                 )
-            qk = _rotate(qk, cos, sin)
+            qk = _rotate(qk, cos, sin, self.half_turn)
             self.keys[i][:, :, t] = qk[:, heads:]
             self.values[i][:, :, t] = v.view(rows, -1, hd)
             out = F.scaled_dot_product_attention(
