@@ -119,7 +119,8 @@ class LayerTrim:
     def __init__(self, layers: list[torch.nn.Module], libc: Any, budget: int) -> None:
         libc.malloc_trim.argtypes = [ctypes.c_size_t]
         libc.malloc_trim.restype = ctypes.c_int
-        self.policy = BoundedTrim(_AnonymousResident(), lambda: libc.malloc_trim(0), budget)
+        self.resident = _AnonymousResident()
+        self.policy = BoundedTrim(self.resident, lambda: libc.malloc_trim(0), budget)
         # On the layer's parts (attention, MLP, norms), not the layer: transformers checkpoints a layer's
         # forward inside its __call__, so the layer's own hooks stay out of the recompute; and pre-hooks,
         # since the recompute stops (raising out of the layer) once the backward has what it needs.
@@ -144,7 +145,7 @@ class LayerTrim:
         for handle in self.handles:
             handle.remove()
         self.handles = []
-        os.close(self.policy.resident.fd)  # type: ignore[attr-defined]
+        os.close(self.resident.fd)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -104,9 +104,7 @@ def _layers(inner: Any) -> list[_Layer]:
             )
         )
     qkv_bytes = sum(
-        sum(p.weight.nbytes for p in (x.module.self_attn.q_proj, x.module.self_attn.k_proj))
-        + x.module.self_attn.v_proj.weight.nbytes
-        for x in layers
+        getattr(x.module.self_attn, n).weight.nbytes for x in layers for n in ("q_proj", "k_proj", "v_proj")
     )
     gate_up_bytes = sum(
         x.module.mlp.gate_proj.weight.nbytes + x.module.mlp.up_proj.weight.nbytes
