@@ -6,9 +6,11 @@ bf16 and gradient checkpointing pinned off (its defaults turn both on, even on a
 transformers (no vLLM). The reward is the same rule on both sides: 1 when the answer contains an "e" (TRL: a
 Python function in the process; Whetstone: a stringCheck RewardGrader, and, as a second figure, the same rule
 as a python RewardGrader in its sandbox worker processes). A step = sample, reward, update. Each
-configuration runs `--repeats` times, interleaved; the best time counts. Model loading and set-up are excluded
-on both sides. `--threads N` sets torch's intra-op threads for the whole process, so for both trainers alike:
-on a shared machine whose cores are busy, 1 thread avoids the stalls of a parallel region waiting for a core.
+configuration runs `--repeats` times, interleaved, each run in a fresh process of its own (a trainer sets
+process-wide state, such as Whetstone's malloc settings under `hostMemory: trim`, that must not carry over to
+the other); the best time counts, and the median is printed too. Model loading and set-up are excluded on both
+sides. `--threads N` sets torch's intra-op threads for both trainers alike: on a shared machine whose cores
+are busy, 1 thread avoids the stalls of a parallel region waiting for a core.
 
     python bench/rft_steps.py [--model whetstone://tiny] [--steps 8] [--prompts 8] [--group 8] [--max-new 32]
                               [--repeats 2] [--threads N] [--system-words N]
@@ -19,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -116,6 +120,22 @@ def trl(args: argparse.Namespace, data: Path, out: Path) -> float:
     return trainer.train().metrics["train_runtime"]
 
 
+RUNS = {
+    "whetstone (stringCheck)": ("whetstone", "string"),
+    "whetstone (python grader)": ("whetstone", "python"),
+    "trl": ("trl", ""),
+}
+
+
+def child(args: argparse.Namespace, name: str, data: Path, out: Path) -> float:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    trainer, grader = RUNS[name]
+    return whetstone(args, data, out, grader) if trainer == "whetstone" else trl(args, data, out)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="whetstone://tiny")
@@ -131,11 +151,12 @@ def main() -> int:
         default=0,
         help="a system message of this many words before every prompt, the same on both sides (long prompts)",
     )
+    parser.add_argument("--child", nargs=3, metavar=("RUN", "DATA", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.child:
+        name, data, out = args.child
+        print(json.dumps({"seconds": child(args, name, Path(data), Path(out))}))
+        return 0
     from whetstone_trainer.synthetic import make_prompt_rows, write_jsonl
 
     tmp = Path(tempfile.mkdtemp(prefix="whetstone-bench-rft-"))
@@ -144,23 +165,33 @@ def main() -> int:
         words = " ".join(f"rule{i % 50}" for i in range(args.system_words))
         rows = [{**r, "messages": [{"role": "system", "content": words}, *r["messages"]]} for r in rows]
     data = write_jsonl(rows, tmp / "prompts.jsonl")
-    runs: dict[str, list[float]] = {"whetstone (stringCheck)": [], "whetstone (python grader)": [], "trl": []}
+    options = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "repeats")]
+    runs: dict[str, list[float]] = {name: [] for name in RUNS}
     for r in range(args.repeats):
-        runs["whetstone (stringCheck)"].append(whetstone(args, data, tmp / f"ws{r}", "string"))
-        runs["whetstone (python grader)"].append(whetstone(args, data, tmp / f"wp{r}", "python"))
-        runs["trl"].append(trl(args, data, tmp / f"t{r}"))
+        for i, name in enumerate(RUNS):
+            cmd = [sys.executable, __file__, *options, "--child", name, str(data), str(tmp / f"{i}-{r}")]
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode:
+                print(f"{name}: failed\n{run.stderr[-3000:]}", file=sys.stderr)
+                return 1
+            runs[name].append(json.loads(run.stdout.strip().splitlines()[-1])["seconds"])
     best = {k: min(v) for k, v in runs.items()}
+    median = {k: statistics.median(v) for k, v in runs.items()}
+    threads = args.threads or "torch's default"
     print(
         f"RFT steps/s, {args.model}, {args.steps} steps of {args.prompts} prompts x {args.group} samples, "
-        f"max {args.max_new} new tokens, full-parameter, {os.cpu_count()} CPUs, "
-        f"{torch.get_num_threads()} torch threads, best of {args.repeats}"
+        f"max {args.max_new} new tokens, full-parameter, {os.cpu_count()} CPUs, {threads} torch threads, "
+        f"best of {args.repeats}, each run a fresh process"
         + (f", a system message of {args.system_words} words" if args.system_words else "")
     )
     for name, seconds in best.items():
         runs_text = ", ".join(f"{s:.2f}" for s in runs[name])
         print(f"  {name:26s} {seconds:7.2f} s  {args.steps / seconds:6.3f} steps/s  (runs: {runs_text})")
     for name in ("whetstone (stringCheck)", "whetstone (python grader)"):
-        print(f"ratio {name} / trl: {best['trl'] / best[name]:.2f}x")
+        print(
+            f"ratio {name} / trl: {best['trl'] / best[name]:.2f}x best, "
+            f"{median['trl'] / median[name]:.2f}x median"
+        )
     return 0
 
 

@@ -63,24 +63,71 @@ def test_freed_transients_return_to_the_system_instead_of_fragmenting_the_heap()
 
 
 @pytest.mark.parametrize(
-    ("setting", "applied"), [(None, False), ("trim", False), ("reuse", False), ("release", True)]
+    ("setting", "applied"),
+    [
+        (None, "keep_heap_top"),
+        ("trim", "keep_heap_top"),
+        ("reuse", None),
+        ("release", "return_large_frees_to_os"),
+    ],
 )
 def test_the_job_setting_decides_it_on_the_cpu(
-    monkeypatch: pytest.MonkeyPatch, setting: str | None, applied: bool
+    monkeypatch: pytest.MonkeyPatch, setting: str | None, applied: str | None
 ) -> None:
-    """Opt-in: the page faults it costs slow every step (a tiny model's too), so only a job that asks for
-    hostMemory: release gets it."""
+    """release (opt-in: its page faults slow every step) returns every large free; trim, the default, keeps
+    the top of the heap for the next step; reuse leaves glibc as it is."""
     from conftest import valid_job
     from whetstone_api import FineTuneJob
     from whetstone_trainer import loop
 
-    calls: list[int] = []
-    monkeypatch.setattr(loop, "return_large_frees_to_os", lambda: calls.append(1) or True)
+    calls: list[str] = []
+    for name in ("return_large_frees_to_os", "keep_heap_top"):
+        monkeypatch.setattr(loop, name, lambda name=name: calls.append(name) or True)
     doc = valid_job()
     if setting is not None:
         doc["spec"]["hyperparameters"]["hostMemory"] = setting
     loop.start(FineTuneJob.model_validate(doc).spec)
-    assert bool(calls) is applied
+    assert calls == ([applied] if applied else [])
+
+
+# Steps of a small model in miniature: each allocates some MiB of transients at the top of the heap and
+# frees them all. Prints the page faults of the steps after the first.
+STEPS = f"""
+import json, resource, sys
+sys.path.insert(0, {str(TRAINER)!r})
+import torch
+from whetstone_trainer.models.host_memory import keep_heap_top
+
+was_set = keep_heap_top() if sys.argv[1] == "on" else None
+big = torch.ones(8 << 20)  # freeing a large block raises glibc's dynamic thresholds, as loading a model does
+del big
+for step in range(6):
+    if step == 1:
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    transients = [torch.ones(1 << 20) for _ in range(int(sys.argv[2]) // 4)]  # 4 MiB each
+    del transients
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+print(json.dumps({{"set": was_set, "faults": faults}}))
+"""
+
+
+def steps_run(mode: str, step_mib: int) -> dict:
+    run = subprocess.run(
+        [sys.executable, "-c", STEPS, mode, str(step_mib)], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc setting (no-op elsewhere)")
+def test_trim_keeps_a_small_steps_memory_for_the_next_step():
+    plain, kept = steps_run("off", 96), steps_run("on", 96)
+    assert kept["set"] is True
+    # glibc alone hands a 96 MiB step's freed top back (above its 64 MiB threshold): every step faults it in
+    # again, page by page.
+    assert plain["faults"] > 5 * 96 * MiB // (2 * MiB)  # more than a fault per 2 MiB huge page, each step
+    # Kept, the next steps reuse the same pages.
+    assert kept["faults"] * 10 < plain["faults"]
 
 
 # --- trim (the default): a malloc_trim whenever resident memory grew by a budget ----------------------------

@@ -213,3 +213,24 @@ def test_extreme_ratios_stay_finite() -> None:
     lp, q, a = t(0.0, -1000.0), t(-1000.0, 0.0), t(1.0, 1.0)
     for terms in (L.importance_sampling_terms(lp, q, a), L.ppo_terms(lp, q, a), L.cispo_terms(lp, q, a)):
         assert torch.isfinite(terms).all()
+
+
+def test_target_logprob_and_entropy_match_autograds_log_softmax_and_are_differentiable_once() -> None:
+    torch.manual_seed(3)
+    logits = (torch.randn(7, 300) * 20).requires_grad_()  # a peaked distribution, as an LM's often is
+    targets = torch.randint(0, 300, (7,))
+    weights = torch.randn(7)
+    reference = torch.log_softmax(logits, -1)
+    want = reference.gather(-1, targets[:, None])[:, 0]
+    want_entropy = -(reference.exp() * reference).sum(-1)
+    (want * weights).sum().backward()
+    want_grad, logits.grad = logits.grad.clone(), None
+
+    chosen, entropy = L.TargetLogprobAndEntropy.apply(logits, targets)
+    assert torch.allclose(chosen, want, atol=1e-5)
+    assert torch.allclose(entropy, want_entropy.detach(), atol=1e-4) and not entropy.requires_grad
+    loss = (chosen * weights).sum()
+    loss.backward(retain_graph=True)
+    assert torch.allclose(logits.grad, want_grad, atol=1e-6)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()  # the first backward reused the saved probabilities: a second is refused, not wrong

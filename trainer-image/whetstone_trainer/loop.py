@@ -36,7 +36,7 @@ from .models.activations import (
     hf_model,
     output_head,
 )
-from .models.host_memory import LayerTrim, return_large_frees_to_os, trim_between_layers
+from .models.host_memory import LayerTrim, keep_heap_top, return_large_frees_to_os, trim_between_layers
 from .optim import build_optimizer, build_scheduler
 from .zero import DEEPSPEED_DIR, ZeroModel, even_micro_batches
 
@@ -96,9 +96,12 @@ def start(spec: FineTuneJobSpec) -> Runtime:
     if device.type == "cpu" and spec.hyperparameters.host_memory == "release":
         # Activations live in host memory: have glibc return a freed tensor's pages rather than keep them
         # in a fragmenting heap (a checkpointed step's resident memory halves; models/host_memory.py). Not
-        # the default: the page faults slow every step. (trim, the default, is set up with the model:
-        # prepare_trainee.)
+        # the default: the page faults slow every step.
         return_large_frees_to_os()
+    elif device.type == "cpu" and spec.hyperparameters.host_memory == "trim":
+        # The default: a step's memory stays for the next step (no page faults) up to a bound; the budget
+        # trim that keeps the holes bounded is set up with the model (prepare_trainee).
+        keep_heap_top()
     random.seed(spec.hyperparameters.seed)
     torch.manual_seed(spec.hyperparameters.seed)
     wanted = spec.hyperparameters.precision

@@ -17,7 +17,7 @@ The math and its sources are in shared/reference/rl-objectives.md and tinker-pro
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,34 @@ def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     return -F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
     ).reshape(targets.shape)
+
+
+class TargetLogprobAndEntropy(torch.autograd.Function):
+    """log p(target) [N] and the entropy [N] (no gradient) of fp32 logits [N, V], with targets [N], from one
+    log-softmax whose buffer becomes the probabilities, which are also all the backward needs:
+    d log p(t) / d logits = onehot(t) − p. Autograd's log_softmax → gather plus a separate entropy takes two
+    more [N, V] buffers and passes (the product p · log p, and the gather's zero-filled gradient), and its
+    backward recomputes the exponentials. Differentiable once (the backward reuses the buffer)."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        probs = torch.log_softmax(logits, -1)
+        chosen = probs.gather(-1, targets[:, None])[:, 0]
+        log_total = logits.gather(-1, targets[:, None])[:, 0] - chosen  # logsumexp of each row
+        probs.exp_()
+        # entropy = −Σ p log p = logsumexp − Σ p · logits; the row sums as a batched dot product, no [N, V]
+        entropy = log_total - torch.bmm(probs[:, None, :], logits[:, :, None])[:, 0, 0]
+        ctx.save_for_backward(probs, targets)
+        ctx.mark_non_differentiable(entropy)
+        return chosen, entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_chosen: Tensor, _grad_entropy: Tensor | None) -> tuple[Tensor, None]:
+        probs, targets = ctx.saved_tensors
+        grad = probs.mul_(-grad_chosen[:, None])
+        grad.scatter_add_(-1, targets[:, None], grad_chosen[:, None])
+        return grad, None
 
 
 LOGIT_CHUNK_ELEMENTS = 2**24  # 64 MiB of fp32 logits per chunk: a few hundred tokens of a 50-150k vocabulary
@@ -82,25 +110,17 @@ def chunked_token_logprobs(
     logprobs, entropies = [], []
     for start in range(0, hidden.shape[0], chunk):
         h, t = hidden[start : start + chunk], targets[start : start + chunk]
-        logp_all: Tensor | None = None
         if recompute:
             logprobs.append(torch.utils.checkpoint.checkpoint(piece, h, t, use_reentrant=False))
+            if with_entropy:
+                with torch.no_grad():  # a recomputed chunk keeps no logits, so its head runs again here
+                    entropies.append(TargetLogprobAndEntropy.apply(scaled_logits(h).float(), t)[1])
         elif with_entropy:
-            # One log-softmax serves the log-probs (cross_entropy is this same log_softmax and gather) and
-            # the entropy: computing both from the logits would take the full-vocabulary pass twice.
-            logp_all = torch.log_softmax(scaled_logits(h).float(), -1)
-            logprobs.append(logp_all.gather(-1, t[:, None])[:, 0])
+            chosen, entropy = TargetLogprobAndEntropy.apply(scaled_logits(h).float(), t)
+            logprobs.append(chosen)
+            entropies.append(entropy)
         else:
             logprobs.append(token_logprobs(scaled_logits(h), t))
-        if with_entropy:
-            with torch.no_grad():
-                # A recomputed chunk keeps no logits, so its head runs again here.
-                logp = (
-                    logp_all.detach()
-                    if logp_all is not None
-                    else torch.log_softmax(scaled_logits(h).float(), -1)
-                )
-                entropies.append(-(logp.exp() * logp).sum(-1))
     if not logprobs:  # no targets at all
         return hidden.new_zeros(0, dtype=torch.float32), (
             hidden.new_zeros(0, dtype=torch.float32) if with_entropy else None

@@ -26,6 +26,15 @@ holes stop being resident and the allocations that stay are untouched; a trimmed
 a later tensor reuses it. So at most about `budget` of free memory is resident between two trims (a SmolLM2
 step: peak 3.6 → 2.1 GiB at 512 MiB for ~12 % step time, bench/RESULTS.md); a small model, whose step never
 grows by the budget, never trims and pays a few microseconds a layer.
+
+Trim also keeps the top of the heap (`keep_heap_top`). glibc hands the free memory at the top of its heap back
+whenever more than its trim threshold is free there: twice the mmap threshold, 64 MiB once raised. A small
+model's step (an RFT update of 64 answers at whetstone://tiny: ~100 MiB of activations, allocated and freed
+at the top, step after step) is just above that, so every step gave its pages back and the next faulted them
+in again, ~10 000 page faults a step and ~15 % of the bench's step time. Trim raises the top's threshold to
+128 MiB; the budget trim still bounds what stays resident, since `malloc_trim` returns the top with the
+holes. The mmap threshold is pinned at 32 MiB, where glibc's dynamic raise ends (setting either switches
+that raise off).
 """
 
 from __future__ import annotations
@@ -38,8 +47,11 @@ from typing import Any
 
 import torch
 
-M_MMAP_THRESHOLD = -3  # glibc's <malloc.h> parameter number
+M_TRIM_THRESHOLD = -1  # glibc's <malloc.h> parameter numbers
+M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 1 << 20  # 1 MiB: every activation of a real model is above it
+HEAP_MMAP_THRESHOLD = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64 bits: where its dynamic raise ends
+HEAP_TOP_KEPT = 128 << 20  # above a small model's step (bench/RESULTS.md); the budget trim bounds the rest
 # Bytes of resident growth between two trims, by measurement (bench/RESULTS.md): 512 MiB bounds a SmolLM2
 # step's peak to about TRL's 0.4x for ~12 % step time; 256 MiB saved 10 % more memory for 25-45 %.
 TRIM_BUDGET = 512 << 20
@@ -69,6 +81,20 @@ def return_large_frees_to_os(threshold: int = MMAP_THRESHOLD) -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, threshold))
+
+
+def keep_heap_top(kept: int = HEAP_TOP_KEPT, threshold: int = HEAP_MMAP_THRESHOLD) -> bool:
+    """Let up to `kept` bytes stay free at the top of glibc's heap instead of going back to the operating
+    system at every free (hostMemory: trim; see the module docstring), with allocations below `threshold`
+    bytes served from the heap. Applies to the whole process from now on; True when set, False where the C
+    library is not glibc (left as it is)."""
+    libc = _libc()
+    if libc is None:
+        return False
+    mallopt = libc.mallopt
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, threshold)) and bool(mallopt(M_TRIM_THRESHOLD, kept))
 
 
 def trim_due(resident: int, since: int, budget: int) -> bool:
