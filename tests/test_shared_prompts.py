@@ -76,14 +76,17 @@ def test_the_layout_puts_each_prompt_once_and_masks_answers_from_each_other() ->
         collate_shared_prompts(examples[:1], [0], pad_id=0)
 
 
-@pytest.fixture(params=["answers-apart", "dense-mask", "answers-apart-short-mask"])
+@pytest.fixture(params=["answers-apart", "dense-mask", "answers-apart-short-mask", "answers-apart-sdpa"])
 def attention(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[bool, list[tuple[int, int, int]]]:
     """How the shared rows' attention runs: models/shared_prompt_attention.py (with the full mask, or the
-    short one it needs), or transformers' sdpa over the whole row with the dense mask. Yields whether the
-    full mask is built, and the layouts the answers-apart attention was called with."""
+    short one it needs; its explicit products, or sdpa's kernel as for large shapes), or transformers' sdpa
+    over the whole row with the dense mask. Yields whether the full mask is built, and the layouts the
+    answers-apart attention was called with."""
     calls: list[tuple[int, int, int]] = []
+    if request.param == "answers-apart-sdpa":
+        monkeypatch.setattr(shared_prompt_attention, "EXPLICIT_LIMIT_BYTES", -1)
     if request.param == "dense-mask":
         monkeypatch.setattr(shared_prompt_attention, "supported", lambda config: False)
     else:
@@ -127,6 +130,34 @@ def test_shared_prompts_give_the_log_probs_entropy_and_gradients_of_one_row_per_
     # The answers-apart attention ran in every layer on the shared rows (P = 6, S = 4, W = 10), or never.
     dense = bool(calls) is False
     assert calls == ([] if dense else [(6, 4, 10)] * model.config.num_hidden_layers)
+
+
+@pytest.mark.parametrize("prompt_tokens", [[3, 5], [1, 1]])  # P = 4 with one row's prompt padded; P = 0
+def test_the_explicit_answers_attention_is_sdpas_with_grouped_heads(
+    monkeypatch: pytest.MonkeyPatch, prompt_tokens: list[int]
+) -> None:
+    g = torch.Generator().manual_seed(7)
+    examples = [
+        TokenizedExample([1] * n + [2] * k, [0.0] * n + [1.0] * k)
+        for n, k in [(prompt_tokens[0], 3), (prompt_tokens[1], 2), (prompt_tokens[0], 1)]
+    ]
+    batch = collate_shared_prompts(examples, [prompt_tokens[0], prompt_tokens[1], prompt_tokens[0]], pad_id=0)
+    assert batch.shared_prompt is not None and batch.attention_mask is not None
+    rows, t = batch.input_ids.shape
+    query = torch.randn(rows, 4, t, 8, generator=g, requires_grad=True)  # 4 query heads on 2 key heads
+    key, value = (torch.randn(rows, 2, t, 8, generator=g, requires_grad=True) for _ in range(2))
+    upstream = torch.randn(rows, t, 4, 8, generator=g)
+    results = []
+    for limit in (shared_prompt_attention.EXPLICIT_LIMIT_BYTES, -1):  # explicit, then sdpa's kernel
+        monkeypatch.setattr(shared_prompt_attention, "EXPLICIT_LIMIT_BYTES", limit)
+        out, _ = shared_prompt_attention.attend(query, key, value, batch.attention_mask, batch.shared_prompt)
+        grads = torch.autograd.grad((out * upstream).sum(), (query, key, value))
+        results.append((out, grads))
+    (explicit, explicit_grads), (kernel, kernel_grads) = results
+    assert explicit.shape == (rows, t, 4, 8)
+    torch.testing.assert_close(explicit, kernel, atol=1e-5, rtol=1e-5)
+    for a, b in zip(explicit_grads, kernel_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_a_short_mask_never_reaches_an_attention_that_needs_the_full_one(tiny: tuple[Any, Any]) -> None:
