@@ -39,6 +39,16 @@ def _model(family: str) -> Any:
         return Qwen2ForCausalLM(Qwen2Config(**SIZES, use_sliding_window=False, attn_implementation="sdpa"))
     if family == "qwen3":  # per-head q/k norms, a head size of its own
         return Qwen3ForCausalLM(Qwen3Config(**SIZES, head_dim=16, attn_implementation="sdpa"))
+    if family == "llama-rope-llama3":  # scaled rotary angles (from the table of every position)
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8,
+        }
+        return LlamaForCausalLM(LlamaConfig(**SIZES, rope_parameters=rope, attn_implementation="sdpa"))
     lora = LoraConfig(
         r=4,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -48,7 +58,7 @@ def _model(family: str) -> Any:
 
 
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "apart"])
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "llama-lora"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "llama-lora", "llama-rope-llama3"])
 def test_each_step_gives_the_models_own_next_token_logits(
     family: str, fuse: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -67,6 +77,11 @@ def test_each_step_gives_the_models_own_next_token_logits(
         decoder = decode.Decoder(model, out.past_key_values, mask, prompt + steps)
         layer = decoder.layers[0]
         assert (layer.qkv is not None) == (fuse and family != "llama-lora")
+        assert decoder.rope is not None and decoder.rope.shape == (
+            prompt + steps,
+            2,
+            layer.module.self_attn.head_dim,
+        )
         full_mask = torch.cat((mask, torch.ones((rows, steps), dtype=torch.long)), 1)
         full_positions = (full_mask.cumsum(-1) - 1).clamp_min(0)
         expected = model(input_ids=ids, attention_mask=full_mask, position_ids=full_positions).logits
@@ -104,3 +119,16 @@ def test_the_inverse_cdf_picks_by_cumulative_weight_and_never_a_token_of_weight_
     # Logits that are not numbers (a model that overflowed) are an error that says so, not a token.
     with pytest.raises(ValueError, match="not finite"):
         inverse_cdf(torch.tensor([[1.0, float("nan")], [1.0, 2.0]]), torch.tensor([0.5, 0.5]))
+
+
+def test_a_rotary_embedding_that_rescales_with_the_length_is_computed_each_step() -> None:
+    rope = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
+    model = LlamaForCausalLM(LlamaConfig(**SIZES, rope_parameters=rope, attn_implementation="sdpa")).eval()
+    mask = torch.ones((2, 3), dtype=torch.long)
+    with torch.inference_mode():
+        out = model(input_ids=torch.full((2, 3), 5), attention_mask=mask, use_cache=True)
+        decoder = decode.Decoder(model, out.past_key_values, mask, 6)
+        assert decoder.rope is None
+        reference = model(input_ids=torch.full((2, 4), 5), attention_mask=torch.ones((2, 4))).logits[:, -1]
+        logits = decoder.step(torch.full((2,), 5), torch.full((2,), 3))
+    torch.testing.assert_close(logits, reference.float(), atol=2e-5, rtol=1e-5)

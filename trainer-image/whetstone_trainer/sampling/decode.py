@@ -27,6 +27,9 @@ import torch
 import torch.nn.functional as F
 
 _FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
+# Rotary embeddings whose angles depend on the position alone: their cos/sin are computed once per
+# generation for every position. (dynamic and longrope rescale with the length seen so far: called per step.)
+_STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
 # Fused q/k/v and gate/up weights are copies made for each sampling call (the policy's weights change every
 # step). Under this size they cost nothing that matters and save a product per layer; above it the products
 # themselves dominate the step, and the copies would be memory taken from the KV cache (a GPU's above all).
@@ -176,6 +179,13 @@ class Decoder:
         self.bias = k.new_full((rows, width), float("-inf"))
         self.bias[:, :filled].masked_fill_(mask.bool(), 0.0)
         self.length = filled
+        # cos and sin of every position the generation can reach, [width, 2, head_dim] (the model's own
+        # rotary module, once): a step indexes them instead of running the module's dozen operations.
+        self.rope: torch.Tensor | None = None
+        if getattr(self.inner.rotary_emb, "rope_type", None) in _STATIC_ROPE:
+            positions = torch.arange(width, device=mask.device)[None]
+            cos, sin = self.inner.rotary_emb(self.inner.embed_tokens.weight, position_ids=positions)
+            self.rope = torch.stack((cos[0], sin[0]), dim=1)
 
     def keep(self, rows: torch.Tensor) -> None:
         """Drop every row not in `rows` (finished ones)."""
@@ -188,7 +198,11 @@ class Decoder:
         t = self.length
         self.bias[:, t] = 0.0
         x = self.inner.embed_tokens(tokens)  # [B, D]: one token a row, no sequence axis
-        cos, sin = self.inner.rotary_emb(x, position_ids=positions[:, None])  # [B, 1, head_dim]
+        if self.rope is not None:
+            rope = self.rope[positions]
+            cos, sin = rope[:, :1], rope[:, 1:]  # [B, 1, head_dim]
+        else:
+            cos, sin = self.inner.rotary_emb(x, position_ids=positions[:, None])
         exact = x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
         attend = self.bias[:, None, None, : t + 1]
         rows, hd = x.shape[0], self.head_dim
