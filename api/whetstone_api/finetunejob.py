@@ -362,9 +362,10 @@ class Hyperparameters(ApiModel):
     step leaves holes the next layers cannot reuse). trim (default): after any decoder layer, once resident
     memory has grown by more than a budget (512 MiB) since the last trim, the heap's free pages go back to
     the operating system, so the holes stay bounded at a small cost in step time; a small model never
-    trims. reuse keeps every freed page in the process (fastest, highest peak). release gives every large
-    tensor's memory back the moment it is freed, the lowest peak (a third of TRL's on a 135M model over
-    2 x 1000 tokens) at the price of a page fault each time a large tensor is allocated (steps 1.2-2x
+    trims, and up to 128 MiB freed at the top of the heap stays for the next step instead of being faulted
+    in again. reuse leaves glibc's malloc as it is (the highest peak on long contexts). release gives every
+    large tensor's memory back the moment it is freed, the lowest peak (a third of TRL's on a 135M model
+    over 2 x 1000 tokens) at the price of a page fault each time a large tensor is allocated (steps 1.2-2x
     slower). No effect on a GPU."""
     eval_every_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     """Compute the eval loss every N steps (and at the end); unset: at each checkpoint and at the end."""
