@@ -155,43 +155,40 @@ def _explicit(
     scaling: float,
 ) -> torch.Tensor:
     """`attend` as explicit products (small shapes, see the module docstring): [B, T, H, D]. A query head
-    h reads key head h // (H / Hkv), as transformers' repeat_kv and sdpa's enable_gqa do."""
+    h reads key head h // (H / Hkv), as transformers' repeat_kv and sdpa's enable_gqa do. The prompt and
+    answer columns are taken apart by `split`, whose backward is one concatenation (a slice's writes its
+    gradient into a zero-filled copy of the whole tensor, then the copies are added)."""
     p, s, w = layout
     b, heads, _t, d = query.shape
     kv_heads = key.shape[1]
     g = heads // kv_heads
+    (prompt_q, answer_q), (prompt_k, answer_k), (prompt_v, answer_v) = (
+        x.split((p, s * w), dim=2) for x in (query, key, value)
+    )
     outputs = []
     if p:
         prompt = F.scaled_dot_product_attention(
-            query[:, :, :p],
-            key[:, :, :p],
-            value[:, :, :p],
-            attn_mask=mask[:, :, :p, :p],
-            scale=scaling,
-            enable_gqa=g > 1,
+            prompt_q, prompt_k, prompt_v, attn_mask=mask[:, :, :p, :p], scale=scaling, enable_gqa=g > 1
         )
         outputs.append(prompt.transpose(1, 2))
-    q = query[:, :, p:].unflatten(1, (kv_heads, g)).unflatten(3, (s, w))  # [B, Hkv, g, S, W, D]
-    own_k = key[:, :, p:].unflatten(2, (s, w))[:, :, None]  # [B, Hkv, 1, S, W, D]
-    own_v = value[:, :, p:].unflatten(2, (s, w))[:, :, None]
+    q = answer_q.unflatten(1, (kv_heads, g)).unflatten(3, (s, w))  # [B, Hkv, g, S, W, D]
+    own_k = answer_k.unflatten(2, (s, w))[:, :, None]  # [B, Hkv, 1, S, W, D]
+    own_v = answer_v.unflatten(2, (s, w))[:, :, None]
     # Scores against the answer's own keys, causal, then (one product for the whole group) its prompt's.
     scores = [q @ own_k.transpose(-1, -2)]  # [B, Hkv, g, S, W, W]
     bias = torch.zeros((w, w), dtype=query.dtype, device=query.device)
     bias.masked_fill_(torch.ones((w, w), dtype=torch.bool, device=query.device).triu(1), float("-inf"))
     biases = [bias.expand(b, 1, 1, 1, w, w)]
     if p:
-        prompt_k = key[:, :, :p].transpose(-1, -2)  # [B, Hkv, D, P]
-        scores.insert(0, (q.flatten(2, 4) @ prompt_k).view(b, kv_heads, g, s, w, p))
+        scores.insert(0, (q.flatten(2, 4) @ prompt_k.transpose(-1, -2)).view(b, kv_heads, g, s, w, p))
         seen = mask[:, 0, p, :p]  # the prompt columns that are real (what the first answer token sees)
-        prompt_bias = torch.zeros((b, p), dtype=query.dtype, device=query.device).masked_fill(
-            ~seen, float("-inf")
-        )
+        prompt_bias = torch.zeros((b, p), dtype=query.dtype, device=query.device)
+        prompt_bias.masked_fill_(~seen, float("-inf"))
         biases.insert(0, prompt_bias[:, None, None, None, None, :].expand(b, 1, 1, 1, w, p))
     weights = torch.softmax((torch.cat(scores, -1) * scaling + torch.cat(biases, -1)).float(), -1)
-    weights = weights.to(query.dtype)
-    out = weights[..., p:] @ own_v  # [B, Hkv, g, S, W, D]
+    from_prompt, from_own = weights.to(query.dtype).split((p, w), dim=-1)
+    out = from_own @ own_v  # [B, Hkv, g, S, W, D]
     if p:
-        from_prompt = weights[..., :p].flatten(2, 4) @ value[:, :, :p]  # [B, Hkv, g·S·W, D]
-        out = out + from_prompt.view(b, kv_heads, g, s, w, d)
+        out = out + (from_prompt.flatten(2, 4) @ prompt_v).view(b, kv_heads, g, s, w, d)
     outputs.append(out.permute(0, 3, 4, 1, 2, 5).reshape(b, s * w, heads, d))
     return torch.cat(outputs, dim=1).contiguous()
