@@ -46,10 +46,17 @@ print(json.dumps({{"set": was_set, "free": m.fordblks, "kept": sum(t.nbytes for 
 """
 
 
-def layers(mode: str) -> dict:
-    run = subprocess.run([sys.executable, "-c", LAYERS, mode], capture_output=True, text=True, timeout=120)
+def fresh_process(script: str, *args: object) -> dict:
+    """The JSON line a script prints last, run in a process of its own (glibc's settings are per process)."""
+    run = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 0, run.stderr
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def layers(mode: str) -> dict:
+    return fresh_process(LAYERS, mode)
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc setting (no-op elsewhere)")
@@ -90,37 +97,40 @@ def test_the_job_setting_decides_it_on_the_cpu(
     assert calls == ([applied] if applied else [])
 
 
-# Steps of a small model in miniature: each allocates some MiB of transients at the top of the heap and
-# frees them all. Prints the page faults of the steps after the first.
+# Steps of a small model in miniature: each allocates some MiB of transients at the top of the heap, writes
+# them, and frees them all; straight through glibc's malloc, so that no small object of Python's or torch's
+# lands between them. Prints the page faults of the steps after the first.
 STEPS = f"""
-import json, resource, sys
+import ctypes, json, resource, sys
 sys.path.insert(0, {str(TRAINER)!r})
-import torch
 from whetstone_trainer.models.host_memory import keep_heap_top
 
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
 was_set = keep_heap_top() if sys.argv[1] == "on" else None
-big = torch.ones(8 << 20)  # freeing a large block raises glibc's dynamic thresholds, as loading a model does
-del big
+# Freeing a large block raises glibc's dynamic thresholds, as loading a model does.
+libc.free(libc.malloc(40 << 20))
 for step in range(6):
     if step == 1:
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    transients = [torch.ones(1 << 20) for _ in range(int(sys.argv[2]) // 4)]  # 4 MiB each
-    del transients
+    blocks = [libc.malloc(4 << 20) for _ in range(int(sys.argv[2]) // 4)]
+    for block in blocks:
+        ctypes.memset(block, 1, 4 << 20)
+    for block in blocks:
+        libc.free(block)
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 print(json.dumps({{"set": was_set, "faults": faults}}))
 """
 
 
 def steps_run(mode: str, step_mib: int) -> dict:
-    run = subprocess.run(
-        [sys.executable, "-c", STEPS, mode, str(step_mib)], capture_output=True, text=True, timeout=120
-    )
-    assert run.returncode == 0, run.stderr
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return fresh_process(STEPS, mode, step_mib)
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc setting (no-op elsewhere)")
-def test_trim_keeps_a_small_steps_memory_for_the_next_step():
+def test_trim_keeps_a_small_steps_memory_for_the_next_step_and_no_more():
     plain, kept = steps_run("off", 96), steps_run("on", 96)
     assert kept["set"] is True
     # glibc alone hands a 96 MiB step's freed top back (above its 64 MiB threshold): every step faults it in
@@ -128,6 +138,8 @@ def test_trim_keeps_a_small_steps_memory_for_the_next_step():
     assert plain["faults"] > 5 * 96 * MiB // (2 * MiB)  # more than a fault per 2 MiB huge page, each step
     # Kept, the next steps reuse the same pages.
     assert kept["faults"] * 10 < plain["faults"]
+    # What is kept is bounded: the free top of a step larger than 128 MiB still goes back, as without it.
+    assert steps_run("on", 192)["faults"] > plain["faults"]
 
 
 # --- trim (the default): a malloc_trim whenever resident memory grew by a budget ----------------------------
@@ -201,11 +213,7 @@ print(json.dumps({{"free_resident": worst, "trims": policy.trims}}))
 
 
 def resident_run(mode: str, budget_mib: int) -> dict:
-    run = subprocess.run(
-        [sys.executable, "-c", RESIDENT, mode, str(budget_mib)], capture_output=True, text=True, timeout=120
-    )
-    assert run.returncode == 0, run.stderr
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return fresh_process(RESIDENT, mode, budget_mib)
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc call (no-op elsewhere)")

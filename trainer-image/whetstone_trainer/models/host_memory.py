@@ -70,17 +70,23 @@ def _libc() -> Any:
     return libc
 
 
-def return_large_frees_to_os(threshold: int = MMAP_THRESHOLD) -> bool:
-    """Serve host allocations of at least `threshold` bytes from their own mmap (glibc), so that freeing one
-    returns its memory instead of leaving a hole in the heap. Applies to the whole process from now on;
-    True when set, False where the C library is not glibc (musl, macOS: left as it is)."""
+def _mallopt(*settings: tuple[int, int]) -> bool:
+    """glibc's mallopt for each (parameter, value); True when every one was set, False where the C library
+    is not glibc (left as it is)."""
     libc = _libc()
     if libc is None:
         return False
     mallopt = libc.mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, threshold))
+    return all([bool(mallopt(parameter, value)) for parameter, value in settings])
+
+
+def return_large_frees_to_os(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Serve host allocations of at least `threshold` bytes from their own mmap (glibc), so that freeing one
+    returns its memory instead of leaving a hole in the heap. Applies to the whole process from now on;
+    True when set, False where the C library is not glibc (musl, macOS: left as it is)."""
+    return _mallopt((M_MMAP_THRESHOLD, threshold))
 
 
 def keep_heap_top(kept: int = HEAP_TOP_KEPT, threshold: int = HEAP_MMAP_THRESHOLD) -> bool:
@@ -88,13 +94,7 @@ def keep_heap_top(kept: int = HEAP_TOP_KEPT, threshold: int = HEAP_MMAP_THRESHOL
     system at every free (hostMemory: trim; see the module docstring), with allocations below `threshold`
     bytes served from the heap. Applies to the whole process from now on; True when set, False where the C
     library is not glibc (left as it is)."""
-    libc = _libc()
-    if libc is None:
-        return False
-    mallopt = libc.mallopt
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, threshold)) and bool(mallopt(M_TRIM_THRESHOLD, kept))
+    return _mallopt((M_MMAP_THRESHOLD, threshold), (M_TRIM_THRESHOLD, kept))
 
 
 def trim_due(resident: int, since: int, budget: int) -> bool:
