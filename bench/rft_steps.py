@@ -171,10 +171,11 @@ def main() -> int:
         for i, name in enumerate(RUNS):
             cmd = [sys.executable, __file__, *options, "--child", name, str(data), str(tmp / f"{i}-{r}")]
             run = subprocess.run(cmd, capture_output=True, text=True)
-            if run.returncode:
-                print(f"{name}: failed\n{run.stderr[-3000:]}", file=sys.stderr)
+            lines = run.stdout.strip().splitlines()
+            if run.returncode or not lines:
+                print(f"{name}: failed (exit {run.returncode})\n{run.stderr[-3000:]}", file=sys.stderr)
                 return 1
-            runs[name].append(json.loads(run.stdout.strip().splitlines()[-1])["seconds"])
+            runs[name].append(json.loads(lines[-1])["seconds"])
     best = {k: min(v) for k, v in runs.items()}
     median = {k: statistics.median(v) for k, v in runs.items()}
     threads = args.threads or "torch's default"

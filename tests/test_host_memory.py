@@ -134,12 +134,12 @@ def test_trim_keeps_a_small_steps_memory_for_the_next_step_and_no_more():
     plain, kept = steps_run("off", 96), steps_run("on", 96)
     assert kept["set"] is True
     # glibc alone hands a 96 MiB step's freed top back (above its 64 MiB threshold): every step faults it in
-    # again, page by page.
-    assert plain["faults"] > 5 * 96 * MiB // (2 * MiB)  # more than a fault per 2 MiB huge page, each step
-    # Kept, the next steps reuse the same pages.
-    assert kept["faults"] * 10 < plain["faults"]
-    # What is kept is bounded: the free top of a step larger than 128 MiB still goes back, as without it.
-    assert steps_run("on", 192)["faults"] > plain["faults"]
+    # again, page by page. Kept, the next steps reuse the same pages.
+    assert plain["faults"] > 0 and kept["faults"] * 10 < plain["faults"]
+    # What is kept is bounded: of a 192 MiB step, 128 MiB stays and the rest goes back (a third of its
+    # pages fault in again each step, where glibc alone faults them all).
+    large_plain, large_kept = steps_run("off", 192), steps_run("on", 192)
+    assert 0.2 < large_kept["faults"] / large_plain["faults"] < 0.5
 
 
 # --- trim (the default): a malloc_trim whenever resident memory grew by a budget ----------------------------

@@ -234,3 +234,22 @@ def test_target_logprob_and_entropy_match_autograds_log_softmax_and_are_differen
     assert torch.allclose(logits.grad, want_grad, atol=1e-6)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()  # the first backward reused the saved probabilities: a second is refused, not wrong
+
+
+def test_the_entropy_stays_exact_under_autocast_and_for_logits_far_from_zero() -> None:
+    """A large vocabulary of logits around 10 (an output head's are not centred), in blocks of rows, and
+    under bf16 autocast (the RFT update's on a GPU): the entropy is fp32's −Σ p log p."""
+    torch.manual_seed(4)
+    logits = torch.randn(24, 60_000) * 3 + 10
+    logits[:, :5] += 15
+    targets = torch.randint(0, 60_000, (24,))
+    logp = torch.log_softmax(logits.double(), -1)
+    want = -(logp.exp() * logp).sum(-1)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            chosen, entropy = L.TargetLogprobAndEntropy.apply(logits, targets)
+        assert entropy.dtype == chosen.dtype == torch.float32
+        torch.testing.assert_close(entropy.double(), want, atol=5e-4, rtol=0)
+        torch.testing.assert_close(
+            chosen.double(), logp.gather(-1, targets[:, None])[:, 0], atol=1e-4, rtol=0
+        )

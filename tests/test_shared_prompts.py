@@ -158,6 +158,15 @@ def test_the_explicit_answers_attention_is_sdpas_with_grouped_heads(
     torch.testing.assert_close(explicit, kernel, atol=1e-5, rtol=1e-5)
     for a, b in zip(explicit_grads, kernel_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # In bf16 (autocast's dtype), no further from the fp32 values than the kernel's own bf16 result.
+    with torch.no_grad():
+        half = [x.detach().bfloat16() for x in (query, key, value)]
+        explicit_bf16, _ = shared_prompt_attention.attend(*half, batch.attention_mask, batch.shared_prompt)
+        assert explicit_bf16.dtype == torch.bfloat16
+        monkeypatch.setattr(shared_prompt_attention, "EXPLICIT_LIMIT_BYTES", -1)
+        kernel_bf16, _ = shared_prompt_attention.attend(*half, batch.attention_mask, batch.shared_prompt)
+    worst = (kernel_bf16.float() - kernel).abs().max()
+    assert (explicit_bf16.float() - kernel).abs().max() <= 2 * worst + 1e-2
 
 
 def test_a_short_mask_never_reaches_an_attention_that_needs_the_full_one(tiny: tuple[Any, Any]) -> None:

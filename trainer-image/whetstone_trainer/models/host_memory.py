@@ -32,9 +32,10 @@ whenever more than its trim threshold is free there: twice the mmap threshold, 6
 model's step (an RFT update of 64 answers at whetstone://tiny: ~100 MiB of activations, allocated and freed
 at the top, step after step) is just above that, so every step gave its pages back and the next faulted them
 in again, ~10 000 page faults a step and ~15 % of the bench's step time. Trim raises the top's threshold to
-128 MiB; the budget trim still bounds what stays resident, since `malloc_trim` returns the top with the
-holes. The mmap threshold is pinned at 32 MiB, where glibc's dynamic raise ends (setting either switches
-that raise off).
+128 MiB and has glibc keep 128 MiB when it does hand the top back (M_TOP_PAD; otherwise a step just above
+the threshold would keep nothing); the budget trim still bounds what stays resident, since `malloc_trim`
+returns the top with the holes. The mmap threshold is pinned at 32 MiB, where glibc's dynamic raise ends
+(setting any of these switches that raise off).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from typing import Any
 import torch
 
 M_TRIM_THRESHOLD = -1  # glibc's <malloc.h> parameter numbers
+M_TOP_PAD = -2
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 1 << 20  # 1 MiB: every activation of a real model is above it
 HEAP_MMAP_THRESHOLD = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64 bits: where its dynamic raise ends
@@ -94,7 +96,7 @@ def keep_heap_top(kept: int = HEAP_TOP_KEPT, threshold: int = HEAP_MMAP_THRESHOL
     system at every free (hostMemory: trim; see the module docstring), with allocations below `threshold`
     bytes served from the heap. Applies to the whole process from now on; True when set, False where the C
     library is not glibc (left as it is)."""
-    return _mallopt((M_MMAP_THRESHOLD, threshold), (M_TRIM_THRESHOLD, kept))
+    return _mallopt((M_MMAP_THRESHOLD, threshold), (M_TRIM_THRESHOLD, kept), (M_TOP_PAD, kept))
 
 
 def trim_due(resident: int, since: int, budget: int) -> bool:

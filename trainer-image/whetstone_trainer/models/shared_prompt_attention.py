@@ -37,7 +37,8 @@ SHARED_PROMPT_KWARG = "whetstone_shared_prompt"  # (prompt width P, answers per 
 # Families whose decoder layers pass forward kwargs to transformers' attention function, without a
 # sliding window (the dense mask of the layout has none either).
 _FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
-# The answers' [queries × keys] scores of one layer, in bytes, up to which the CPU computes them explicitly.
+# The answers' [queries × keys] scores of one layer, in bytes, up to which the CPU computes them explicitly
+# (the explicit path holds a few tensors of that size at once: the scores, their fp32 softmax, its parts).
 EXPLICIT_LIMIT_BYTES = 8 << 20
 _sdpa: Any = None
 _installing = threading.Lock()
@@ -156,8 +157,8 @@ def _explicit(
 ) -> torch.Tensor:
     """`attend` as explicit products (small shapes, see the module docstring): [B, T, H, D]. A query head
     h reads key head h // (H / Hkv), as transformers' repeat_kv and sdpa's enable_gqa do. The prompt and
-    answer columns are taken apart by `split`, whose backward is one concatenation (a slice's writes its
-    gradient into a zero-filled copy of the whole tensor, then the copies are added)."""
+    answer columns are taken apart by `split`, whose backward is one concatenation (a slice's backward writes
+    its gradient into a zero-filled copy of the whole tensor, then the copies are added). Softmax in fp32."""
     p, s, w = layout
     b, heads, _t, d = query.shape
     kv_heads = key.shape[1]
@@ -176,16 +177,16 @@ def _explicit(
     own_v = answer_v.unflatten(2, (s, w))[:, :, None]
     # Scores against the answer's own keys, causal, then (one product for the whole group) its prompt's.
     scores = [q @ own_k.transpose(-1, -2)]  # [B, Hkv, g, S, W, W]
-    bias = torch.zeros((w, w), dtype=query.dtype, device=query.device)
+    bias = torch.zeros((w, w), dtype=torch.float32, device=query.device)
     bias.masked_fill_(torch.ones((w, w), dtype=torch.bool, device=query.device).triu(1), float("-inf"))
     biases = [bias.expand(b, 1, 1, 1, w, w)]
     if p:
         scores.insert(0, (q.flatten(2, 4) @ prompt_k.transpose(-1, -2)).view(b, kv_heads, g, s, w, p))
         seen = mask[:, 0, p, :p]  # the prompt columns that are real (what the first answer token sees)
-        prompt_bias = torch.zeros((b, p), dtype=query.dtype, device=query.device)
+        prompt_bias = torch.zeros((b, p), dtype=torch.float32, device=query.device)
         prompt_bias.masked_fill_(~seen, float("-inf"))
         biases.insert(0, prompt_bias[:, None, None, None, None, :].expand(b, 1, 1, 1, w, p))
-    weights = torch.softmax((torch.cat(scores, -1) * scaling + torch.cat(biases, -1)).float(), -1)
+    weights = torch.softmax(torch.cat(scores, -1).float() * scaling + torch.cat(biases, -1), -1)
     from_prompt, from_own = weights.to(query.dtype).split((p, w), dim=-1)
     out = from_own @ own_v  # [B, Hkv, g, S, W, D]
     if p:
