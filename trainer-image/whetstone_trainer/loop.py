@@ -93,12 +93,13 @@ def start(spec: FineTuneJobSpec) -> Runtime:
     device = torch.device(
         world.device if world.distributed else ("cuda" if torch.cuda.is_available() else "cpu")
     )
-    if device.type == "cpu" and spec.hyperparameters.host_memory == "release":
+    host_memory = spec.hyperparameters.host_memory if device.type == "cpu" else None
+    if host_memory == "release":
         # Activations live in host memory: have glibc return a freed tensor's pages rather than keep them
         # in a fragmenting heap (a checkpointed step's resident memory halves; models/host_memory.py). Not
         # the default: the page faults slow every step.
         return_large_frees_to_os()
-    elif device.type == "cpu" and spec.hyperparameters.host_memory == "trim":
+    elif host_memory == "trim":
         # The default: a step's memory stays for the next step (no page faults) up to a bound; the budget
         # trim that keeps the holes bounded is set up with the model (prepare_trainee).
         keep_heap_top()

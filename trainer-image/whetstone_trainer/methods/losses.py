@@ -125,9 +125,9 @@ def chunked_token_logprobs(
             logprobs.append(torch.utils.checkpoint.checkpoint(piece, h, t, use_reentrant=False))
             if with_entropy:
                 with torch.no_grad():  # a recomputed chunk keeps no logits, so its head runs again here
-                    entropies.append(TargetLogprobAndEntropy.apply(scaled_logits(h).float(), t)[1])
+                    entropies.append(TargetLogprobAndEntropy.apply(scaled_logits(h), t)[1])
         elif with_entropy:
-            chosen, entropy = TargetLogprobAndEntropy.apply(scaled_logits(h).float(), t)
+            chosen, entropy = TargetLogprobAndEntropy.apply(scaled_logits(h), t)
             logprobs.append(chosen)
             entropies.append(entropy)
         else:

@@ -177,14 +177,12 @@ def _explicit(
     own_v = answer_v.unflatten(2, (s, w))[:, :, None]
     # Scores against the answer's own keys, causal, then (one product for the whole group) its prompt's.
     scores = [q @ own_k.transpose(-1, -2)]  # [B, Hkv, g, S, W, W]
-    bias = torch.zeros((w, w), dtype=torch.float32, device=query.device)
-    bias.masked_fill_(torch.ones((w, w), dtype=torch.bool, device=query.device).triu(1), float("-inf"))
-    biases = [bias.expand(b, 1, 1, 1, w, w)]
+    causal = torch.full((w, w), float("-inf"), device=query.device).triu(1)
+    biases = [causal.expand(b, 1, 1, 1, w, w)]
     if p:
         scores.insert(0, (q.flatten(2, 4) @ prompt_k.transpose(-1, -2)).view(b, kv_heads, g, s, w, p))
         seen = mask[:, 0, p, :p]  # the prompt columns that are real (what the first answer token sees)
-        prompt_bias = torch.zeros((b, p), dtype=torch.float32, device=query.device)
-        prompt_bias.masked_fill_(~seen, float("-inf"))
+        prompt_bias = torch.zeros((b, p), device=query.device).masked_fill_(~seen, float("-inf"))
         biases.insert(0, prompt_bias[:, None, None, None, None, :].expand(b, 1, 1, 1, w, p))
     weights = torch.softmax(torch.cat(scores, -1).float() * scaling + torch.cat(biases, -1), -1)
     from_prompt, from_own = weights.to(query.dtype).split((p, w), dim=-1)
